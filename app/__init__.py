@@ -1,0 +1,1 @@
+"""Streamlit image-search UI."""

@@ -1,0 +1,1 @@
+"""Building and storing FAISS indexes of full-model embeddings, with their metadata."""

@@ -1,0 +1,1 @@
+"""Query encoding with nested submodels, search, funnel, budget selection and evaluation."""

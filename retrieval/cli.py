@@ -1,0 +1,54 @@
+"""`matsearch`: one command-line entry point; each subcommand lives beside the code it drives.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only when used,
+so `matsearch --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    # name: (module, one-line help)
+    "train": ("vision_model.train", "train a nested MatMamba-Vision encoder (Fashion-MNIST or an ImageFolder)"),
+    "index": ("index.cli", "build or extend a FAISS index of full-model embeddings"),
+    "search": ("retrieval.search_cli", "search an index with query images at any granularity"),
+    "eval": ("retrieval.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
+    "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT)"),
+    "app": ("app.launch", "start the Streamlit search UI"),
+    "demo": ("retrieval.demo", "encode sample images with the default model and show what it sees"),
+}
+
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matsearch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == load:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # user errors: one clear line, no traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"matsearch {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

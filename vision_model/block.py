@@ -1,0 +1,127 @@
+"""The MatMamba2 block: a Mamba2 mixer whose inner dimension is Matryoshka-nested.
+
+Weights are stored exactly as in Mamba2 (in_proj rows ordered z | x | B | C | dt).  A layer run at width w uses
+inner = inner_of(w) channels: the first `inner` rows of z and of x, all of B and C (d_state is shared), the first
+inner/headdim heads of dt, A and D, the matching x conv channels plus all B/C conv channels, the first `inner`
+gated-norm weights and the first `inner` columns of out_proj.  The output is always d_model wide, so every width
+writes into the same residual stream.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor
+
+from .backends import ssd_scan
+
+
+class MatMamba2(nn.Module):
+    def __init__(self, d_model: int, d_inner: int, d_state: int = 128, d_conv: int = 4, headdim: int = 64,
+                 chunk_size: int = 256, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        if d_inner % headdim:
+            raise ValueError(f"d_inner={d_inner} must be a multiple of headdim={headdim}")
+        self.d_model, self.d_inner, self.d_state, self.headdim = d_model, d_inner, d_state, headdim
+        self.nheads = d_inner // headdim
+        self.chunk_size = chunk_size
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads, bias=False)
+        conv_dim = d_inner + 2 * d_state
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=True)
+        # dt initialised log-uniform in [dt_min, dt_max] through the inverse softplus, as in Mamba2
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm_weight = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.norm_eps = 1e-5
+        self._cache: dict = {}
+
+    # -- nested weight views ------------------------------------------------------------------------------------
+    def _in_rows(self, inner: int) -> list[tuple[int, int]]:
+        """Row ranges of in_proj (and, shifted by d_inner, of conv1d) that a layer of inner size `inner` uses."""
+        D, N, h = self.d_inner, self.d_state, inner // self.headdim
+        return [(0, inner), (D, D + inner), (2 * D, 2 * D + 2 * N), (2 * D + 2 * N, 2 * D + 2 * N + h)]
+
+    def nested_weights(self, inner: int) -> dict[str, Tensor]:
+        """The weights a layer of inner size `inner` touches, as tensors shaped for a standalone block."""
+        if inner == self.d_inner:
+            return {n: p for n, p in self.named_parameters()}
+        h = inner // self.headdim
+        (z0, z1), (x0, x1), (bc0, bc1), (dt0, dt1) = self._in_rows(inner)
+        W = self.in_proj.weight
+        conv_rows = lambda t: torch.cat([t[:inner], t[self.d_inner:]])  # x channels, then all of B and C
+        return {
+            "in_proj.weight": torch.cat([W[z0:z1], W[x0:x1], W[bc0:bc1], W[dt0:dt1]]),
+            "conv1d.weight": conv_rows(self.conv1d.weight),
+            "conv1d.bias": conv_rows(self.conv1d.bias),
+            "dt_bias": self.dt_bias[:h], "A_log": self.A_log[:h], "D": self.D[:h],
+            "norm_weight": self.norm_weight[:inner],
+            "out_proj.weight": self.out_proj.weight[:, :inner],
+        }
+
+    def _weights_for(self, inner: int) -> dict[str, Tensor]:
+        if torch.is_grad_enabled() and self.in_proj.weight.requires_grad:
+            return self.nested_weights(inner)
+        # inference: slice once per width and reuse until the parameters change
+        key = (inner, self.in_proj.weight.device, self.in_proj.weight.dtype)
+        version = tuple(p._version for p in (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                weights = {k: v.contiguous() for k, v in self.nested_weights(inner).items()}
+            hit = self._cache[key] = (version, weights)
+        return hit[1]
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cache
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, u: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
+        """u (b, l, d_model) -> (b, l, d_model), using the first `inner` channels of this block."""
+        inner = self.d_inner if inner is None else inner
+        if not 0 < inner <= self.d_inner or inner % self.headdim:
+            raise ValueError(f"inner={inner} must be a positive multiple of headdim={self.headdim} "
+                             f"and at most d_inner={self.d_inner}")
+        b, l, _ = u.shape
+        w = self._weights_for(inner)
+        h, N = inner // self.headdim, self.d_state
+        zxbcdt = F.linear(u, w["in_proj.weight"])
+        z, xBC, dt = torch.split(zxbcdt, [inner, inner + 2 * N, h], dim=-1)
+        xBC = F.conv1d(xBC.transpose(1, 2), w["conv1d.weight"], w["conv1d.bias"],
+                       padding=self.conv1d.padding[0], groups=xBC.shape[-1])[..., :l]  # causal: drop the tail
+        xBC = F.silu(xBC).transpose(1, 2)
+        x, B, C = torch.split(xBC, [inner, N, N], dim=-1)
+        A = -torch.exp(w["A_log"].float())
+        y = ssd_scan(x.reshape(b, l, h, self.headdim), dt, A, B.reshape(b, l, 1, N), C.reshape(b, l, 1, N),
+                     w["D"], w["dt_bias"], chunk_size=self.chunk_size, backend=backend)
+        y = gated_rms_norm(y.reshape(b, l, inner), z, w["norm_weight"], self.norm_eps)
+        return F.linear(y, w["out_proj.weight"])
+
+
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm(y * silu(z)) * weight over the (possibly nested) inner dimension, computed in fp32."""
+    dtype = y.dtype
+    y = y.float() * F.silu(z.float())
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + drop_path(mixer(norm(x)))."""
+
+    def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, headdim: int, chunk_size: int,
+                 drop_path: float = 0.0, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=eps)
+        self.mixer = MatMamba2(d_model, d_inner, d_state, d_conv, headdim, chunk_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x), inner, backend))

@@ -1,0 +1,135 @@
+"""MatMamba-Vision configuration: one dataclass, a few named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+LEVELS = (1, 2, 4, 8)  # the trained granularities: width = d_model / level
+
+
+@dataclass(frozen=True)
+class MatMambaVisionConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    d_model: int = 512
+    depth: int = 20
+    expand: int = 2
+    d_inner: int | None = None  # default expand * d_model; set smaller for an independently trained small model
+    d_state: int = 128
+    d_conv: int = 4
+    headdim: int = 16
+    chunk_size: int = 256
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-5
+    # preprocessing: what the model was trained on
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop: str = "center"  # "center": resize the short side and crop; "pad": fit the long side and pad
+    dark_background: bool = False  # trained on light-on-dark images: queries with a light border get inverted
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+    name: str = "matmamba_vision"
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        self.check_width(self.d_model)
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError("mean/std need one value per input channel")
+        if self.crop not in ("center", "pad"):
+            raise ValueError(f"crop must be 'center' or 'pad', got {self.crop!r}")
+
+    @property
+    def inner_dim(self) -> int:
+        """Inner (expanded) dimension of a block at full width."""
+        return self.d_inner if self.d_inner is not None else self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.inner_dim // self.headdim
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def width_step(self) -> int:
+        """Smallest width increment: one SSD head."""
+        step = 1
+        while not self._valid_width(step):
+            step += 1
+        return step
+
+    def _valid_width(self, width: int) -> bool:
+        return 0 < width <= self.d_model and (width * self.inner_dim) % (self.d_model * self.headdim) == 0
+
+    def inner_of(self, width: int) -> int:
+        """Inner dimension a layer of `width` uses: the first inner_of(width) rows/heads are its share."""
+        return width * self.inner_dim // self.d_model
+
+    def check_width(self, width: int) -> int:
+        if not isinstance(width, int) or isinstance(width, bool):
+            raise TypeError(f"width must be an int, got {width!r}")
+        if not self._valid_width(width):
+            raise ValueError(
+                f"width {width} is not a valid nested width for d_model={self.d_model}: it must be in "
+                f"(0, {self.d_model}] and give a whole number of {self.headdim}-wide SSD heads")
+        return width
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The trained granularities this config supports."""
+        return tuple(lv for lv in LEVELS if self.d_model % lv == 0 and self._valid_width(self.d_model // lv))
+
+    def resolve_widths(self, level: int | None = None, widths: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Per-layer widths for a call: a trained `level` (D/level everywhere) or Mix'n'Match `widths`."""
+        if level is not None and widths is not None:
+            raise ValueError("pass either level or widths, not both")
+        if widths is None:
+            level = 1 if level is None else level
+            if level not in self.levels:
+                raise ValueError(f"level must be one of {self.levels}, got {level!r}")
+            return (self.d_model // level,) * self.depth
+        widths = tuple(widths)
+        if len(widths) != self.depth:
+            raise ValueError(f"widths needs one width per layer ({self.depth}), got {len(widths)}")
+        return tuple(self.check_width(w) for w in widths)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MatMambaVisionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+CONFIGS: dict[str, MatMambaVisionConfig] = {
+    # the paper's ImageNet models
+    "matmamba_vision_35m": MatMambaVisionConfig(name="matmamba_vision_35m", d_model=512, depth=20, headdim=16),
+    "matmamba_vision_135m": MatMambaVisionConfig(name="matmamba_vision_135m", d_model=1024, depth=20, headdim=32),
+    # 28x28 grey Fashion-MNIST; trains in minutes on one GPU
+    "matmamba_vision_fmnist": MatMambaVisionConfig(
+        name="matmamba_vision_fmnist", img_size=28, patch_size=4, in_chans=1, num_classes=10,
+        d_model=192, depth=8, expand=2, d_state=32, headdim=16, chunk_size=64, drop_path_rate=0.05,
+        mean=(0.2860,), std=(0.3530,), crop="pad", dark_background=True, class_names=FASHION_MNIST_CLASSES),
+}
+
+
+def get_config(name: str, **overrides) -> MatMambaVisionConfig:
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+    return dataclasses.replace(CONFIGS[name], **overrides)

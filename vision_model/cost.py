@@ -1,0 +1,67 @@
+"""Parameters and FLOPs of any MatMamba-Vision submodel (trained level or Mix'n'Match) at any resolution.
+
+FLOPs are 2 x multiply-accumulates of the matrix products and convolutions, and of the SSD in its chunked form
+(the form both backends compute); element-wise work (norms, activations, gating, residual adds) is left out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .config import MatMambaVisionConfig
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+
+    @property
+    def mflops(self) -> float:
+        return self.flops / 1e6
+
+
+def _layer_params(cfg: MatMambaVisionConfig, inner: int) -> int:
+    d, N, K, h = cfg.d_model, cfg.d_state, cfg.d_conv, inner // cfg.headdim
+    return (d  # pre-norm
+            + d * (2 * inner + 2 * N + h)  # in_proj rows: z, x, B, C, dt
+            + (inner + 2 * N) * (K + 1)  # depthwise conv weight + bias over x, B, C
+            + 3 * h  # dt_bias, A_log, D
+            + inner  # gated-norm weight
+            + inner * d)  # out_proj columns
+
+
+def ssd_flops(seqlen: int, inner: int, d_state: int, chunk_size: int) -> int:
+    T = min(chunk_size, seqlen)
+    chunks = math.ceil(seqlen / T)
+    per_chunk = (2 * T * T * d_state  # C B^T
+                 + 2 * T * T * inner  # (C B^T o L) x, over all heads
+                 + 4 * T * d_state * inner)  # chunk states in, states read out
+    return chunks * per_chunk + 2 * chunks * d_state * inner  # + passing states between chunks
+
+
+def _layer_flops(cfg: MatMambaVisionConfig, inner: int, seqlen: int) -> int:
+    d, N, K, h = cfg.d_model, cfg.d_state, cfg.d_conv, inner // cfg.headdim
+    proj = 2 * seqlen * d * (2 * inner + 2 * N + h) + 2 * seqlen * inner * d
+    conv = 2 * seqlen * (inner + 2 * N) * K
+    return proj + conv + ssd_flops(seqlen, inner, N, cfg.chunk_size)
+
+
+def submodel_cost(cfg: MatMambaVisionConfig, level: int | None = None, widths: Sequence[int] | None = None,
+                  img_size: int | None = None, include_head: bool = True) -> Cost:
+    """Parameters touched and FLOPs per image of the submodel at `img_size` (default: the trained size)."""
+    inners = [cfg.inner_of(w) for w in cfg.resolve_widths(level, widths)]
+    img_size = img_size or cfg.img_size
+    d, p = cfg.d_model, cfg.patch_size
+    patches = (img_size // p) ** 2
+    seqlen = patches + 1  # + CLS suffix
+    params = (cfg.in_chans * p * p * d + d  # patch embed
+              + cfg.grid_size ** 2 * d + d  # position embedding, CLS token
+              + sum(_layer_params(cfg, i) for i in inners)
+              + d)  # final norm
+    flops = 2 * patches * cfg.in_chans * p * p * d + sum(_layer_flops(cfg, i, seqlen) for i in inners)
+    if include_head:
+        params += d * cfg.num_classes + cfg.num_classes
+        flops += 2 * d * cfg.num_classes
+    return Cost(params=params, flops=flops)

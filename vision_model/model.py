@@ -1,0 +1,102 @@
+"""MatMamba-Vision: a ViT-like stack of nested Mamba2 blocks with the CLS token as a suffix.
+
+    model = create_model("matmamba_vision_fmnist")
+    x = model.preprocess(pil_images)            # any size/mode -> the tensor the model was trained on
+    logits = model(x, level=4)                  # D/4 in every layer
+    emb = model.embed(x, widths=[192, 96, ...]) # Mix'n'Match: one width per layer; same space as every other width
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import Tensor
+
+from .block import Block
+from .config import MatMambaVisionConfig
+
+
+class MatMambaVision(nn.Module):
+    def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto"):
+        super().__init__()
+        self.config = cfg = config
+        self.ssd_backend = ssd_backend
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model,
+                                      strict_img_size=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2, cfg.d_model))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.inner_dim, cfg.d_state, cfg.d_conv, cfg.headdim, cfg.chunk_size, rate, cfg.norm_eps)
+            for rate in rates)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for blk in self.blocks:  # GPT-2 style: keep the residual stream's variance flat with depth
+            blk.mixer.out_proj.weight.data /= (2 * self.config.depth) ** 0.5
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # -- submodel selection -------------------------------------------------------------------------------------
+    def widths(self, level: int | None = None, widths: Sequence[int] | None = None) -> tuple[int, ...]:
+        return self.config.resolve_widths(level, widths)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        g = self.config.grid_size
+        if grid == (g, g):
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
+
+    def embed(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
+              backend: str | None = None) -> Tensor:
+        """(b, c, h, w) images -> (b, d_model) final-norm CLS features: the retrieval embedding."""
+        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(f"expected images (b, {self.config.in_chans}, h, w), got {tuple(x.shape)}")
+        p = self.config.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of the patch size {p}")
+        backend = backend or self.ssd_backend
+        inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
+        tokens = self.patch_embed(x)
+        tokens = tokens + self._pos_embed((x.shape[-2] // p, x.shape[-1] // p))
+        # the scan is causal, so the CLS token goes last to see every patch
+        tokens = torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+        for blk, inner in zip(self.blocks, inners):
+            tokens = blk(tokens, inner, backend)
+        return self.norm(tokens[:, -1])
+
+    def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
+                backend: str | None = None) -> Tensor:
+        return self.head(self.embed(x, level, widths, backend))
+
+    # -- submodels as standalone weights ------------------------------------------------------------------------
+    def submodel_state_dict(self, level: int | None = None, widths: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Every weight the submodel touches, sliced to the shapes of a standalone (non-nested) model."""
+        inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
+        out = {k: v for k, v in self.state_dict().items() if not k.startswith("blocks.")}
+        for i, (blk, inner) in enumerate(zip(self.blocks, inners)):
+            out[f"blocks.{i}.norm.weight"] = blk.norm.weight
+            for k, v in blk.mixer.nested_weights(inner).items():
+                out[f"blocks.{i}.mixer.{k}"] = v
+        return {k: v.detach().clone() for k, v in out.items()}
+
+    # -- preprocessing ------------------------------------------------------------------------------------------
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> Tensor:
+        """PIL images of any size and mode -> (b, in_chans, img_size, img_size) normalised float tensor."""
+        from .preprocess import preprocess_images
+        return preprocess_images(self.config, images)
