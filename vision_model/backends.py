@@ -51,6 +51,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`."""
     backend = resolve_backend(backend, x.device)
     if backend == "triton":
+        # the kernels accept some strided layouts but not every one; conv outputs arrive as transposed views
+        x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
         return triton_chunk_scan()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
     dt = F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)

@@ -70,7 +70,7 @@ class MatMamba2(nn.Module):
             return self.nested_weights(inner)
         # inference: slice once per width and reuse until the parameters change
         key = (inner, self.in_proj.weight.device, self.in_proj.weight.dtype)
-        version = tuple(p._version for p in (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias))
+        version = tuple(p._version for p in self.parameters())
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
             with torch.no_grad():
@@ -78,9 +78,15 @@ class MatMamba2(nn.Module):
             hit = self._cache[key] = (version, weights)
         return hit[1]
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate the cache
+    # Fused optimizers update parameters without bumping their version counters, so the cache is also dropped on
+    # every train()/eval() switch and device or dtype move, not only when a version changes.
+    def _apply(self, fn, recurse=True):
         self._cache = {}
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._cache = {}
+        return super().train(mode)
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, u: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:

@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
@@ -70,8 +69,12 @@ class MatMambaVision(nn.Module):
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of the patch size {p}")
-        backend = backend or self.ssd_backend
         inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
+        return self._embed_inners(x, inners, backend or self.ssd_backend)
+
+    def _embed_inners(self, x: Tensor, inners: Sequence[int | None], backend: str) -> Tensor:
+        """Embed with an explicit inner size per block (None: the block's own full size)."""
+        p = self.config.patch_size
         tokens = self.patch_embed(x)
         tokens = tokens + self._pos_embed((x.shape[-2] // p, x.shape[-1] // p))
         # the scan is causal, so the CLS token goes last to see every patch

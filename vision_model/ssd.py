@@ -36,57 +36,60 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     return y if D is None else y + x * D[:, None]
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """a (..., T) -> (..., T, T) with out[i, j] = sum(a[j+1..i]) for j <= i and -inf above the diagonal."""
-    T = a.shape[-1]
-    a = a[..., None].expand(*a.shape, T)
-    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    a = a.masked_fill(~lower, 0)
-    out = torch.cumsum(a, dim=-2)
-    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
-    return out.masked_fill(~keep, float("-inf"))
+def _decay_matrix(a_cum: Tensor) -> Tensor:
+    """a_cum (..., T) cumulative log-decays -> (..., T, T) with exp(a_cum[i] - a_cum[j]) for j <= i, else 0."""
+    T = a_cum.shape[-1]
+    diff = a_cum[..., :, None] - a_cum[..., None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=a_cum.device).tril()
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                 chunk_size: int = 64) -> Tensor:
     b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
     in_dtype = x.dtype
     # the exponentials and cumulative sums need at least fp32 even when activations are bf16
     work = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C = (t.to(work) for t in (x, dt, A, B, C))
-    pad = (-l) % chunk_size
+    T = min(chunk_size, l)
+    pad = (-l) % T
     if pad:
         # dt = 0 past the end: no decay and no input, so padding cannot change earlier outputs (the scan is causal)
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    B, C = _expand_groups(B, h), _expand_groups(C, h)
-    c, T = (l + pad) // chunk_size, chunk_size
-    x = x.reshape(b, c, T, h, p)
-    B = B.reshape(b, c, T, h, -1)
-    C = C.reshape(b, c, T, h, -1)
-    dt = dt.reshape(b, c, T, h)
+    c = (l + pad) // T
+    # heads are laid out (group, head-in-group) so each group's B/C serves its heads by broadcasting
+    x = x.reshape(b, c, T, g, h // g, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, T, p)
+    dt = dt.reshape(b, c, T, g, h // g).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, T)
+    B = B.reshape(b, c, T, g, n).permute(0, 1, 3, 2, 4)[:, :, :, None]  # (b, c, g, 1, T, n)
+    C = C.reshape(b, c, T, g, n).permute(0, 1, 3, 2, 4)[:, :, :, None]
+    a_cum = torch.cumsum(dt * A.reshape(g, h // g)[..., None], dim=-1)  # (b, c, g, hg, T)
     xdt = x * dt[..., None]
-    a = (dt * A).permute(0, 3, 1, 2)  # (b, h, c, T)
-    a_cum = torch.cumsum(a, dim=-1)
 
-    # 1. inside each chunk: y = (C B^T ∘ L) (x dt), L the decay mask
-    L = torch.exp(_segsum(a))  # (b, h, c, T, T)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, xdt)
+    # 1. inside each chunk: y = (C B^T o decay) (x dt)
+    scores = (C @ B.transpose(-1, -2)) * _decay_matrix(a_cum)  # (b, c, g, hg, T, T)
+    y = scores @ xdt
 
-    # 2. each chunk's final state, from its own inputs only
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, T)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
-
-    # 3. carry states across chunks: state entering chunk k = sum_{j<k} decay(j+1..k-1) * states_j
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]
-
-    # 4. read the entering state out inside each chunk
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
-
-    y = (y_diag + y_off).reshape(b, c * T, h, p)[:, :l]
-    x = x.reshape(b, c * T, h, p)[:, :l]
+    if c > 1:
+        y = y + _from_earlier_chunks(xdt, a_cum, B, C)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * T, h, p)[:, :l]
     if D is not None:
+        x = x.permute(0, 1, 4, 2, 3, 5).reshape(b, c * T, h, p)[:, :l]
         y = y + x * D.to(work)[:, None]
     return y.to(in_dtype)
+
+
+def _from_earlier_chunks(xdt: Tensor, a_cum: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """The part of each chunk's output carried in by the state from all earlier chunks."""
+    # 2. each chunk's final state from its own inputs: sum_s decay(s..end) xdt_s B_s^T  -> (b, c, g, hg, p, n)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)
+    states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B
+
+    # 3. state entering chunk k: sum over j < k of states_j decayed through chunks j+1..k-1
+    chunk_decay = _decay_matrix(torch.cumsum(F.pad(a_cum[..., -1].movedim(1, -1), (1, 0)), dim=-1))  # (b, g, hg, c+1, c+1)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)  # (b, c+1, g, hg, p, n)
+    entering = torch.einsum("bghzc,bcghpn->bzghpn", chunk_decay, states)[:, :-1]
+
+    # 4. read the entering state out inside each chunk
+    return (C @ entering.transpose(-1, -2)) * torch.exp(a_cum)[..., None]

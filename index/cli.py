@@ -1,0 +1,111 @@
+"""`matsearch index build SOURCE --out DIR ...` and `matsearch index info DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from .index_types import NAMED_TYPES
+
+MAX_SKIPPED_SHOWN = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="index_command", metavar="ACTION")
+    parser.set_defaults(index_parser=parser)
+
+    build = actions.add_parser(
+        "build", help="index the images of SOURCE into DIR (resumable; --add extends an index)",
+        description="Encode every image of SOURCE with the full model and store a FAISS index of the embeddings. "
+                    "A killed build resumes where it stopped when run again with the same arguments.")
+    build.add_argument("source", metavar="SOURCE",
+                       help="fashion-mnist:train, fashion-mnist:test, imagefolder:DIR (labels from class "
+                            "subfolders), or a folder of images (searched recursively)")
+    build.add_argument("--out", required=True, metavar="DIR", help="index folder (created if needed)")
+    build.add_argument("--model", metavar="DIR", help="saved model folder (default: the shipped model; with "
+                                                      "--add, the model the index was built with)")
+    build.add_argument("--index-type", metavar="TYPE",
+                       help=f"{' | '.join(NAMED_TYPES)} | a FAISS factory string such as 'IVF1024,PQ32' "
+                            "(default: flat; with --add, the index's own type)")
+    build.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    build.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    build.add_argument("--workers", type=int, help="image decoding threads (default: min(8, CPU count))")
+    build.add_argument("--add", action="store_true",
+                       help="index only images (key + content hash) the index lacks, with the index's model")
+    build.add_argument("--memory-budget-mb", type=float, default=4096,
+                       help="memory the index may take, for --index-type auto (default 4096)")
+    build.add_argument("--limit", type=int, help="index only the first N images of SOURCE (quick runs)")
+    build.add_argument("--shard-size", type=int, default=2048, help="images per resumable shard (default 2048)")
+    build.add_argument("--max-image-pixels", type=int,
+                       help="skip larger images as possible decompression bombs (default: Pillow's limit)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+    info = actions.add_parser("info", help="summarise the index in DIR", description="Summarise an index.")
+    info.add_argument("directory", metavar="DIR", help="index folder")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.index_command == "build":
+        return _build(args)
+    if args.index_command == "info":
+        return _info(args)
+    args.index_parser.print_help()
+    return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .build import build_index
+
+    result = build_index(args.source, args.out, model_dir=args.model, index_type=args.index_type,
+                         batch_size=args.batch_size, device=args.device, workers=args.workers, add=args.add,
+                         memory_budget_mb=args.memory_budget_mb, progress=not args.no_progress, limit=args.limit,
+                         shard_size=args.shard_size, max_image_pixels=args.max_image_pixels)
+    manifest = result.manifest
+    verb = "added" if args.add else "indexed"
+    print(f"{verb} {result.added} images from {args.source}: {manifest['count']} in {result.version_dir} "
+          f"({manifest['index_factory']}, dim {manifest['embedding_dim']})")
+    _print_skipped(result.skipped)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .store import read_manifest, resolve_version_dir
+
+    version_dir = resolve_version_dir(args.directory)
+    m = read_manifest(version_dir)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    build = m["build"]
+    labels = f", {len(m['label_names'])} label names" if m.get("label_names") else ", unlabelled"
+    params = ", ".join(f"{k}={v}" for k, v in m.get("search_params", {}).items()) or "none"
+    rate = f", {build['images_per_second']} img/s" if build.get("images_per_second") else ""
+    lines = [
+        ("index", f"{version_dir} (version {m['version']})"),
+        ("items", f"{m['count']}{labels}"),
+        ("embedding", f"dim {m['embedding_dim']}, {m['granularity']}, {m['normalization']}-normalised, "
+                      f"{m['metric']}"),
+        ("faiss", f"{m['index_factory']} ({m['index_type']}: {m['index_choice']}); search {params}"),
+        ("model", f"{m['model_name']} in {m['model_dir']} (weights sha256 {m['weights_sha256'][:16]}…)"),
+        ("sources", ", ".join(m["sources"])),
+        ("last build", f"{build['mode']} from {build['source']}: {build['indexed']} indexed, {build['skipped']} "
+                       f"skipped, {build['already_indexed']} already indexed; {build['seconds']} s{rate} on "
+                       f"{build['device']}"),
+        ("builds", str(len(m.get("history", [])))),
+    ]
+    for name, value in lines:
+        print(f"{name:<11} {value}")
+    _print_skipped(m.get("skipped", []))
+    return 0
+
+
+def _print_skipped(skipped: list[dict]) -> None:
+    if not skipped:
+        return
+    print(f"skipped     {len(skipped)} files:")
+    for entry in skipped[:MAX_SKIPPED_SHOWN]:
+        print(f"  {entry['key']}: {entry['reason']}")
+    if len(skipped) > MAX_SKIPPED_SHOWN:
+        print(f"  … and {len(skipped) - MAX_SKIPPED_SHOWN} more (matsearch index info DIR --json lists them all)")

@@ -1,0 +1,288 @@
+"""MatMamba-Vision encoder: SSD correctness, nesting semantics, checkpoints, cost model, preprocessing."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vision_model
+from vision_model import create_model, get_config, submodel_cost
+from vision_model.block import MatMamba2
+from vision_model.ssd import ssd_chunked, ssd_recurrent
+
+# a small config that still has every moving part: several heads per level, more than one chunk
+SMALL = dict(d_model=64, depth=3, d_state=16, headdim=8, chunk_size=8, img_size=16, patch_size=4,
+             drop_path_rate=0.0)
+
+
+def small_model(**kw) -> vision_model.MatMambaVision:
+    torch.manual_seed(0)
+    return create_model("matmamba_vision_fmnist", **{**SMALL, **kw}).eval()
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- SSD --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
+def test_chunked_ssd_equals_step_by_step_recurrence_float64(seed, chunk):
+    g = torch.Generator().manual_seed(seed)
+    b = int(torch.randint(1, 3, (1,), generator=g))
+    l = int(torch.randint(1, 70, (1,), generator=g))  # mostly not a multiple of the chunk
+    groups = int(torch.randint(1, 3, (1,), generator=g))
+    h = groups * int(torch.randint(1, 4, (1,), generator=g))
+    p, n = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g))
+    f64 = dict(dtype=torch.float64, generator=g)
+    x, B, C = torch.randn(b, l, h, p, **f64), torch.randn(b, l, groups, n, **f64), torch.randn(b, l, groups, n, **f64)
+    dt = torch.rand(b, l, h, **f64) * 0.7
+    A, D = -torch.rand(h, **f64) * 3, torch.randn(h, **f64)
+    ref = ssd_recurrent(x, dt, A, B, C, D)
+    out = ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk)
+    assert out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_chunked_ssd_gradients_equal_recurrence_float64():
+    g = torch.Generator().manual_seed(7)
+    shapes = [(2, 19, 4, 3), (2, 19, 4), (4,), (2, 19, 1, 5), (2, 19, 1, 5), (4,)]
+    inputs = [torch.randn(*s, dtype=torch.float64, generator=g) for s in shapes]
+    inputs[1] = inputs[1].abs() * 0.5  # dt > 0
+    inputs[2] = -inputs[2].abs()  # A < 0
+    grads = []
+    for fn in (lambda *a: ssd_recurrent(*a), lambda *a: ssd_chunked(*a, chunk_size=6)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        fn(*leaves).pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g_ref, g_chk in zip(*grads):
+        assert rel_err(g_chk, g_ref) < 1e-10
+
+
+# -- nesting ----------------------------------------------------------------------------------------------------
+
+def standalone_from_slices(model, widths):
+    """A plain (non-nested) model whose blocks have exactly the inner sizes `widths` give, loaded with the slices."""
+    cfg = model.config
+    plain = create_model("matmamba_vision_fmnist", **SMALL).eval()
+    for i, w in enumerate(widths):
+        plain.blocks[i].mixer = MatMamba2(cfg.d_model, cfg.inner_of(w), cfg.d_state, cfg.d_conv, cfg.headdim,
+                                          cfg.chunk_size)
+    missing, unexpected = plain.load_state_dict(model.submodel_state_dict(widths=widths), strict=True)
+    assert not missing and not unexpected
+    return plain.double().eval()
+
+
+def plain_forward(plain, x):
+    """Every block at its own full size: no nesting involved."""
+    return plain.head(plain._embed_inners(x, [None] * plain.config.depth, "torch"))
+
+
+@pytest.mark.parametrize("widths", [[64] * 3, [32] * 3, [16] * 3, [8] * 3, [64, 8, 24]])
+def test_nested_submodel_equals_standalone_model_from_sliced_weights(widths):
+    model = small_model().double()
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    plain = standalone_from_slices(model, widths)
+    out = model(x, widths=widths, backend="torch")
+    ref = plain_forward(plain, x)
+    assert rel_err(out, ref) < 1e-12
+    # gradients: the nested model's gradient, sliced, is the standalone model's gradient
+    model.train(), plain.train()
+    model(x, widths=widths, backend="torch").square().sum().backward()
+    plain_forward(plain, x).square().sum().backward()
+    plain_grads = dict(plain.named_parameters())
+    for i, w in enumerate(widths):
+        mixer = model.blocks[i].mixer
+        inner = model.config.inner_of(w)
+        grads_as_weights = copy.deepcopy(mixer)  # slice the gradients exactly as the weights are sliced
+        for g_param, param in zip(grads_as_weights.parameters(), mixer.parameters()):
+            g_param.data = param.grad.clone()
+        with torch.no_grad():
+            for name, g in grads_as_weights.nested_weights(inner).items():
+                assert rel_err(g, plain_grads[f"blocks.{i}.mixer.{name}"].grad) < 1e-12, (i, name)
+        # heads the submodel does not use get no gradient
+        assert torch.count_nonzero(mixer.dt_bias.grad[inner // mixer.headdim:]) == 0
+
+
+def test_all_widths_write_into_the_same_embedding_space():
+    model = small_model()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        embs = [model.embed(x, level=lv) for lv in model.config.levels]
+    assert all(e.shape == (2, model.config.d_model) for e in embs)
+
+
+def test_level_and_widths_validation():
+    model = small_model()
+    x = torch.randn(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="level must be one of"):
+        model(x, level=3)
+    with pytest.raises(ValueError, match="one width per layer"):
+        model(x, widths=[64, 64])
+    with pytest.raises(ValueError, match="not a valid nested width"):
+        model(x, widths=[64, 64, 3])
+    with pytest.raises(ValueError, match="either level or widths"):
+        model(x, level=2, widths=[64] * 3)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 1, 15, 16))
+
+
+def test_two_granularities_from_two_threads_do_not_interfere():
+    model = small_model()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        expected = {lv: model(x, level=lv) for lv in (1, 8)}
+    results, errors = {}, []
+
+    def worker(level):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    out = model(x, level=level)
+                    assert torch.allclose(out, expected[level], atol=1e-5)
+            results[level] = out
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(lv,)) for lv in (1, 8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and set(results) == {1, 8}
+
+
+def test_inference_cache_sees_fused_optimizer_steps_between_train_and_eval():
+    model = small_model()
+    x = torch.randn(4, 1, 16, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # fused steps do not bump _version
+    for _ in range(2):
+        model.train()
+        model(x, level=8).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            cached = model(x, level=8)
+        with torch.enable_grad():
+            fresh = model(x, level=8).detach()
+        assert torch.allclose(cached, fresh, atol=1e-6)
+
+
+def test_inference_weight_cache_follows_parameter_updates():
+    model = small_model()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x, level=2)
+        model.blocks[0].mixer.in_proj.weight.mul_(1.5)  # in place, as an optimizer step would
+        after = model(x, level=2)
+    assert not torch.allclose(before, after)
+    with torch.enable_grad():
+        fresh = model(x, level=2).detach()
+    assert torch.allclose(after, fresh, atol=1e-6)
+
+
+# -- checkpoints, timm, resolution --------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path):
+    model = small_model()
+    vision_model.save_pretrained(model, tmp_path / "m", dtype=None, extra={"note": "test"})
+    loaded = vision_model.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.meta == {"note": "test"}
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        for lv in (1, 8):
+            assert torch.equal(loaded(x, level=lv), model(x, level=lv))
+    assert len(vision_model.weights_hash(tmp_path / "m")) == 64
+    assert not list((tmp_path / "m").glob(".*")), "no temporary files left behind"
+
+
+def test_bf16_checkpoint_stays_close(tmp_path):
+    model = small_model()
+    vision_model.save_pretrained(model, tmp_path / "m")  # bf16 by default: what ships in the repo
+    loaded = vision_model.from_pretrained(tmp_path / "m")
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert rel_err(loaded.embed(x), model.embed(x)) < 2e-2
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved MatMamba-Vision model folder"):
+        vision_model.load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"config": {"d_model": 64, "bogus": 1}}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        vision_model.load_model(tmp_path)
+
+
+def test_timm_registry_creates_every_config():
+    for name in vision_model.CONFIGS:
+        assert name in timm.list_models("matmamba_vision*")
+    model = timm.create_model("matmamba_vision_fmnist", depth=2, num_classes=3)
+    assert model.config.depth == 2 and model.head.out_features == 3
+
+
+def test_position_embedding_interpolates_to_other_resolutions():
+    model = small_model()
+    with torch.no_grad():
+        for size in (8, 24, 32):
+            out = model.embed(torch.randn(2, 1, size, size), level=4)
+            assert out.shape == (2, 64) and torch.isfinite(out).all()
+        wide = model.embed(torch.randn(1, 1, 16, 32))
+    assert wide.shape == (1, 64)
+
+
+# -- cost model -------------------------------------------------------------------------------------------------
+
+def test_cost_model_matches_paper_parameter_counts():
+    cfg = get_config("matmamba_vision_35m")
+    params = [submodel_cost(cfg, level=lv).params / 1e6 for lv in (1, 2, 4, 8)]
+    assert params == pytest.approx([35.9, 19.8, 11.7, 7.7], abs=0.05)
+
+
+@pytest.mark.parametrize("widths", [None, [32, 32, 32], [8, 8, 8], [64, 16, 40]])
+def test_cost_model_params_equal_numel_of_touched_weights(widths):
+    model = small_model()
+    widths = widths or [64] * 3
+    touched = sum(t.numel() for t in model.submodel_state_dict(widths=widths).values())
+    assert submodel_cost(model.config, widths=widths).params == touched
+
+
+def test_cost_model_flops_scale_with_width_and_resolution():
+    cfg = get_config("matmamba_vision_35m")
+    flops = [submodel_cost(cfg, level=lv).flops for lv in (1, 2, 4, 8)]
+    assert flops == sorted(flops, reverse=True)
+    assert 17e9 < flops[0] < 19e9  # ~2 x 8.9 GMACs per 224px image at full width
+    assert submodel_cost(cfg, img_size=448).flops > 4 * flops[0]  # 4x the tokens, plus longer scans
+
+
+# -- preprocessing ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "I", "F", "LA", "1"])
+def test_preprocess_accepts_any_mode_and_size(mode):
+    model = small_model()
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (37, 23, 3), dtype=np.uint8), "RGB")
+    img = img.convert(mode) if mode not in ("I;16",) else Image.fromarray(
+        rng.integers(0, 65535, (37, 23), dtype=np.uint16))
+    x = model.preprocess([img, img.copy()])
+    assert x.shape == (2, 1, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_preprocess_inverts_light_backgrounds_for_dark_background_models():
+    model = small_model()
+    dark = Image.new("L", (16, 16), 0)
+    dark.paste(200, (4, 4, 12, 12))
+    light = Image.eval(dark, lambda v: 255 - v)
+    assert torch.allclose(model.preprocess(dark), model.preprocess(light), atol=1e-6)
+
+
+def test_preprocess_rgb_center_crop():
+    model = create_model("matmamba_vision_35m", depth=1)
+    x = model.preprocess(Image.new("RGB", (640, 480), (255, 0, 0)))
+    assert x.shape == (1, 3, 224, 224)
+    assert x[0, 0].mean() > 2 and x[0, 1].mean() < -1  # red survives normalisation
