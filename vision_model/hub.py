@@ -27,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary shared artefacts
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +45,7 @@ def save_pretrained(model: MatMambaVision, directory: str | os.PathLike, dtype: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, directory / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
