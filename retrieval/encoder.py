@@ -1,0 +1,116 @@
+"""Query encoding at any nested submodel: images in, L2-normalised float32 embeddings (and timings) out.
+
+    encoder = QueryEncoder(vision_model.load_model())
+    out = encoder.encode(pil_images, Submodel(level=4))
+    out.embeddings            # (n, d_model) float32, unit rows: the same space the full-model index lives in
+    out.timings               # {"decode": ms, "encode": ms}
+
+Queries may be PIL images, encoded files (paths or bytes), uint8 arrays already at the model's size (e.g.
+Fashion-MNIST), or float tensors the model's preprocessing already made.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from index.sources import UnreadableImage, decode_image
+from vision_model.preprocess import normalize_uint8
+
+from .submodel import Submodel
+
+QueryImage = Union[Image.Image, str, os.PathLike, bytes]
+Queries = Union[QueryImage, Sequence[QueryImage], torch.Tensor, np.ndarray]
+
+
+class UnreadableQuery(ValueError):
+    """A query image that cannot be decoded; the message names it and says why."""
+
+
+@dataclass
+class EncodedQueries:
+    embeddings: np.ndarray  # (n, d) float32, L2-normalised
+    submodel: Submodel
+    mflops: float  # per query (cost model)
+    timings: dict[str, float]  # {"decode": ms, "encode": ms} for the whole batch
+
+
+def load_query_image(source: QueryImage, max_pixels: int | None = None) -> Image.Image:
+    """A PIL image from a PIL image, a file path or encoded bytes; UnreadableQuery says what is wrong."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        name, read = "image bytes", lambda: bytes(source)
+    else:
+        name, read = str(source), lambda: Path(source).read_bytes()
+    try:
+        return decode_image(read(), max_pixels)
+    except OSError as e:
+        raise UnreadableQuery(f"{name}: cannot read file: {e.strerror or e}") from None
+    except UnreadableImage as e:
+        raise UnreadableQuery(f"{name}: {e.reason}") from None
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+class QueryEncoder:
+    def __init__(self, model, batch_size: int = 256):
+        self.model = model.eval()
+        self.batch_size = batch_size
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to_pixels(self, queries: Queries) -> torch.Tensor:
+        """Any supported query form -> (n, c, h, w) float model input on the CPU."""
+        cfg = self.config
+        if isinstance(queries, np.ndarray):
+            queries = torch.from_numpy(queries)
+        if isinstance(queries, torch.Tensor):
+            x = queries if queries.ndim == 4 else queries[None]
+            if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+                raise ValueError(f"query tensors must be (n, {cfg.in_chans}, h, w), got {tuple(queries.shape)}")
+            # uint8 arrays are raw pixels at the model's size (e.g. Fashion-MNIST); floats are preprocessed already
+            return normalize_uint8(cfg, x) if x.dtype == torch.uint8 else x.float()
+        if isinstance(queries, (Image.Image, str, os.PathLike, bytes, bytearray)):
+            queries = [queries]
+        if len(queries) == 0:
+            raise ValueError("no query images given")
+        return self.model.preprocess([load_query_image(q) for q in queries])
+
+    def embed(self, pixels: torch.Tensor, submodel: Submodel) -> np.ndarray:
+        """Preprocessed pixels -> (n, d) float32 unit embeddings, in batches of `batch_size`."""
+        widths = submodel.resolve(self.config)
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start:start + self.batch_size].to(self.device)
+                chunks.append(F.normalize(self.model.embed(batch, widths=widths).float(), dim=-1).cpu().numpy())
+        if not chunks:
+            return np.zeros((0, self.config.d_model), dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+    def encode(self, queries: Queries, submodel: Submodel | int | str | None = None) -> EncodedQueries:
+        submodel = Submodel.coerce(submodel)
+        start = time.perf_counter()
+        pixels = self.to_pixels(queries)
+        decode_ms = _ms_since(start)
+        start = time.perf_counter()
+        embeddings = self.embed(pixels, submodel)
+        encode_ms = _ms_since(start)
+        return EncodedQueries(embeddings, submodel, submodel.mflops(self.config),
+                              {"decode": decode_ms, "encode": encode_ms})

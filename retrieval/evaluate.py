@@ -1,0 +1,352 @@
+"""`matsearch eval`: retrieval quality and cost of every way to query a full-model index.
+
+Database: Fashion-MNIST train (60k, or the first --limit-db) embedded by the full model (level 1), from an index
+folder (--index: reused, or built there) or encoded in memory. Queries: Fashion-MNIST test (10k, or the first
+--limit-queries). Settings: each trained level, Mix'n'Match configs, the funnel (small shortlist, large rerank;
+always and margin-gated), adaptive mode, and control models (separately trained encoders queried against the
+same database: another metric space, so they are expected to fail).
+
+Margin thresholds for the gated settings are calibrated on held-out *train* images for a target escalation
+rate, never on the test queries. Metrics are defined in retrieval/metrics.py. Per setting:
+
+    top1, map@10, map@100, recall@10 (of the full-model query's top 10), query_mflops (mean per query, cost
+    model), latency_ms (mean per query at batch 1: encode + search (+ rerank), on a sample), latency_p50_ms (its
+    median), batch_ms_per_query (per query when the whole query set is encoded in batches), escalation_rate,
+    submodels, queries and database (sizes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import vision_model
+
+from . import knn, metrics
+from .adaptive import Adaptive, adaptive_search, calibrate_margin, held_out_margins
+from .datasets import encode_database, fashion_mnist, fashion_mnist_rows
+from .encoder import QueryEncoder
+from .funnel import Funnel, funnel_search
+from .staged import StagedResult, StageTimer, plain_search
+from .submodel import Submodel, trained_levels
+
+K_MAX = 100  # results kept per query: enough for mAP@100
+CALIBRATION_QUERIES = 1000
+
+
+# -- settings ----------------------------------------------------------------------------------------------------------
+def mix_n_match_examples(config) -> list[Submodel]:
+    """A spread of Mix'n'Match configs built from the trained widths (at least six for four widths)."""
+    widths = [config.d_model // level for level in config.levels]  # widest first
+    full, half_w, small = widths[0], widths[min(1, len(widths) - 1)], widths[-1]
+    quarter = widths[min(2, len(widths) - 1)]
+    depth = config.depth
+    h = depth // 2
+    ramp_up = tuple(widths[::-1][i * len(widths) // depth] for i in range(depth))  # narrow early, wide late
+    configs = [
+        (full,) * h + (half_w,) * (depth - h),  # wide early layers
+        (half_w,) * h + (full,) * (depth - h),  # wide late layers
+        (full,) * h + (small,) * (depth - h),
+        (small,) * h + (full,) * (depth - h),
+        tuple(full if i % 2 == 0 else quarter for i in range(depth)),  # alternating
+        ramp_up,
+        ramp_up[::-1],
+        (quarter,) * h + (half_w,) * (depth - h),
+    ]
+    uniform = {(w,) * depth for w in widths}
+    return [Submodel(widths=w) for w in dict.fromkeys(configs) if w not in uniform]
+
+
+@dataclass
+class Setting:
+    name: str
+    kind: str  # level | mix'n'match | funnel | adaptive | control
+    run: Callable[[knn.VectorDatabase, Callable, int, StageTimer], StagedResult]  # (db, embed, n, timer)
+
+
+def _plain(sub: Submodel, config, kind: str) -> Setting:
+    return Setting(sub.name, kind, lambda db, embed, n, timer: plain_search(db, embed, n, sub, K_MAX, config, timer))
+
+
+def _funnel(funnel: Funnel, config) -> Setting:
+    return Setting(funnel.name, "funnel",
+                   lambda db, embed, n, timer: funnel_search(db, embed, n, funnel, K_MAX, config, timer))
+
+
+def _adaptive(adaptive: Adaptive, config) -> Setting:
+    return Setting(adaptive.name, "adaptive",
+                   lambda db, embed, n, timer: adaptive_search(db, embed, n, adaptive, K_MAX, config, timer))
+
+
+# -- query embeddings, computed once per submodel and timed ---------------------------------------------------------
+class EmbeddingCache:
+    """Each submodel's embeddings of the whole query set, with the batched encode time per query."""
+
+    def __init__(self, encoder: QueryEncoder, pixels: torch.Tensor):
+        self.encoder, self.pixels = encoder, pixels
+        self._embeddings: dict[Submodel, np.ndarray] = {}
+        self.ms_per_query: dict[Submodel, float] = {}
+
+    def __call__(self, submodel: Submodel, rows: np.ndarray) -> np.ndarray:
+        if submodel not in self._embeddings:
+            start = time.perf_counter()
+            self._embeddings[submodel] = self.encoder.embed(self.pixels, submodel)
+            self.ms_per_query[submodel] = (time.perf_counter() - start) * 1e3 / len(self.pixels)
+        return self._embeddings[submodel][rows]
+
+
+# -- the evaluation ------------------------------------------------------------------------------------------------
+@dataclass
+class Database:
+    db: knn.VectorDatabase
+    train_rows: np.ndarray  # the Fashion-MNIST train row of each database id
+    description: str
+
+
+def _open_or_build_index(index_dir: Path, model_dir: Path, limit_db: int | None, device: str,
+                         log: Callable[[str], None]) -> Database:
+    from index import IndexStore, build_index
+    from index.store import current_version
+
+    if current_version(index_dir) is None:
+        log(f"building a Fashion-MNIST train index in {index_dir} (full model) ...")
+        build_index("fashion-mnist:train", index_dir, model_dir=model_dir, limit=limit_db, device=device,
+                    progress=False)
+    store = IndexStore.open(index_dir, device=device)
+    if limit_db is not None and limit_db != len(store):
+        log(f"note: reusing {index_dir} as it is, with {len(store)} images (--limit-db {limit_db} applies to a new "
+            "index only)")
+    if store.weights_sha256 != vision_model.weights_hash(model_dir):
+        raise ValueError(f"the index {index_dir} was built with {store.model_dir} (weights sha256 "
+                         f"{store.weights_sha256[:16]}…), not the model evaluated, {model_dir} "
+                         f"({vision_model.weights_hash(model_dir)[:16]}…): give another --index folder")
+    rows = [row["key"] for row in store.metadata(np.arange(len(store)))]
+    prefix = "fashion-mnist:train/"
+    if not all(key.startswith(prefix) for key in rows):
+        raise ValueError(f"the index {index_dir} holds images other than fashion-mnist:train: eval needs one built "
+                         "from fashion-mnist:train")
+    return Database(store, np.array([int(key[len(prefix):]) for key in rows]), f"index {store.directory}")
+
+
+def _encode_in_memory(encoder: QueryEncoder, limit_db: int | None, log: Callable[[str], None]) -> Database:
+    n = len(fashion_mnist("train")[1]) if limit_db is None else limit_db
+    log(f"encoding {n} Fashion-MNIST train images with the full model ...")
+    pixels, labels = fashion_mnist_rows(encoder.model, "train", slice(0, n))
+    return Database(encode_database(encoder, pixels, labels), np.arange(len(labels)), "in memory (faiss flat)")
+
+
+def _calibration_queries(model, database: Database) -> tuple[torch.Tensor, np.ndarray]:
+    """Held-out train images for margin calibration, and the database id each one has (-1: not indexed)."""
+    n_train = len(fashion_mnist("train")[1])
+    indexed = np.full(n_train, -1)
+    indexed[database.train_rows] = np.arange(len(database.train_rows))
+    unseen = np.flatnonzero(indexed < 0)
+    # unseen train images if there are enough, else indexed ones, with their own match left out
+    rows = unseen[:CALIBRATION_QUERIES] if len(unseen) >= CALIBRATION_QUERIES else np.arange(CALIBRATION_QUERIES)
+    pixels, _ = fashion_mnist_rows(model, "train", rows)
+    return pixels, indexed[rows]
+
+
+def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_labels: np.ndarray,
+             n_relevant: np.ndarray, reference_ids: np.ndarray | None, encoder: QueryEncoder,
+             latency_queries: int) -> tuple[dict, np.ndarray]:
+    n = len(query_labels)
+    timer = StageTimer()
+    staged = setting.run(database.db, cache, n, timer)
+    result_labels = metrics.labels_of(staged.ids, database.db.labels)
+    # batched cost per query: each submodel's encode for the queries that used it, plus search and rerank
+    encode_ms = sum(cache.ms_per_query[s] * (1.0 if i == 0 else staged.escalation_rate)
+                    for i, s in enumerate(staged.submodels))
+    totals = timer.totals()
+    batch_ms = encode_ms + (totals["search"] + totals["rerank"]) / n
+
+    def one_query(row: int) -> None:  # the real pipeline at batch 1: encode on demand
+        pixels = cache.pixels[row:row + 1]
+        setting.run(database.db, lambda sub, rows: encoder.embed(pixels[rows], sub), 1, StageTimer())
+
+    latencies = metrics.latencies_ms(one_query, range(min(latency_queries, n)))
+    record = {
+        "setting": setting.name,
+        "kind": setting.kind,
+        "top1": metrics.top1_accuracy(result_labels, query_labels),
+        "map@10": metrics.map_at_k(result_labels, query_labels, 10, n_relevant),
+        "map@100": metrics.map_at_k(result_labels, query_labels, 100, n_relevant),
+        "recall@10": metrics.recall_at_k(staged.ids, reference_ids if reference_ids is not None else staged.ids, 10),
+        "query_mflops": float(staged.mflops.mean()),
+        "latency_ms": float(latencies.mean()),
+        "latency_p50_ms": float(np.median(latencies)),
+        "batch_ms_per_query": batch_ms,
+        "escalation_rate": staged.escalation_rate,
+        "submodels": [s.name for s in staged.submodels],
+        "queries": n,
+        "database": len(database.db),
+    }
+    return record, staged.ids
+
+
+def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None = None, limit_db: int | None = None,
+             limit_queries: int | None = None, control_models: list[str | Path] = (),
+             escalation_rates: tuple[float, ...] = (0.25, 0.5), shortlist: int = 100, latency_queries: int = 50,
+             batch_size: int = 256, device: str = "cpu", log: Callable[[str], None] = print) -> list[dict]:
+    """Every setting's record (see the module docstring), the full model first."""
+    model_dir = Path(model_dir) if model_dir is not None else vision_model.DEFAULT_MODEL_DIR
+    model = vision_model.load_model(model_dir, device=device)
+    config = model.config
+    encoder = QueryEncoder(model, batch_size=batch_size)
+    database = _open_or_build_index(Path(index_dir), model_dir, limit_db, device, log) if index_dir is not None \
+        else _encode_in_memory(encoder, limit_db, log)
+    n_test = len(fashion_mnist("test")[1])
+    query_pixels, query_labels = fashion_mnist_rows(model, "test", slice(0, limit_queries or n_test))
+    n_relevant = metrics.relevant_counts(database.db.labels, query_labels)
+    log(f"database: {len(database.db)} train images ({database.description}); queries: {len(query_labels)} test "
+        "images")
+
+    levels = trained_levels(config)
+    full, small = levels[0], levels[-1]
+    settings = [_plain(s, config, "level") for s in levels]
+    settings += [_plain(s, config, "mix'n'match") for s in mix_n_match_examples(config)]
+
+    # margin thresholds from held-out train queries, for each target escalation rate
+    cal_pixels, cal_own_ids = _calibration_queries(model, database)
+    cal_margins = held_out_margins(database.db, encoder.embed(cal_pixels, small), cal_own_ids)
+    settings.append(_funnel(Funnel(small, full, shortlist), config))
+    for rate in escalation_rates:
+        margin = calibrate_margin(cal_margins, rate)
+        settings.append(_funnel(Funnel(small, full, shortlist, "margin", margin), config))
+        settings.append(_adaptive(Adaptive(small, full, margin), config))
+
+    cache = EmbeddingCache(encoder, query_pixels)
+    records, reference_ids = [], None
+    for setting in settings:
+        record, ids = _measure(setting, database, cache, query_labels, n_relevant, reference_ids, encoder,
+                               latency_queries)
+        if reference_ids is None:  # the full model comes first: its neighbours are the reference
+            reference_ids = ids[:, :10]
+        records.append(record)
+        log(_progress_line(record))
+    for control_dir in control_models:
+        record = _control(Path(control_dir), database, query_labels, n_relevant, reference_ids, batch_size,
+                          latency_queries, device)
+        records.append(record)
+        log(_progress_line(record))
+    return records
+
+
+def _control(control_dir: Path, database: Database, query_labels: np.ndarray, n_relevant: np.ndarray,
+             reference_ids: np.ndarray, batch_size: int, latency_queries: int, device: str) -> dict:
+    """A separately trained encoder (its full width) as the query encoder against the full model's database."""
+    model = vision_model.load_model(control_dir, device=device)
+    dim = database.db.vectors.shape[1]
+    if model.config.d_model != dim:
+        raise ValueError(f"control model {control_dir} embeds into {model.config.d_model} dimensions, the database "
+                         f"into {dim}: it cannot even be searched with")
+    encoder = QueryEncoder(model, batch_size=batch_size)
+    pixels, _ = fashion_mnist_rows(model, "test", slice(0, len(query_labels)))
+    setting = _plain(Submodel(level=1), model.config, "control")
+    setting.name = f"control: {model.config.name} ({control_dir.name})"
+    record, _ = _measure(setting, database, EmbeddingCache(encoder, pixels), query_labels, n_relevant, reference_ids,
+                         encoder, latency_queries)
+    record["submodels"] = [str(control_dir)]
+    return record
+
+
+def _progress_line(r: dict) -> str:
+    return (f"  {r['setting']:<44} top-1 {r['top1']:.4f}  mAP@10 {r['map@10']:.4f}  R@10 {r['recall@10']:.3f}  "
+            f"{r['query_mflops']:7.1f} MFLOPs  {r['latency_ms']:6.2f} ms")
+
+
+# -- reports -------------------------------------------------------------------------------------------------------
+def markdown_table(records: list[dict], title: str = "") -> str:
+    header = ("| setting | kind | top-1 | mAP@10 | mAP@100 | recall@10 vs D | query MFLOPs | latency b=1 (ms) | "
+              "ms/query batched | escalated |")
+    lines = ([title, ""] if title else []) + [header, "|" + "---|" * 10]
+    for r in records:
+        lines.append(f"| {r['setting']} | {r['kind']} | {r['top1']:.4f} | {r['map@10']:.4f} | {r['map@100']:.4f} | "
+                     f"{r['recall@10']:.3f} | {r['query_mflops']:.1f} | {r['latency_ms']:.2f} | "
+                     f"{r['batch_ms_per_query']:.2f} | {r['escalation_rate']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+KIND_STYLE = {"level": ("o", "tab:blue"), "mix'n'match": ("s", "tab:orange"), "funnel": ("^", "tab:green"),
+              "adaptive": ("D", "tab:purple"), "control": ("x", "tab:red")}
+
+
+def plot(records: list[dict], path: str | Path, title: str = "") -> None:
+    """Top-1 accuracy against query MFLOPs, one labelled point per setting; the trained levels joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    levels = sorted((r for r in records if r["kind"] == "level"), key=lambda r: r["query_mflops"])
+    ax.plot([r["query_mflops"] for r in levels], [100 * r["top1"] for r in levels], color="tab:blue", alpha=0.4)
+    for kind, (marker, color) in KIND_STYLE.items():
+        points = [r for r in records if r["kind"] == kind]
+        if points:
+            ax.scatter([r["query_mflops"] for r in points], [100 * r["top1"] for r in points], marker=marker,
+                       color=color, label=kind, zorder=3)
+    for r in records:
+        ax.annotate(r["setting"], (r["query_mflops"], 100 * r["top1"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=6.5)
+    ax.set_xlabel("query encoder MFLOPs per image")
+    ax.set_ylabel("1-NN top-1 accuracy (%)")
+    ax.set_title(title or "Querying a full-model index with nested submodels", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates like 0.25,0.5, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, metavar="OUT", help="write the records here (JSON list)")
+    parser.add_argument("--model", metavar="DIR", help="saved model folder (default: the shipped model)")
+    parser.add_argument("--index", metavar="DIR", help="Fashion-MNIST train index to reuse (built there if "
+                                                       "missing); default: encode the database in memory")
+    parser.add_argument("--limit-db", type=int, metavar="N", help="first N train images as the database")
+    parser.add_argument("--limit-queries", type=int, metavar="N", help="first N test images as queries")
+    parser.add_argument("--markdown", metavar="OUT.md", help="also write a markdown table")
+    parser.add_argument("--plot", metavar="OUT.png", help="also plot top-1 against query MFLOPs")
+    parser.add_argument("--control-model", action="append", default=[], metavar="DIR",
+                        help="separately trained model used as query encoder (repeatable)")
+    parser.add_argument("--escalation-rates", type=_rates, default=(0.25, 0.5), metavar="R1,R2",
+                        help="target rerank/escalation rates for the margin-gated settings (default 0.25,0.5)")
+    parser.add_argument("--shortlist", type=int, default=100, help="funnel shortlist size (default 100)")
+    parser.add_argument("--latency-queries", type=int, default=50, help="queries timed one by one per setting")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    records = evaluate(args.model, args.index, args.limit_db, args.limit_queries, args.control_model,
+                       args.escalation_rates, args.shortlist, args.latency_queries, args.batch_size, args.device)
+    Path(args.json).write_text(json.dumps(records, indent=2))
+    outputs = [args.json]
+    model_name = Path(args.model or vision_model.DEFAULT_MODEL_DIR).name
+    title = (f"{model_name}: {records[0]['queries']} Fashion-MNIST test queries against a full-model index of "
+             f"{records[0]['database']} train images")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(records, f"**{title}**"))
+        outputs.append(args.markdown)
+    if args.plot:
+        plot(records, args.plot, title)
+        outputs.append(args.plot)
+    print(f"wrote {', '.join(map(str, outputs))} ({time.perf_counter() - started:.0f} s)")
+    return 0

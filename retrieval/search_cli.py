@@ -1,0 +1,94 @@
+"""`matsearch search --index DIR IMAGE...`: nearest neighbours of query images at any granularity.
+
+    matsearch search --index indexes/fashion-mnist-train shoe.png --level 4
+    matsearch search --index DIR a.png b.jpg --widths 192,192,96,96,48,48,24,24 --k 5 --json
+    matsearch search --index DIR a.png --budget-mflops 80          # needs the model's pareto.json
+    matsearch search --index DIR a.png --funnel D/8:D:100 [--rerank-margin 0.02]
+    matsearch search --index DIR a.png --adaptive D/8:D:0.02
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MODE_FLAGS = "--level, --widths, --budget-mflops, --budget-ms, --funnel, --adaptive"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    parser.add_argument("--index", required=True, metavar="DIR", help="index folder (matsearch index build)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the one the index was built with; "
+                                                       "another model is refused)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--level", type=int, choices=(1, 2, 4, 8), help="trained granularity: width d_model/LEVEL")
+    mode.add_argument("--widths", metavar="W1,W2,...", help="Mix'n'Match: one width per layer")
+    mode.add_argument("--budget-mflops", type=float, metavar="X", help="the most accurate submodel within X MFLOPs")
+    mode.add_argument("--budget-ms", type=float, metavar="X", help="the most accurate submodel within X ms a query")
+    mode.add_argument("--funnel", metavar="SMALL:LARGE:SHORTLIST",
+                      help="shortlist with SMALL, rerank with LARGE, e.g. D/8:D:100 or 8:1:100")
+    mode.add_argument("--adaptive", metavar="SMALL:LARGE:MARGIN",
+                      help="SMALL first; escalate to LARGE when the top-1/top-2 margin < MARGIN, e.g. D/8:D:0.02")
+    parser.add_argument("--rerank-margin", type=float, metavar="X",
+                        help="with --funnel: rerank only queries whose shortlist margin is below X")
+    parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--label", action="append", metavar="LABEL", help="only results with this label (repeatable)")
+    parser.add_argument("--min-score", type=float, metavar="S", help="drop results scoring below S")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .adaptive import Adaptive
+    from .encoder import UnreadableQuery, load_query_image
+    from .funnel import Funnel
+    from .search import Searcher
+    from .submodel import Submodel
+
+    if args.rerank_margin is not None and args.funnel is None:
+        raise ValueError("--rerank-margin goes with --funnel")
+    funnel = Funnel.parse(args.funnel, args.rerank_margin) if args.funnel else None
+    adaptive = Adaptive.parse(args.adaptive) if args.adaptive else None
+    submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
+
+    searcher = Searcher(args.index, args.model, device=args.device)
+    if args.budget_mflops is not None or args.budget_ms is not None:
+        submodel = searcher.submodel_for_budget(args.budget_mflops, args.budget_ms)
+    submodel.resolve(searcher.config)  # a bad --widths fails here, before any image is read
+
+    images, names, errors = [], [], []
+    for path in args.images:  # one bad file must not cost the others their answer
+        try:
+            images.append(load_query_image(path))
+            names.append(path)
+        except UnreadableQuery as e:
+            errors.append({"query": path, "error": str(e)})
+            print(f"matsearch search: error: {e}", file=sys.stderr)
+    results = searcher.search(images, submodel, args.k, funnel=funnel, adaptive=adaptive, label_filter=args.label,
+                              score_threshold=args.min_score) if images else []
+
+    mode = funnel.name if funnel else adaptive.name if adaptive else submodel.name
+    if args.json:
+        print(json.dumps({"index": str(searcher.store.directory), "model": str(searcher.model_dir), "mode": mode,
+                          "results": [{"query": name, **r.to_dict()} for name, r in zip(names, results)],
+                          "errors": errors}, indent=2))
+    else:
+        for name, result in zip(names, results):
+            print(_table(name, mode, result))
+    searcher.close()
+    return 1 if errors else 0
+
+
+def _table(name: str, mode: str, result) -> str:
+    t = result.timings
+    used = " -> ".join(result.submodels)
+    head = (f"{name}  [{mode}; used {used}]  {result.mflops:.1f} MFLOPs  decode {t['decode']:.1f} ms, encode "
+            f"{t['encode']:.1f} ms, search {t['search']:.2f} ms, rerank {t['rerank']:.2f} ms")
+    lines = [head, f"  {'rank':>4}  {'id':>7}  {'score':>7}  {'label':<14}  key"]
+    for rank, (id_, score, row) in enumerate(zip(result.ids, result.scores, result.metadata), start=1):
+        label = row["label_name"] if row["label_name"] is not None else "-"
+        lines.append(f"  {rank:>4}  {id_:>7}  {score:7.4f}  {label:<14}  {row['key']}")
+    if not len(result.ids):
+        lines.append("  (no results)")
+    return "\n".join(lines) + "\n"
