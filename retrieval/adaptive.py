@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import knn
-from .staged import EmbedFn, StagedResult, StageTimer, escalate_below
+from .staged import EmbedFn, StagedResult, StageTimer, escalate_below, parse_two_stage
 from .submodel import Submodel
 
 
@@ -37,14 +37,7 @@ class Adaptive:
     @classmethod
     def parse(cls, text: str) -> "Adaptive":
         """"SMALL:LARGE:MARGIN", e.g. "8:1:0.02" or "D/8:D:0.02"."""
-        parts = str(text).replace("mnm:", "").split(":")
-        if len(parts) != 3:
-            raise ValueError(f"adaptive {text!r} should read SMALL:LARGE:MARGIN, e.g. 8:1:0.02 or D/8:D:0.02")
-        try:
-            margin = float(parts[2])
-        except ValueError:
-            raise ValueError(f"adaptive {text!r}: the margin {parts[2]!r} is not a number") from None
-        return cls(Submodel.parse(parts[0]), Submodel.parse(parts[1]), margin)
+        return cls(*parse_two_stage(text, "adaptive", "margin", float, "8:1:0.02 or D/8:D:0.02"))
 
     def mflops(self, config, escalation_rate: float) -> float:
         return self.small.mflops(config) + escalation_rate * self.large.mflops(config)

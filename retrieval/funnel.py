@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import knn
-from .staged import EmbedFn, StagedResult, StageTimer, escalate_below
+from .staged import EmbedFn, StagedResult, StageTimer, escalate_below, parse_two_stage
 from .submodel import Submodel
 
 RERANK_WHEN = ("always", "margin")
@@ -47,15 +47,9 @@ class Funnel:
     @classmethod
     def parse(cls, text: str, margin: float | None = None) -> "Funnel":
         """"SMALL:LARGE:SHORTLIST", e.g. "8:1:100" or "D/8:D:100"; a margin makes it margin-gated."""
-        parts = str(text).replace("mnm:", "").split(":")
-        if len(parts) != 3:
-            raise ValueError(f"funnel {text!r} should read SMALL:LARGE:SHORTLIST, e.g. 8:1:100 or D/8:D:100")
-        try:
-            shortlist = int(parts[2])
-        except ValueError:
-            raise ValueError(f"funnel {text!r}: the shortlist size {parts[2]!r} is not a whole number") from None
+        small, large, shortlist = parse_two_stage(text, "funnel", "shortlist size", int, "8:1:100 or D/8:D:100")
         gated = {"rerank_when": "margin", "margin": margin} if margin is not None else {}
-        return cls(Submodel.parse(parts[0]), Submodel.parse(parts[1]), shortlist, **gated)
+        return cls(small, large, shortlist, **gated)
 
     def mflops(self, config, rerank_rate: float = 1.0) -> float:
         """Average query MFLOPs when a fraction `rerank_rate` of queries is reranked."""

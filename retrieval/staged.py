@@ -78,3 +78,15 @@ def plain_search(db: knn.VectorDatabase, embed: EmbedFn, n: int, submodel: Submo
 def escalate_below(margins: np.ndarray, threshold: float) -> np.ndarray:
     """Queries whose top-1/top-2 margin is below `threshold`: 0 escalates none, inf all."""
     return np.asarray(margins) < threshold
+
+
+def parse_two_stage(text: str, what: str, third: str, convert: Callable, example: str):
+    """"SMALL:LARGE:THIRD" (e.g. "D/8:D:100") -> (small Submodel, large Submodel, convert(THIRD))."""
+    parts = str(text).replace("mnm:", "").split(":")
+    if len(parts) != 3:
+        raise ValueError(f"{what} {text!r} should read SMALL:LARGE:{third.upper()}, e.g. {example}")
+    try:
+        value = convert(parts[2])
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: the {third} {parts[2]!r} is not a valid {convert.__name__}") from None
+    return Submodel.parse(parts[0]), Submodel.parse(parts[1]), value
