@@ -84,8 +84,10 @@ class MatMambaVision(nn.Module):
         return self.norm(tokens[:, -1])
 
     def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
-                backend: str | None = None) -> Tensor:
-        return self.head(self.embed(x, level, widths, backend))
+                backend: str | None = None, return_embedding: bool = False):
+        """Class logits; with return_embedding, (logits, embedding) from one pass (training uses both)."""
+        emb = self.embed(x, level, widths, backend)
+        return (self.head(emb), emb) if return_embedding else self.head(emb)
 
     # -- submodels as standalone weights ------------------------------------------------------------------------
     def submodel_state_dict(self, level: int | None = None, widths: Sequence[int] | None = None) -> dict[str, Tensor]:

@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: str = "all"  # "all" | "cycle"
     distill: float = 0.0  # weight of the KL to the full level's soft outputs (0: off)
     distill_temperature: float = 2.0
+    align: float = 0.0  # weight of 1 - cos(level embedding, full-level embedding): keeps the retrieval space shared
     epochs: int = 40
     batch_size: int = 256
     lr: float = 2e-3
@@ -122,19 +123,21 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 
 def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx) -> dict[int, float]:
     """Forward+backward at `levels` on one micro-batch (gradients accumulate); returns each level's loss."""
-    losses, teacher = {}, None
+    losses, teacher, teacher_emb = {}, None, None
     scale = 1.0 / len(tc.levels)
     for level in levels:
         with amp_ctx:
-            logits = model(x, level=level)
+            logits, emb = model(x, level=level, return_embedding=True)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
             if tc.distill > 0 and level != 1 and teacher is not None:
                 T = tc.distill_temperature
                 kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(teacher / T, -1),
                               reduction="batchmean") * T * T
                 loss = loss + tc.distill * kl
+            if tc.align > 0 and level != 1 and teacher_emb is not None:
+                loss = loss + tc.align * (1 - F.cosine_similarity(emb.float(), teacher_emb, dim=-1)).mean()
         if level == 1:
-            teacher = logits.detach().float()
+            teacher, teacher_emb = logits.detach().float(), emb.detach().float()
         (loss * scale).backward()
         losses[level] = loss.item()
     return losses
@@ -316,6 +319,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="granularities trained jointly")
     p.add_argument("--schedule", choices=["all", "cycle"], default=d.schedule)
     p.add_argument("--distill", type=float, default=d.distill, help="self-distillation weight (0: off)")
+    p.add_argument("--align", type=float, default=d.align,
+                   help="weight of the cosine loss pulling each level's embedding to the full level's (0: off)")
     for name in ("epochs", "batch_size", "ckpt_every", "eval_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "erase_prob"):
@@ -341,7 +346,7 @@ def _parse_override(item: str):
 def run(args) -> int:
     tc = TrainConfig(model=args.model, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
                      out=args.out, levels=tuple(int(v) for v in args.levels.split(",")), schedule=args.schedule,
-                     distill=args.distill, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     distill=args.distill, align=args.align, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                      clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
                      erase_prob=args.erase_prob, seed=args.seed, ckpt_every=args.ckpt_every,
