@@ -4,8 +4,20 @@ One optimizer step sees every trained granularity (D, D/2, D/4, D/8):
   --schedule all    each micro-batch is run at every level; the level losses are averaged
   --schedule cycle  the step's micro-batches cycle through the levels, one level each, loss / len(levels)
 Recipe: AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping, label smoothing, drop-path,
-bf16 autocast on CUDA, random-shift/flip/erasing augmentation; optional self-distillation of the smaller levels
-towards the full level's soft outputs. Resumable (atomic checkpoints every N steps), seeded, DDP under torchrun.
+bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs.
+Resumable (atomic checkpoints every N steps, with the RNG state), seeded, DDP under torchrun.
+
+Data (`--data`), each behind a "batches of epoch e from batch i on" iterator that the one optimisation loop reads:
+  fashion-mnist    the uint8 arrays live on the device; batches are augmented there (random shift, flip, erasing);
+                   evaluated on the 10k test split
+  imagefolder:DIR  a torchvision ImageFolder tree (labels as ImageFolder assigns them), decoded with Pillow in
+                   DataLoader workers as `preprocess_image` prepares images, plus a random crop (25-100% of the
+                   area, fitted in the config's crop style) and a flip (`data.train_image`); a DistributedSampler
+                   shards it under torchrun. Evaluated on --val-data, or on a per-class --val-fraction held out of
+                   DIR (by --seed). The model's num_classes and class_names come from the tree. Unreadable images
+                   are skipped (replaced by the next readable one), warned about once and listed in result.json.
+In both, an epoch's order and every augmentation are functions of (seed, epoch, position), so a resumed run
+continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -14,19 +26,23 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from .config import get_config
-from .data import load_fashion_mnist
+from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
+                   load_fashion_mnist, sample_seed, scan_imagefolder)
 from .hub import save_pretrained
 from .model import MatMambaVision
 from .preprocess import normalize_uint8
@@ -36,7 +52,10 @@ from .preprocess import normalize_uint8
 class TrainConfig:
     model: str = "matmamba_vision_fmnist"
     overrides: dict = field(default_factory=dict)  # config fields, e.g. {"d_inner": 48} for an independent model
-    data: str = "fashion-mnist"
+    data: str = "fashion-mnist"  # or "imagefolder:DIR"
+    val_data: str | None = None  # imagefolder:DIR2 to evaluate on (ImageFolder training); None: hold out val_fraction
+    val_fraction: float = 0.1  # of each class of an ImageFolder, held out by `seed` when val_data is None
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # DataLoader worker processes
     out: str = "runs/fmnist"
     levels: tuple[int, ...] = (1, 2, 4, 8)
     schedule: str = "all"  # "all" | "cycle"
@@ -58,7 +77,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     device: str = "auto"
     amp: bool = True
-    limit: int | None = None  # train on the first N images only (smoke tests)
+    limit: int | None = None  # train on the first N images only (ImageFolder: N seeded picks; smoke tests)
     backend: str = "auto"
     max_minutes: float | None = None  # wall-clock guard: stop (and still evaluate + save) after this long
 
@@ -66,10 +85,9 @@ class TrainConfig:
 # -- data ------------------------------------------------------------------------------------------------------
 
 def load_data(tc: TrainConfig):
+    """Fashion-MNIST (train images, train labels, test images, test labels), uint8 / int64 on the CPU."""
     if tc.data != "fashion-mnist":
-        raise ValueError(f"unsupported training data {tc.data!r}: use 'fashion-mnist' or 'imagefolder:DIR'"
-                         if not tc.data.startswith("imagefolder:") else
-                         "ImageFolder training: see `train_imagefolder` (not yet wired to the CLI)")
+        raise ValueError(f"load_data reads Fashion-MNIST only, not {tc.data!r} (ImageFolder: see ImageFolderBatches)")
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     if tc.limit:
@@ -102,6 +120,138 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 3, erase_prob: float = 0
                 (xx >= ex[:, None, None]) & (xx < (ex + ew)[:, None, None]) & on[:, None, None])
         out = out.masked_fill(mask[:, None], 0)
     return out.contiguous()
+
+
+def _check_steps(n: int, tc: TrainConfig) -> int:
+    if n // tc.batch_size == 0:
+        raise ValueError(f"{n} training images make no full batch of --batch-size {tc.batch_size}")
+    return n // tc.batch_size
+
+
+class FashionMnistBatches:
+    """The fast path: the whole uint8 set on the device, each batch augmented there by `augment`."""
+    eval_key = "test_top1"
+
+    def __init__(self, tc: TrainConfig, config, device, rank: int, world: int):
+        self.tc, self.config, self.device, self.rank, self.world = tc, config, device, rank, world
+        xtr, ytr, self.xte, self.yte = load_data(tc)
+        self.x, self.y = xtr.to(device), ytr.to(device)
+        self.per_rank = tc.batch_size // world
+        self.steps_per_epoch = _check_steps(len(self.x), tc)
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised (images, labels) of this rank for steps start.. of `epoch`, on the device."""
+        tc, bs, per_rank = self.tc, self.tc.batch_size, self.per_rank
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
+        for i in range(start, self.steps_per_epoch):
+            step = epoch * self.steps_per_epoch + i
+            idx = perm[i * bs + self.rank * per_rank: i * bs + (self.rank + 1) * per_rank].to(self.device)
+            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * self.world + self.rank)  # resumable aug
+            yield normalize_uint8(self.config, augment(self.x[idx], gen, erase_prob=tc.erase_prob)), self.y[idx]
+
+    def evaluate(self, model, levels, amp_ctx) -> dict:
+        return evaluate(model, self.xte, self.yte, self.config, self.device, levels=levels, amp_ctx=amp_ctx)
+
+    def unreadable(self) -> dict[str, str]:
+        return {}
+
+    def restore_unreadable(self, found: dict[str, str]) -> None:
+        pass
+
+
+class EpochBatchSampler(Sampler):
+    """One epoch of a rank's batches from batch `start` on, each item keyed (index, augmentation seed).
+
+    The order is the DistributedSampler's (a permutation seeded by its seed + epoch, this rank's share of it), so a
+    resumed run that calls set_epoch(epoch, start) sees the batches an uninterrupted run saw from `start` on.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, num_batches: int, seed: int):
+        self.sampler, self.batch_size, self.num_batches, self.seed = sampler, batch_size, num_batches, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        order = list(self.sampler)
+        for b in range(self.start, self.num_batches):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in batch]
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+
+def imagefolder_samples(tc: TrainConfig):
+    """(train samples, val samples, class names) of `tc.data` (+ `tc.val_data` or the held-out fraction)."""
+    samples, classes = scan_imagefolder(imagefolder_root(tc.data))
+    if tc.val_data:
+        if not tc.val_data.startswith(IMAGEFOLDER_PREFIX):
+            raise ValueError(f"--val-data must be {IMAGEFOLDER_PREFIX}DIR, got {tc.val_data!r}")
+        train, (val, _) = samples, scan_imagefolder(imagefolder_root(tc.val_data), classes)
+    else:
+        train_idx, val_idx = holdout_split([label for _, label in samples], tc.val_fraction, tc.seed)
+        train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    if tc.limit:  # a seeded subset, in sample order (the first N would be the first classes only)
+        keep = lambda items, n: [items[i] for i in sorted(torch.randperm(
+            len(items), generator=torch.Generator().manual_seed(tc.seed)).tolist()[:n])]
+        train, val = keep(train, tc.limit), keep(val, max(tc.limit // 6, 64))
+    return train, val, classes
+
+
+class ImageFolderBatches:
+    """ImageFolder training: decoded and augmented in DataLoader workers, sharded by a DistributedSampler."""
+    eval_key = "val_top1"
+
+    def __init__(self, tc: TrainConfig, config, device, rank: int, world: int, train: list, val: list, warn):
+        self.tc, self.config, self.device, self.warn = tc, config, device, warn
+        self.train_set = ImageFolderDataset(train, config, train=True)
+        self.steps_per_epoch = _check_steps(len(train), tc)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=tc.seed * 1000, drop_last=True)
+        self.batch_sampler = EpochBatchSampler(sampler, tc.batch_size // world, self.steps_per_epoch, tc.seed)
+        workers = dict(num_workers=tc.workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping,
+                       generator=torch.Generator())  # its own generator: the global RNG (drop-path) is untouched
+        if tc.workers > 0:
+            workers.update(prefetch_factor=4)
+        self.loader = DataLoader(self.train_set, batch_sampler=self.batch_sampler,
+                                 persistent_workers=tc.workers > 0, **workers)
+        self.val_loader = None
+        if val and _is_main():  # only rank 0 evaluates; its workers start per evaluation
+            self.val_loader = DataLoader(ImageFolderDataset(val, config, train=False), batch_size=tc.batch_size,
+                                         shuffle=False, **workers)
+        self._unreadable: dict[str, str] = {}  # path -> reason, each warned about once
+
+    def _note(self, found) -> None:
+        for path, reason in found:
+            if path not in self._unreadable:
+                self._unreadable[path] = reason
+                self.warn(f"warning: skipping unreadable image {path}: {reason}")
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        self.batch_sampler.set_epoch(epoch, start)
+        for x, y, found in self.loader:
+            self._note(found)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _val_batches(self):
+        for x, y, found in self.val_loader:
+            self._note(found)
+            if x is not None:
+                yield x, y
+
+    def evaluate(self, model, levels, amp_ctx) -> dict | None:
+        if self.val_loader is None:
+            return None
+        return evaluate_batches(model, self._val_batches(), self.device, levels=levels, amp_ctx=amp_ctx)
+
+    def unreadable(self) -> dict[str, str]:
+        return dict(self._unreadable)
+
+    def restore_unreadable(self, found: dict[str, str]) -> None:
+        self._unreadable.update(found)
 
 
 # -- optimisation ----------------------------------------------------------------------------------------------
@@ -144,28 +294,45 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx) 
 
 
 @torch.inference_mode()
-def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_list=None, batch_size=1000,
-             amp_ctx=nullcontext(), backend="auto") -> dict:
-    """Top-1 accuracy (%) per level (keys 'D/level') and per Mix'n'Match widths (keys 'mnm:w1,w2,...')."""
+def evaluate_batches(model, batches: Iterable[tuple[Tensor, Tensor]], device, levels=None, widths_list=None,
+                     amp_ctx=nullcontext(), backend="auto") -> dict:
+    """Top-1 accuracy (%) over normalised (images, labels) batches, per level (keys 'D/level') and per
+    Mix'n'Match widths (keys 'mnm:w1,w2,...')."""
     model.eval()
     settings = [(f"D/{lv}" if lv > 1 else "D", dict(level=lv)) for lv in (levels or [])]
     settings += [("mnm:" + ",".join(map(str, ws)), dict(widths=ws)) for ws in (widths_list or [])]
     correct = {name: 0 for name, _ in settings}
-    for i in range(0, len(x), batch_size):
-        xb = normalize_uint8(config, x[i:i + batch_size].to(device))
-        yb = y[i:i + batch_size].to(device)
+    n = 0
+    for xb, yb in batches:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        n += len(yb)
         for name, kw in settings:
             with amp_ctx:
                 correct[name] += (model(xb, backend=backend, **kw).argmax(-1) == yb).sum().item()
-    return {name: 100.0 * c / len(x) for name, c in correct.items()}
+    return {name: 100.0 * c / max(n, 1) for name, c in correct.items()}
+
+
+def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_list=None, batch_size=1000,
+             amp_ctx=nullcontext(), backend="auto") -> dict:
+    """`evaluate_batches` over uint8 images x (n, c, h, w) and labels y, e.g. the Fashion-MNIST test split."""
+    batches = ((normalize_uint8(config, x[i:i + batch_size].to(device)), y[i:i + batch_size])
+               for i in range(0, len(x), batch_size))
+    return evaluate_batches(model, batches, device, levels, widths_list, amp_ctx, backend)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: TrainConfig) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: TrainConfig,
+                    unreadable: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    device = next(model.parameters()).device
+    # the global RNG draws the drop-path masks: saved so that a resumed run draws what an uninterrupted one would
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total_steps,
-                "train_config": asdict(tc)}, tmp)
+                "train_config": asdict(tc), "class_names": list(model.config.class_names), "rng": rng,
+                "unreadable": dict(unreadable or {})}, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
@@ -192,15 +359,27 @@ def train(tc: TrainConfig) -> dict:
     overrides = dict(tc.overrides)
     if tc.drop_path is not None:
         overrides["drop_path_rate"] = tc.drop_path
+    if tc.data.startswith(IMAGEFOLDER_PREFIX):
+        train_samples, val_samples, classes = imagefolder_samples(tc)
+        overrides.update(num_classes=len(classes), class_names=tuple(classes))  # the tree decides, not --set
+    elif tc.data != "fashion-mnist":
+        raise ValueError(f"unsupported training data {tc.data!r}: use 'fashion-mnist' or '{IMAGEFOLDER_PREFIX}DIR'")
+    elif tc.val_data:
+        raise ValueError("--val-data is for ImageFolder training; Fashion-MNIST is evaluated on its test split")
     config = get_config(tc.model, **overrides)
     model = MatMambaVision(config, ssd_backend=tc.backend).to(device)
     for lv in tc.levels:
         config.resolve_widths(level=lv)  # fail early on a level this config cannot run
-    xtr, ytr, xte, yte = load_data(tc)
-    xtr, ytr = xtr.to(device), ytr.to(device)
+    warn = lambda msg: tqdm.write(msg if world == 1 else f"[rank {rank}] {msg}", file=sys.stderr)
+    if tc.data.startswith(IMAGEFOLDER_PREFIX):
+        data = ImageFolderBatches(tc, config, device, rank, world, train_samples, val_samples, warn)
+        if _is_main():
+            print(f"{tc.data}: {len(classes)} classes, {len(train_samples)} training and {len(val_samples)} "
+                  f"validation images")
+    else:
+        data = FashionMnistBatches(tc, config, device, rank, world)
 
-    per_rank = tc.batch_size // world
-    steps_per_epoch = len(xtr) // tc.batch_size
+    steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * tc.epochs
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
@@ -208,10 +387,18 @@ def train(tc: TrainConfig) -> dict:
     step, planned = 0, False  # planned: total_steps already fitted to --max-minutes
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if "class_names" in state and tuple(state["class_names"]) != tuple(config.class_names):
+            raise ValueError(f"{ckpt_path} was trained on classes {state['class_names']}, the data now has "
+                             f"{list(config.class_names)}: use a new --out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["cpu"].cpu())
+            if "cuda" in state["rng"] and device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         total_steps = state.get("total_steps", total_steps)
+        data.restore_unreadable(state.get("unreadable", {}))  # met before the interruption: still reported
         planned = True
         if _is_main():
             print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
@@ -224,16 +411,13 @@ def train(tc: TrainConfig) -> dict:
     first_step, t_plan = step, time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not _is_main(), dynamic_ncols=True, mininterval=2)
     t_start, images_seen, wall = time.time(), 0, 0.0
+    eval_levels = config.levels if len(tc.levels) > 1 else [1]
     while step < total_steps:
         epoch = step // steps_per_epoch
-        perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
+        batches = data.batches(epoch, step % steps_per_epoch)  # this epoch's batches, from where the run stands
         model.train()
-        for i in range(step % steps_per_epoch, steps_per_epoch):
-            t0 = time.time()
-            idx = perm[i * tc.batch_size + rank * per_rank: i * tc.batch_size + (rank + 1) * per_rank].to(device)
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * world + rank)  # resumable aug
-            xb = normalize_uint8(config, augment(xtr[idx], gen, erase_prob=tc.erase_prob))
-            yb = ytr[idx]
+        t0 = time.time()
+        for xb, yb in batches:
             lr = lr_at(step, total_steps, int(tc.warmup_epochs * steps_per_epoch), tc.lr, tc.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -272,31 +456,44 @@ def train(tc: TrainConfig) -> dict:
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                 if step % tc.ckpt_every == 0 or step == total_steps:
-                    save_checkpoint(ckpt_path, model, opt, step, total_steps, tc)
+                    save_checkpoint(ckpt_path, model, opt, step, total_steps, tc, data.unreadable())
             if step % steps_per_epoch == 0 or step == total_steps or out_of_time():
                 break
+            t0 = time.time()
         if out_of_time():
             if _is_main():
                 bar.write(f"stopping at step {step}/{total_steps}: --max-minutes {tc.max_minutes} reached")
             break
         finished_epoch = step % steps_per_epoch == 0 or step == total_steps
         if _is_main() and finished_epoch and ((epoch + 1) % tc.eval_every == 0 or step == total_steps):
-            acc = evaluate(model, xte, yte, config, device, levels=config.levels if len(tc.levels) > 1 else [1],
-                           amp_ctx=amp_ctx)
-            rec = {"step": step, "epoch": epoch + 1, "test_top1": acc, "train_seconds": wall}
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-            bar.write(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.2f}%" for k, v in acc.items()))
+            acc = data.evaluate(model, eval_levels, amp_ctx)
+            if acc is not None:
+                rec = {"step": step, "epoch": epoch + 1, data.eval_key: acc, "train_seconds": wall}
+                if isinstance(data, ImageFolderBatches):
+                    rec["unreadable_images"] = len(data.unreadable())
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+                bar.write(f"epoch {epoch + 1}: " + "  ".join(f"{k} {v:.2f}%" for k, v in acc.items()))
     bar.close()
 
+    unreadable = data.unreadable()
+    if ddp and isinstance(data, ImageFolderBatches):  # every rank met its own share of the bad files
+        gathered = [None] * world
+        dist.all_gather_object(gathered, unreadable)
+        unreadable = {path: reason for found in gathered for path, reason in found.items()}
     result = {}
     if _is_main():
-        acc = evaluate(model, xte, yte, config, device, levels=config.levels if len(tc.levels) > 1 else [1],
-                       amp_ctx=amp_ctx)
-        result = {"test_top1": acc, "train_seconds_this_run": time.time() - t_start, "steps": step,
+        acc = data.evaluate(model, eval_levels, amp_ctx)
+        result = {data.eval_key: acc, "train_seconds_this_run": time.time() - t_start, "steps": step,
                   "total_steps": total_steps, "epochs_done": step / steps_per_epoch,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                   "torch": torch.__version__, "world_size": world}
+        if isinstance(data, ImageFolderBatches):
+            result["num_classes"] = config.num_classes
+            result["unreadable_images"] = [{"path": p, "reason": r} for p, r in sorted(unreadable.items())]
+            if unreadable:
+                bar.write(f"skipped {len(unreadable)} unreadable image(s) (listed in {out / 'result.json'})",
+                          file=sys.stderr)
         save_pretrained(model, out / "model", dtype=torch.bfloat16,
                         extra={"train_config": asdict(tc), "result": result})
         (out / "result.json").write_text(json.dumps(result, indent=2))
@@ -314,7 +511,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="config name (see vision_model.CONFIGS)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set d_inner=48 (repeatable)")
-    p.add_argument("--data", default=d.data, help="'fashion-mnist' (Debian package dataset-fashion-mnist)")
+    p.add_argument("--data", default=d.data,
+                   help="'fashion-mnist' (Debian package dataset-fashion-mnist) or 'imagefolder:DIR' (DIR/<class>/"
+                        "<image>, labelled as torchvision's ImageFolder; sets the model's num_classes and class_names)")
+    p.add_argument("--val-data", default=None, metavar="imagefolder:DIR",
+                   help="ImageFolder tree to evaluate on (same class folder names); default: hold out --val-fraction")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="ImageFolder without --val-data: fraction of each class held out for evaluation, by --seed")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader worker processes decoding ImageFolder images (0: in the training process)")
     p.add_argument("--out", default=d.out, help="run folder: checkpoint, metrics.jsonl, final model/")
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="granularities trained jointly")
     p.add_argument("--schedule", choices=["all", "cycle"], default=d.schedule)
@@ -328,7 +533,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-path", type=float, default=None)
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke tests)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on the first N images (ImageFolder: N picked by --seed) (smoke tests)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then save")
 
@@ -345,6 +551,7 @@ def _parse_override(item: str):
 
 def run(args) -> int:
     tc = TrainConfig(model=args.model, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
+                     val_data=args.val_data, val_fraction=args.val_fraction, workers=args.workers,
                      out=args.out, levels=tuple(int(v) for v in args.levels.split(",")), schedule=args.schedule,
                      distill=args.distill, align=args.align, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
