@@ -28,14 +28,7 @@ def counted_flops(fn, *args) -> dict[str, int]:
     return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """No timing is asserted here; one thread keeps the many tiny calls from stalling in OpenMP barriers when
-    the CPU is shared (seen on the 2-core CI machine under load: 2 ms calls took 200 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- the quick run, end to end ------------------------------------------------------------------------------------

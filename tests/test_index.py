@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vision_model
+from conftest import save_small_model
 from index import CorruptIndexError, IndexStore, build_index, open_source
 from index import build as build_module
 from vision_model.config import FASHION_MNIST_CLASSES
@@ -33,20 +34,14 @@ BAD = {"bad/empty.png": "empty file", "bad/truncated.jpg": "truncated", "bad/tex
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
-def _save_model(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = vision_model.create_model("matmamba_vision_fmnist", depth=2, d_model=64, d_state=16)
-    return vision_model.save_pretrained(model, directory)
-
-
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    return _save_model(tmp_path_factory.mktemp("model"), seed=0)
+    return save_small_model(tmp_path_factory.mktemp("model"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_model_dir(tmp_path_factory) -> Path:
-    return _save_model(tmp_path_factory.mktemp("other-model"), seed=1)
+    return save_small_model(tmp_path_factory.mktemp("other-model"), seed=1)
 
 
 def _noise(seed: int, height: int, width: int, channels: int = 3) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import vision_model
+from conftest import save_small_model
 from index import build_index
 from retrieval import knn, metrics
 from retrieval.adaptive import Adaptive, calibrate_margin, held_out_margins
@@ -29,15 +30,8 @@ D, D8 = Submodel(level=1), Submodel(level=8)
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
 def _save_model(directory: Path, seed: int) -> Path:
-    """A small random model whose embeddings are spread out: the default init maps every image to nearly the
-    same vector, and near-ties would make rankings depend on float rounding."""
-    torch.manual_seed(seed)
-    model = vision_model.create_model("matmamba_vision_fmnist", depth=2, d_model=64, d_state=16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-    return vision_model.save_pretrained(model, directory, dtype=None)
+    # spread-out embeddings: near-ties would make rankings depend on float rounding
+    return save_small_model(directory, seed, init_std=0.3, dtype=None)
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,7 @@ def _image(rng: np.random.Generator, cls: int, i: int) -> tuple[Image.Image, str
     return rgb.convert("L"), "jpeg"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads competing with
-    other processes make a step 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
