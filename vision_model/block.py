@@ -44,7 +44,7 @@ class MatMamba2(nn.Module):
 
     # -- nested weight views ------------------------------------------------------------------------------------
     def _in_rows(self, inner: int) -> list[tuple[int, int]]:
-        """Row ranges of in_proj (and, shifted by d_inner, of conv1d) that a layer of inner size `inner` uses."""
+        """Row ranges of in_proj (z, x, B and C, dt) that a layer of inner size `inner` uses."""
         D, N, h = self.d_inner, self.d_state, inner // self.headdim
         return [(0, inner), (D, D + inner), (2 * D, 2 * D + 2 * N), (2 * D + 2 * N, 2 * D + 2 * N + h)]
 

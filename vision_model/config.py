@@ -55,14 +55,6 @@ class MatMambaVisionConfig:
     def grid_size(self) -> int:
         return self.img_size // self.patch_size
 
-    @property
-    def width_step(self) -> int:
-        """Smallest width increment: one SSD head."""
-        step = 1
-        while not self._valid_width(step):
-            step += 1
-        return step
-
     def _valid_width(self, width: int) -> bool:
         return 0 < width <= self.d_model and (width * self.inner_dim) % (self.d_model * self.headdim) == 0
 

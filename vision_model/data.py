@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .config import FASHION_MNIST_CLASSES, MatMambaVisionConfig
+from .config import MatMambaVisionConfig
 from .preprocess import _border, _fit, preprocess_image, to_mode
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,8 +74,6 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
         raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels in split {split!r}")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
-
-FASHION_MNIST_LABELS = FASHION_MNIST_CLASSES
 
 
 # -- ImageFolder trees -----------------------------------------------------------------------------------------
