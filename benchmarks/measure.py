@@ -102,28 +102,13 @@ def measure(call: Callable[[], Any], device: torch.device, warmup: int, repeats:
     return Timing(seconds, peak, warmup_s)
 
 
-# -- CUDA graphs --------------------------------------------------------------------------------------------------
-
-
-def cuda_graph_call(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], Any]:
-    """A zero-argument replay of fn(x) captured as one CUDA graph; raises if capture fails.
-
-    Call only after warm-up: autotuning synchronises the device, which is illegal inside a capture."""
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # PyTorch's recipe: a few eager calls on a side stream before capturing
-        for _ in range(2):
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_x)
-
-    def replay():
-        graph.replay()
-        return static_out
-    return replay
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """The device's dense matmul rate in this dtype, measured: median TFLOP/s of an n x n x n GEMM (the yardstick
+    for the encoders' achieved TFLOP/s)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = measure(lambda: a @ b, device, warmup=3, repeats=repeats)
+    return 2 * n ** 3 / timing.median_s / 1e12
 
 
 # -- environment --------------------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ ROW_KEYS = ("model", "setting", "level", "widths", "resolution", "batch", "mode"
 
 COLUMNS_HELP = """\
 - **mode**: `throughput` rows run the largest power-of-two batch that fit (up to the batch cap); `latency` rows
-  run batch 1 (`+graph`: replayed as one CUDA graph).
+  run batch 1 (`+graph`: the call replayed as one CUDA graph, `--cuda-graphs`).
 - **images/s**: batch / median seconds per call.  **latency ms**: median milliseconds per call (per batch).
 - **peak GiB**: `torch.cuda.max_memory_allocated` over the timed calls (weights included); CPU runs leave it empty.
 - **GFLOPs/img**: analytic FLOPs (2 x MACs) per image, encoder only (no classifier head).
-- **TFLOP/s**: GFLOPs/img x images/s / 1000: the arithmetic rate the encoder actually achieved.
+- **TFLOP/s**: GFLOPs/img x images/s / 1000: the arithmetic rate the encoder actually achieved.  **% of matmul**
+  (GPU): that rate over `matmul_tflops`, an 8192^3 GEMM in the same dtype timed in the same run.
 - **status**: `ok`, `oom` (even batch 1 ran out of memory), or `skipped` (with the reason in `note`)."""
 
 
@@ -59,14 +60,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             value = " ".join(str(v) for v in value)
         lines.append(f"- {key}: {value}")
     lines += ["", COLUMNS_HELP, "", throughput_pivot(rows), "", "## All rows", ""]
+    matmul = meta.get("matmul_tflops")  # measured in the same run (GPU): the yardstick for achieved TFLOP/s
     header = ["model", "setting", "res", "batch", "mode", "images/s", "latency ms", "peak GiB", "GFLOPs/img",
-              "TFLOP/s", "status", "note"]
+              "TFLOP/s", *(["% of matmul"] if matmul else []), "status", "note"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         mode = r["mode"] + ("+graph" if r.get("cuda_graph") else "")
+        share = [] if not matmul else [_fmt(r["achieved_tflops"] and 100 * r["achieved_tflops"] / matmul)]
         cells = [r["model"], r["setting"], r["resolution"], r["batch"], mode, _fmt(r["images_per_s"], 4),
                  _fmt(r["latency_ms"]), _fmt(r["peak_mem_gib"]), _fmt(r["gflops_per_image"]),
-                 _fmt(r["achieved_tflops"]), r["status"], r.get("note") or ""]
+                 _fmt(r["achieved_tflops"]), *share, r["status"], r.get("note") or ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -21,9 +21,11 @@ from typing import Callable
 
 import torch
 
+from vision_model.graphs import capture_cuda_graph
+
 from . import report
-from .measure import (GIB, Timing, cuda_graph_call, environment, free_memory, measure, run_unless_oom,
-                      synchronize)
+from .measure import (GIB, Timing, environment, free_memory, is_out_of_memory, matmul_tflops, measure,
+                      run_unless_oom, synchronize)
 from .models import (ModelSpec, Setting, build_model, encoder_call, flops_per_image, in_chans, parse_model_spec,
                      parse_setting_names, patch_size, settings_for)
 
@@ -82,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="writes bench.json, bench.md and *.png here (default runs/bench)")
     parser.add_argument("--quick", action="store_true", help="two-layer models at 32 and 64 px: a smoke test")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay batch-1 latency calls as CUDA graphs (falls back to eager if capture fails)")
+                        help="replay every timed call (throughput and batch-1 latency, all models alike) as a CUDA graph: no host launch overhead; falls back to eager where capture fails")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each encoder, experimental (every new shape compiles, untimed: a much "
                              "longer run; MatMamba graph-breaks at its weight cache and the mamba-ssm kernels)")
@@ -182,16 +184,19 @@ def time_batch(fn: Callable, model, resolution: int, batch: int, plan: Plan) -> 
     return measure(lambda: fn(x), plan.device, plan.warmup, plan.repeats, plan.seconds_per_point)
 
 
-def time_batch_one_graphed(fn: Callable, model, resolution: int, plan: Plan) -> tuple[Timing, str | None]:
-    """Batch-1 timing replayed as a CUDA graph; (eager timing, why) when capture fails."""
-    x = _images(model, resolution, 1, plan)
+def time_batch_graphed(fn: Callable, model, resolution: int, batch: int, plan: Plan) -> tuple[Timing, str | None]:
+    """The batch replayed as one CUDA graph (no per-kernel launch cost on the host); (eager timing, why) when capture
+    fails for a reason other than memory (out of memory propagates, so the caller halves the batch)."""
+    x = _images(model, resolution, batch, plan)
     for _ in range(max(plan.warmup, 1)):  # autotuning must be over before capture
         fn(x)
     try:
-        replay = cuda_graph_call(fn, x)
-    except Exception as exc:  # noqa: BLE001 - any capture failure means: time it eagerly instead
-        reason = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); eager"
+        replay = capture_cuda_graph(fn, x)
+    except Exception as exc:  # noqa: BLE001 - any other capture failure means: time it eagerly instead
         synchronize(plan.device)
+        if is_out_of_memory(exc):
+            raise
+        reason = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); eager"
         return measure(lambda: fn(x), plan.device, 1, plan.repeats, plan.seconds_per_point), reason
     return measure(replay, plan.device, 1, plan.repeats, plan.seconds_per_point), None
 
@@ -239,24 +244,30 @@ def _oom_note(ooms: list) -> str | None:
     return "out of memory at batch " + ", ".join(str(b) for b, _ in ooms) + f" ({ooms[-1][1]})"
 
 
+def _timed_row(point: Point, fn: Callable, model, batch: int, plan: Plan):
+    """(timing, note, graphed) for one batch: replayed as a CUDA graph with --cuda-graphs, else eager."""
+    if plan.cuda_graphs:
+        timing, fallback = time_batch_graphed(fn, model, point.resolution, batch, plan)
+        return timing, fallback, fallback is None
+    return time_batch(fn, model, point.resolution, batch, plan), None, False
+
+
 def throughput_row(point: Point, fn: Callable, model, start_batch: int, plan: Plan) -> dict:
-    batch, timing, ooms = largest_batch_timing(lambda b: time_batch(fn, model, point.resolution, b, plan),
+    batch, result, ooms = largest_batch_timing(lambda b: _timed_row(point, fn, model, b, plan),
                                                start_batch)
-    if timing is None:
+    if result is None:
         return point.row("throughput", 1, status="oom", note=_oom_note(ooms))
-    return point.row("throughput", batch, timing, note=_oom_note(ooms))
+    timing, fallback, graphed = result
+    note = "; ".join(n for n in (_oom_note(ooms), fallback) if n) or None
+    return point.row("throughput", batch, timing, note=note, cuda_graph=graphed)
 
 
 def latency_row(point: Point, fn: Callable, model, plan: Plan) -> dict:
-    if plan.cuda_graphs:
-        result, error = run_unless_oom(lambda: time_batch_one_graphed(fn, model, point.resolution, plan))
-        timing, fallback = result if result is not None else (None, None)
-    else:
-        timing, error = run_unless_oom(lambda: time_batch(fn, model, point.resolution, 1, plan))
-        fallback = None
-    if timing is None:
+    result, error = run_unless_oom(lambda: _timed_row(point, fn, model, 1, plan))
+    if result is None:
         return point.row("latency", 1, status="oom", note=error)
-    return point.row("latency", 1, timing, note=fallback, cuda_graph=plan.cuda_graphs and fallback is None)
+    timing, fallback, graphed = result
+    return point.row("latency", 1, timing, note=fallback, cuda_graph=graphed)
 
 
 # -- one model over every resolution ------------------------------------------------------------------------------
@@ -382,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
     if plan.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms chosen during warm-up, per shape
     meta = {**environment(plan.device), **plan.describe(), "ssd_backend_used": _ssd_backend_used(plan)}
+    if plan.device.type == "cuda":
+        meta["matmul_tflops"] = round(matmul_tflops(plan.device, plan.dtype), 1)
     if plan.device.type == "cuda" and meta["ssd_backend_used"] == "torch":
         print("warning: MatMamba runs the PyTorch SSD on CUDA (mamba-ssm not importable?): slower, and its T x T "
               "chunk matrices need far more memory than the Triton kernels", flush=True)

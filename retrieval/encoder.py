@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from index.sources import UnreadableImage, decode_image
+from vision_model.graphs import GraphedEmbed
 from vision_model.preprocess import normalize_uint8
 
 from .submodel import Submodel
@@ -66,6 +67,7 @@ class QueryEncoder:
     def __init__(self, model, batch_size: int = 256):
         self.model = model.eval()
         self.batch_size = batch_size
+        self._embed = GraphedEmbed(self.model)  # on CUDA, small batches replay captured graphs (launch-bound)
 
     @property
     def config(self):
@@ -99,7 +101,7 @@ class QueryEncoder:
         with torch.inference_mode():
             for start in range(0, len(pixels), self.batch_size):
                 batch = pixels[start:start + self.batch_size].to(self.device)
-                chunks.append(F.normalize(self.model.embed(batch, widths=widths).float(), dim=-1).cpu().numpy())
+                chunks.append(F.normalize(self._embed(batch, widths).float(), dim=-1).cpu().numpy())
         if not chunks:
             return np.zeros((0, self.config.d_model), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)

@@ -231,7 +231,8 @@ def test_imagefolder_resume_is_bit_identical(tree, tmp_path, monkeypatch):
                     reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_resume_is_bit_identical(tmp_path, monkeypatch):
     args = ["--limit", "256", "--epochs", "2", "--batch-size", "64", "--ckpt-every", "3", "--set", "patch_size=7",
-            *TINY]  # 4 steps an epoch; the config's drop-path stays on (the RNG state is checkpointed)
+            "--mnm-samples", "1", *TINY]  # 4 steps an epoch; the config's drop-path stays on (the RNG state is
+    # checkpointed), and each step's Mix'n'Match widths come from its step number
     assert _train(tmp_path / "whole", *args) == 0
     _kill_at(monkeypatch, 5)
     with pytest.raises(_Killed):
@@ -251,3 +252,14 @@ def test_bad_data_specs_are_clear_errors(tmp_path, capsys):
     assert _train(tmp_path / "c", "--val-data", f"imagefolder:{tmp_path}") == 1
     err = capsys.readouterr().err
     assert "unsupported training data 'cifar'" in err and "does not exist" in err and "--val-data is for" in err
+
+
+def test_mix_n_match_sampling_draws_trained_widths_per_layer_reproducibly():
+    config = vision_model.get_config("matmamba_vision_fmnist")
+    tc = train_module.TrainConfig(mnm_samples=2)
+    draws = [train_module.mnm_widths(config, tc, step, k) for step in range(50) for k in range(2)]
+    assert all(len(w) == config.depth and set(w) <= {192, 96, 48, 24} for w in draws)
+    assert len({tuple(w) for w in draws}) > 90  # per-layer choices, not a handful of uniform configurations
+    assert draws[7] == train_module.mnm_widths(config, tc, 3, 1)  # a function of (seed, step, k) alone
+    with pytest.raises(ValueError, match="needs --schedule all"):
+        train_module.train(train_module.TrainConfig(mnm_samples=1, schedule="cycle"))

@@ -65,6 +65,54 @@ def test_chunked_ssd_gradients_equal_recurrence_float64():
         assert rel_err(g_chk, g_ref) < 1e-10
 
 
+# -- fused kernels --------------------------------------------------------------------------------------------
+
+CONV_CHECK = """
+import torch
+from vision_model.conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
+torch.manual_seed(0)
+worst = 0.0
+for b, l, c, k, with_bias in [(2, 197, 80, 4, True), (3, 50, 300, 4, False), (1, 1, 17, 3, True), (2, 70, 130, 2, True)]:
+    wide = torch.randn(b, l, c + 40)
+    x = wide[..., 10:10 + c]  # a strided view, as the block's x|B|C slice of in_proj's output is
+    w, bias = torch.randn(c, 1, k), (torch.randn(c) if with_bias else None)
+    y = causal_conv1d_silu_triton(x, w, bias, block_l=16, block_c=64)
+    ref = causal_conv1d_silu_ref(x, w, bias)
+    assert y.shape == ref.shape and y.is_contiguous()
+    worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+print(worst)
+"""
+
+
+def test_triton_causal_conv_equals_reference_in_the_interpreter():
+    """The fused conv kernel, run by Triton's CPU interpreter, against F.conv1d: strided input, several tile
+    edges (l and c not multiples of the blocks), sequences shorter than the kernel, with and without bias."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined, so a fresh process
+    done = subprocess.run([sys.executable, "-c", CONV_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-6
+
+
+def test_residual_fused_block_loop_equals_plain_blocks():
+    """Inference runs the blocks with the residual add folded into the next norm; training with drop-path runs
+    them one by one. Same numbers either way (bit for bit on the PyTorch backend)."""
+    model = small_model(drop_path_rate=0.1)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        fused = model.embed(x, widths=[64, 8, 24], backend="torch")  # eval: fused loop
+        tokens = model._patch_tokens(x) + model.pos_embed
+        tokens = torch.cat([tokens, model.cls_token.expand(3, -1, -1)], dim=1)
+        for blk, w in zip(model.blocks, [64, 8, 24]):
+            tokens = blk(tokens, model.config.inner_of(w), "torch")  # eval: drop-path is the identity
+        plain = model.norm(tokens[:, -1])
+    assert torch.equal(fused, plain)
+
+
 # -- nesting ----------------------------------------------------------------------------------------------------
 
 def standalone_from_slices(model, widths):
@@ -173,6 +221,18 @@ def test_inference_cache_sees_fused_optimizer_steps_between_train_and_eval():
         assert torch.allclose(cached, fresh, atol=1e-6)
 
 
+def test_inference_pads_in_proj_rows_to_a_multiple_of_8_without_changing_outputs():
+    model = small_model()
+    x = torch.randn(2, 1, 16, 16)
+    widths = [8, 16, 64]  # in_proj rows 2*16+32+2 = 66, 2*32+32+4 = 100, 2*128+32+16 = 304
+    with torch.no_grad():
+        cached = model.embed(x, widths=widths)
+        rows = [blk.mixer._weights_for(model.config.inner_of(w))["in_proj.weight"].shape[0]
+                for blk, w in zip(model.blocks, widths)]
+    assert rows == [72, 104, 304]
+    assert torch.allclose(model.embed(x, widths=widths), cached, atol=1e-6)  # grad mode: the unpadded slices
+
+
 def test_inference_weight_cache_follows_parameter_updates():
     model = small_model()
     x = torch.randn(2, 1, 16, 16)
@@ -224,6 +284,13 @@ def test_timm_registry_creates_every_config():
         assert name in timm.list_models("matmamba_vision*")
     model = timm.create_model("matmamba_vision_fmnist", depth=2, num_classes=3)
     assert model.config.depth == 2 and model.head.out_features == 3
+
+
+def test_patch_tokens_as_a_gemm_equal_timm_patch_embed_conv():
+    model = create_model("matmamba_vision_35m", depth=1, patch_size=8, img_size=32).eval()
+    x = torch.randn(2, 3, 24, 40)  # not square, not the trained size
+    with torch.no_grad():
+        assert torch.allclose(model._patch_tokens(x), model.patch_embed(x), atol=1e-5, rtol=1e-5)
 
 
 def test_position_embedding_interpolates_to_other_resolutions():

@@ -1,7 +1,9 @@
-"""SSD backends behind one call: pure PyTorch (any device, autograd) or mamba-ssm's Triton kernels (CUDA).
+"""The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
-`ssd_scan(..., backend="auto")` takes the Triton kernels for CUDA tensors when mamba-ssm imports, else PyTorch.
-The choice is made per call, so two models (or two calls) in one process never fight over a global switch.
+backend="triton" runs mamba-ssm's chunked SSD scan and gated RMSNorm, and (at inference) our fused causal
+conv + SiLU from `vision_model.conv`; backend="torch" runs the readable PyTorch definitions of all three.
+`backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
+so two models (or two calls) in one process never fight over a global switch.
 """
 from __future__ import annotations
 
@@ -14,23 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 from .ssd import ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 @functools.lru_cache(maxsize=None)
-def triton_chunk_scan():
-    """mamba_ssm's fused chunked scan, or None when mamba-ssm (or its Triton) is not importable."""
+def _mamba_ssm_op(module: str, name: str):
+    """mamba_ssm.ops.triton.<module>.<name>, or None when mamba-ssm (or its Triton) is not importable."""
     try:
         # mamba_ssm 2.3.2's package __init__ imports the Mamba-1 CUDA extension unconditionally; Mamba2's Triton
         # path never uses it, so stand in an empty module when the real one is not installed.
         if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
             sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return getattr(importlib.import_module(f"mamba_ssm.ops.triton.{module}"), name)
     except Exception:  # ImportError, or Triton failing to initialise without a GPU
         return None
-    return mamba_chunk_scan_combined
+
+
+def triton_chunk_scan():
+    """mamba_ssm's fused chunked scan, or None when mamba-ssm is not importable."""
+    return _mamba_ssm_op("ssd_combined", "mamba_chunk_scan_combined")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -51,8 +58,40 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`."""
     backend = resolve_backend(backend, x.device)
     if backend == "triton":
-        # the kernels accept some strided layouts but not every one; conv outputs arrive as transposed views
-        x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+        # the kernels read any layout whose last dim is dense (the split views of the conv output); others copy
+        x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
         return triton_chunk_scan()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
     dt = F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)
+
+
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "auto") -> Tensor:
+    """silu(causal depthwise conv1d) of x (b, l, c) with weight (c, 1, k): fused Triton kernel at inference."""
+    backend = resolve_backend(backend, x.device)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if backend == "triton" and not needs_grad:  # the Triton kernel has no backward; training takes the reference
+        return causal_conv1d_silu_triton(x, weight, bias)
+    return causal_conv1d_silu_ref(x, weight, bias)
+
+
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
+    """RMSNorm(y * silu(z)) * weight over the last (possibly nested) dim, computed in fp32, returned in y's dtype."""
+    backend = resolve_backend(backend, y.device)
+    if backend == "triton":
+        rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
+        return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
+    dtype = y.dtype
+    y = y.float() * F.silu(z.float())
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual): a pre-norm block's residual add and norm in one pass."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
+        rms_norm_fn = _mamba_ssm_op("layer_norm", "rms_norm_fn")
+        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True)
+    summed = x if residual is None else x + residual
+    return F.rms_norm(summed, (summed.shape[-1],), weight, eps), summed

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
@@ -61,6 +62,14 @@ class MatMambaVision(nn.Module):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
 
+    def _patch_tokens(self, x: Tensor) -> Tensor:
+        """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the patch embedding's strided conv computed as
+        one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; see docs/notes.md, section 6)."""
+        b, c, H, W = x.shape
+        p, proj = self.config.patch_size, self.patch_embed.proj
+        patches = x.reshape(b, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+
     def embed(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
               backend: str | None = None) -> Tensor:
         """(b, c, h, w) images -> (b, d_model) final-norm CLS features: the retrieval embedding."""
@@ -75,12 +84,18 @@ class MatMambaVision(nn.Module):
     def _embed_inners(self, x: Tensor, inners: Sequence[int | None], backend: str) -> Tensor:
         """Embed with an explicit inner size per block (None: the block's own full size)."""
         p = self.config.patch_size
-        tokens = self.patch_embed(x)
+        tokens = self._patch_tokens(x)
         tokens = tokens + self._pos_embed((x.shape[-2] // p, x.shape[-1] // p))
         # the scan is causal, so the CLS token goes last to see every patch
         tokens = torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
-        for blk, inner in zip(self.blocks, inners):
-            tokens = blk(tokens, inner, backend)
+        if self.training and self.config.drop_path_rate > 0:
+            for blk, inner in zip(self.blocks, inners):
+                tokens = blk(tokens, inner, backend)
+        else:
+            hidden, residual = tokens, None
+            for blk, inner in zip(self.blocks, inners):
+                hidden, residual = blk.forward_fused(hidden, residual, inner, backend)
+            tokens = hidden + residual
         return self.norm(tokens[:, -1])
 
     def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,

@@ -26,12 +26,13 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of the KL to the full level's soft outputs (0: off)
     distill_temperature: float = 2.0
     align: float = 0.0  # weight of 1 - cos(level embedding, full-level embedding): keeps the retrieval space shared
+    mnm_samples: int = 0  # extra passes per step at random per-layer widths ("all" schedule), for Mix'n'Match
     epochs: int = 40
     batch_size: int = 256
     lr: float = 2e-3
@@ -271,13 +273,23 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx) -> dict[int, float]:
-    """Forward+backward at `levels` on one micro-batch (gradients accumulate); returns each level's loss."""
+def mnm_widths(config, tc: TrainConfig, step: int, k: int) -> list[int]:
+    """The k-th random Mix'n'Match configuration of a step: each layer at one of the trained widths. Drawn from the
+    step number alone, so a resumed run draws the same ones."""
+    rng = random.Random(f"{tc.seed}/{step}/{k}")
+    return [config.d_model // rng.choice(tc.levels) for _ in range(config.depth)]
+
+
+def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
+                 mnm: Sequence[Sequence[int]] = ()) -> dict:
+    """Forward+backward at `levels`, then at each Mix'n'Match `mnm` widths, on one micro-batch (gradients
+    accumulate); returns each level's loss (and the mean loss of the Mix'n'Match passes under "mnm")."""
     losses, teacher, teacher_emb = {}, None, None
-    scale = 1.0 / len(tc.levels)
-    for level in levels:
+    scale = 1.0 / (len(tc.levels) + tc.mnm_samples)
+    passes = [(level, dict(level=level)) for level in levels] + [("mnm", dict(widths=list(w))) for w in mnm]
+    for level, kwargs in passes:
         with amp_ctx:
-            logits, emb = model(x, level=level, return_embedding=True)
+            logits, emb = model(x, **kwargs, return_embedding=True)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
             if tc.distill > 0 and level != 1 and teacher is not None:
                 T = tc.distill_temperature
@@ -289,7 +301,10 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx) 
         if level == 1:
             teacher, teacher_emb = logits.detach().float(), emb.detach().float()
         (loss * scale).backward()
-        losses[level] = loss.item()
+        if level == "mnm":
+            losses["mnm"] = losses.get("mnm", 0.0) + loss.item() / len(mnm)
+        else:
+            losses[level] = loss.item()
     return losses
 
 
@@ -341,6 +356,8 @@ def _is_main() -> bool:
 
 
 def train(tc: TrainConfig) -> dict:
+    if tc.mnm_samples and tc.schedule != "all":
+        raise ValueError("--mnm-samples needs --schedule all (each Mix'n'Match pass runs on the whole micro-batch)")
     ddp = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -422,7 +439,8 @@ def train(tc: TrainConfig) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             if tc.schedule == "all":
-                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx)
+                mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
+                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm)
             elif tc.schedule == "cycle":  # micro-batch j runs only level j
                 losses = {}
                 for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
@@ -452,7 +470,7 @@ def train(tc: TrainConfig) -> dict:
                 if step % 50 == 0:
                     rec = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
                            "images_per_s": images_seen / max(wall, 1e-9),
-                           **{f"loss_D/{lv}": v for lv, v in losses.items()}}
+                           **{("loss_mnm" if lv == "mnm" else f"loss_D/{lv}"): v for lv, v in losses.items()}}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                 if step % tc.ckpt_every == 0 or step == total_steps:
@@ -526,6 +544,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=d.distill, help="self-distillation weight (0: off)")
     p.add_argument("--align", type=float, default=d.align,
                    help="weight of the cosine loss pulling each level's embedding to the full level's (0: off)")
+    p.add_argument("--mnm-samples", type=int, default=d.mnm_samples,
+                   help="with --schedule all: this many extra passes per step, each at random per-layer widths "
+                        "drawn from --levels (trains the Mix'n'Match configurations, not only uniform ones)")
     for name in ("epochs", "batch_size", "ckpt_every", "eval_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "erase_prob"):
@@ -553,7 +574,8 @@ def run(args) -> int:
     tc = TrainConfig(model=args.model, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
                      val_data=args.val_data, val_fraction=args.val_fraction, workers=args.workers,
                      out=args.out, levels=tuple(int(v) for v in args.levels.split(",")), schedule=args.schedule,
-                     distill=args.distill, align=args.align, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     distill=args.distill, align=args.align, mnm_samples=args.mnm_samples, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                      clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
                      erase_prob=args.erase_prob, seed=args.seed, ckpt_every=args.ckpt_every,
