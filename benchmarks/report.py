@@ -19,7 +19,8 @@ COLUMNS_HELP = """\
 - **mode**: `throughput` rows run the largest power-of-two batch that fit (up to the batch cap); `latency` rows
   run batch 1 (`+graph`: the call replayed as one CUDA graph, `--cuda-graphs`).
 - **images/s**: batch / median seconds per call.  **latency ms**: median milliseconds per call (per batch).
-- **peak GiB**: `torch.cuda.max_memory_allocated` over the timed calls (weights included); CPU runs leave it empty.
+- **peak GiB**: `torch.cuda.max_memory_allocated` over the timed calls (weights included; for `+graph` rows, over the
+  capture too, where the graph's activations are allocated); CPU runs leave it empty.
 - **GFLOPs/img**: analytic FLOPs (2 x MACs) per image, encoder only (no classifier head).
 - **TFLOP/s**: GFLOPs/img x images/s / 1000: the arithmetic rate the encoder actually achieved.  **% of matmul**
   (GPU): that rate over `matmul_tflops`, an 8192^3 GEMM in the same dtype timed in the same run.

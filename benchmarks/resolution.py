@@ -190,6 +190,8 @@ def time_batch_graphed(fn: Callable, model, resolution: int, batch: int, plan: P
     x = _images(model, resolution, batch, plan)
     for _ in range(max(plan.warmup, 1)):  # autotuning must be over before capture
         fn(x)
+    if plan.device.type == "cuda":  # replays allocate nothing: the activations live in the pool made at capture
+        torch.cuda.reset_peak_memory_stats(plan.device)
     try:
         replay = capture_cuda_graph(fn, x)
     except Exception as exc:  # noqa: BLE001 - any other capture failure means: time it eagerly instead
@@ -198,7 +200,11 @@ def time_batch_graphed(fn: Callable, model, resolution: int, batch: int, plan: P
             raise
         reason = f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}); eager"
         return measure(lambda: fn(x), plan.device, 1, plan.repeats, plan.seconds_per_point), reason
-    return measure(replay, plan.device, 1, plan.repeats, plan.seconds_per_point), None
+    capture_peak = torch.cuda.max_memory_allocated(plan.device) if plan.device.type == "cuda" else None
+    timing = measure(replay, plan.device, 1, plan.repeats, plan.seconds_per_point)
+    if capture_peak is not None:
+        timing.peak_mem_bytes = max(timing.peak_mem_bytes or 0, capture_peak)
+    return timing, None
 
 
 def largest_batch_timing(run_batch: Callable[[int], Timing], start: int) -> tuple[int | None, Timing | None, list]:

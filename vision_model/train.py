@@ -338,7 +338,7 @@ def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_li
 # -- checkpoints -----------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: TrainConfig,
-                    unreadable: dict[str, str] | None = None) -> None:
+                    unreadable: dict[str, str] | None = None, train_seconds: float = 0.0) -> None:
     tmp = path.with_name(path.name + ".tmp")
     device = next(model.parameters()).device
     # the global RNG draws the drop-path masks: saved so that a resumed run draws what an uninterrupted one would
@@ -347,7 +347,7 @@ def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: Tra
         rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total_steps,
                 "train_config": asdict(tc), "class_names": list(model.config.class_names), "rng": rng,
-                "unreadable": dict(unreadable or {})}, tmp)
+                "unreadable": dict(unreadable or {}), "train_seconds": train_seconds}, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
@@ -402,6 +402,7 @@ def train(tc: TrainConfig) -> dict:
                             fused=device.type == "cuda")
     ckpt_path = out / "checkpoint.pt"
     step, planned = 0, False  # planned: total_steps already fitted to --max-minutes
+    earlier_seconds = 0.0  # training time of the runs this one resumes
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if "class_names" in state and tuple(state["class_names"]) != tuple(config.class_names):
@@ -415,6 +416,7 @@ def train(tc: TrainConfig) -> dict:
             if "cuda" in state["rng"] and device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         total_steps = state.get("total_steps", total_steps)
+        earlier_seconds = state.get("train_seconds", 0.0)
         data.restore_unreadable(state.get("unreadable", {}))  # met before the interruption: still reported
         planned = True
         if _is_main():
@@ -474,7 +476,8 @@ def train(tc: TrainConfig) -> dict:
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                 if step % tc.ckpt_every == 0 or step == total_steps:
-                    save_checkpoint(ckpt_path, model, opt, step, total_steps, tc, data.unreadable())
+                    save_checkpoint(ckpt_path, model, opt, step, total_steps, tc, data.unreadable(),
+                                    earlier_seconds + wall)
             if step % steps_per_epoch == 0 or step == total_steps or out_of_time():
                 break
             t0 = time.time()
@@ -502,7 +505,8 @@ def train(tc: TrainConfig) -> dict:
     result = {}
     if _is_main():
         acc = data.evaluate(model, eval_levels, amp_ctx)
-        result = {data.eval_key: acc, "train_seconds_this_run": time.time() - t_start, "steps": step,
+        result = {data.eval_key: acc, "train_seconds_this_run": time.time() - t_start,
+                  "train_seconds_total": earlier_seconds + wall, "steps": step,
                   "total_steps": total_steps, "epochs_done": step / steps_per_epoch,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                   "torch": torch.__version__, "world_size": world}
