@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="writes bench.json, bench.md and *.png here (default runs/bench)")
     parser.add_argument("--quick", action="store_true", help="two-layer models at 32 and 64 px: a smoke test")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay every timed call (throughput and batch-1 latency, all models alike) as a CUDA graph: no host launch overhead; falls back to eager where capture fails")
+                        help="replay every timed call (throughput and batch-1 latency, all models alike) as a CUDA "
+                             "graph: no host launch overhead; falls back to eager where capture fails")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each encoder, experimental (every new shape compiles, untimed: a much "
                              "longer run; MatMamba graph-breaks at its weight cache and the mamba-ssm kernels)")

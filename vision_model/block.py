@@ -105,7 +105,8 @@ class MatMamba2(nn.Module):
         w = self._weights_for(inner)
         h, N = inner // self.headdim, self.d_state
         zxbcdt = F.linear(u, w["in_proj.weight"])  # at inference it may carry zero padding rows after dt
-        z, xBC, dt = zxbcdt[..., :inner], zxbcdt[..., inner:2 * inner + 2 * N], zxbcdt[..., 2 * inner + 2 * N:][..., :h]
+        xbc_end = 2 * inner + 2 * N
+        z, xBC, dt = zxbcdt[..., :inner], zxbcdt[..., inner:xbc_end], zxbcdt[..., xbc_end:xbc_end + h]
         xBC = causal_conv1d_silu(xBC, w["conv1d.weight"], w["conv1d.bias"], backend)
         x, B, C = torch.split(xBC, [inner, N, N], dim=-1)
         A = -torch.exp(w["A_log"].float())
