@@ -198,6 +198,12 @@ def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None =
     model_dir = Path(model_dir) if model_dir is not None else vision_model.DEFAULT_MODEL_DIR
     model = vision_model.load_model(model_dir, device=device)
     config = model.config
+    # the controls load now, so a wrong folder fails in a second rather than after the whole evaluation
+    controls = [(Path(d), vision_model.load_model(d, device=device)) for d in control_models]
+    for control_dir, control in controls:
+        if control.config.d_model != config.d_model:
+            raise ValueError(f"control model {control_dir} embeds into {control.config.d_model} dimensions, the "
+                             f"database into {config.d_model}: it cannot even be searched with")
     encoder = QueryEncoder(model, batch_size=batch_size)
     database = _open_or_build_index(Path(index_dir), model_dir, limit_db, device, log) if index_dir is not None \
         else _encode_in_memory(encoder, limit_db, log)
@@ -230,22 +236,17 @@ def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None =
             reference_ids = ids[:, :10]
         records.append(record)
         log(_progress_line(record))
-    for control_dir in control_models:
-        record = _control(Path(control_dir), database, query_labels, n_relevant, reference_ids, batch_size,
-                          latency_queries, device)
+    for control_dir, control in controls:
+        record = _control(control_dir, control, database, query_labels, n_relevant, reference_ids, batch_size,
+                          latency_queries)
         records.append(record)
         log(_progress_line(record))
     return records
 
 
-def _control(control_dir: Path, database: Database, query_labels: np.ndarray, n_relevant: np.ndarray,
-             reference_ids: np.ndarray, batch_size: int, latency_queries: int, device: str) -> dict:
+def _control(control_dir: Path, model, database: Database, query_labels: np.ndarray, n_relevant: np.ndarray,
+             reference_ids: np.ndarray, batch_size: int, latency_queries: int) -> dict:
     """A separately trained encoder (its full width) as the query encoder against the full model's database."""
-    model = vision_model.load_model(control_dir, device=device)
-    dim = database.db.vectors.shape[1]
-    if model.config.d_model != dim:
-        raise ValueError(f"control model {control_dir} embeds into {model.config.d_model} dimensions, the database "
-                         f"into {dim}: it cannot even be searched with")
     encoder = QueryEncoder(model, batch_size=batch_size)
     pixels, _ = fashion_mnist_rows(model, "test", slice(0, len(query_labels)))
     setting = _plain(Submodel(level=1), model.config, "control")

@@ -373,6 +373,14 @@ def test_eval_cli_end_to_end(index_dir, model_dir, other_model_dir, tmp_path, ca
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_refuses_a_wrong_control_folder_before_encoding_anything(model_dir, tmp_path, capsys):
+    rc = main(["eval", "--json", str(tmp_path / "r.json"), "--model", str(model_dir),
+               "--control-model", str(tmp_path / "no_model_here")])
+    captured = capsys.readouterr()
+    assert rc != 0 and "no_model_here" in captured.err and "encoding" not in captured.out
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_demo_runs_on_a_small_index(model_dir, tmp_path, capsys):
     rc = main(["demo", "--model", str(model_dir), "--index", str(tmp_path / "idx"), "--limit", "120",
                "--queries", "30", "--examples", "1", "--k", "3"])

@@ -46,6 +46,8 @@ def interpolate_line(points: list[tuple[float, float]], x: float) -> float:
 
 def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") -> dict:
     model = from_pretrained(model_dir, device=device)
+    # loaded before the long evaluation, so a wrong folder fails at once
+    independent_models = [(folder, from_pretrained(folder, device=device)) for folder in independent]
     cfg = model.config
     x, y = load_fashion_mnist("test")
     trained = [cfg.d_model // lv for lv in cfg.levels]
@@ -66,8 +68,7 @@ def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") ->
         rows.append({"setting": name, "widths": ws, "trained": False, "top1": acc[name], "mflops": c.mflops,
                      "params_m": c.params / 1e6, "line_top1": on_line, "above_line": acc[name] >= on_line})
     indep = []
-    for folder in independent:
-        m = from_pretrained(folder, device=device)
+    for folder, m in independent_models:
         a = evaluate(m, x, y, m.config, device, levels=[1])["D"]
         c = submodel_cost(m.config, level=1)
         level = cfg.inner_dim // m.config.inner_dim
