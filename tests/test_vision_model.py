@@ -17,7 +17,7 @@ from vision_model.ssd import ssd_chunked, ssd_recurrent
 
 # a small config that still has every moving part: several heads per level, more than one chunk
 SMALL = dict(d_model=64, depth=3, d_state=16, headdim=8, chunk_size=8, img_size=16, patch_size=4,
-             drop_path_rate=0.0)
+             drop_path_rate=0.0, stem="patch")
 
 
 def small_model(**kw) -> vision_model.MatMambaVision:
@@ -317,6 +317,37 @@ def test_cost_model_params_equal_numel_of_touched_weights(widths):
     widths = widths or [64] * 3
     touched = sum(t.numel() for t in model.submodel_state_dict(widths=widths).values())
     assert submodel_cost(model.config, widths=widths).params == touched
+
+
+def test_conv_stem_tokens_cost_and_round_trip(tmp_path):
+    """The conv stem (3x3 stride-2 convs, BatchNorm, GELU, 1x1 projection): the same token grid as the patch stem,
+    parameters and FLOPs as the cost model says (FLOPs counted by torch's FlopCounterMode), every granularity
+    embeds, BatchNorm statistics survive a save/load, and a non-power-of-2 patch is refused."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vision_model.cost import stem_cost
+    model = small_model(stem="conv")
+    assert model.config.stem_channels == (16, 32) and not hasattr(model, "patch_embed")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert model._patch_tokens(x).shape == (2, 16, 64)
+        with FlopCounterMode(display=False) as counter:
+            model.stem(x[:1])
+    cost = stem_cost(model.config, 16)
+    assert cost.params == sum(p.numel() for p in model.stem.parameters())
+    assert cost.flops == counter.get_total_flops()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 1, 16, 16))  # moves the BatchNorm running statistics off their initial values
+    model.eval()
+    embs = {lv: model.embed(x, level=lv) for lv in model.config.levels}
+    assert all(e.shape == (2, 64) and torch.isfinite(e).all() for e in embs.values())
+    vision_model.save_pretrained(model, tmp_path, dtype=None)
+    loaded = vision_model.load_model(tmp_path)
+    assert loaded.config.stem == "conv"
+    assert torch.allclose(loaded.embed(x, level=2), embs[2], atol=1e-6)
+    assert loaded.embed(torch.randn(1, 1, 24, 24)).shape == (1, 64)  # other resolutions: interpolated positions
+    with pytest.raises(ValueError, match="power of 2"):
+        get_config("matmamba_vision_fmnist", stem="conv", patch_size=7)
 
 
 def test_cost_model_flops_scale_with_width_and_resolution():

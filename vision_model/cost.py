@@ -48,6 +48,22 @@ def _layer_flops(cfg: MatMambaVisionConfig, inner: int, seqlen: int) -> int:
     return proj + conv + ssd_flops(seqlen, inner, N, cfg.chunk_size)
 
 
+def stem_cost(cfg: MatMambaVisionConfig, img_size: int) -> Cost:
+    """Parameters and FLOPs of the stem (patch projection, or the conv stem's layers and 1x1 projection)."""
+    d, p, c = cfg.d_model, cfg.patch_size, cfg.in_chans
+    patches = (img_size // p) ** 2
+    if cfg.stem != "conv":
+        return Cost(params=c * p * p * d + d, flops=2 * patches * c * p * p * d)
+    params = flops = 0
+    size = img_size
+    for cout in cfg.stem_channels:  # 3x3 stride-2 conv (no bias) + BatchNorm weight and bias
+        size = (size + 1) // 2
+        params += c * cout * 9 + 2 * cout
+        flops += 2 * size * size * c * cout * 9
+        c = cout
+    return Cost(params=params + c * d + d, flops=flops + 2 * patches * c * d)
+
+
 def submodel_cost(cfg: MatMambaVisionConfig, level: int | None = None, widths: Sequence[int] | None = None,
                   img_size: int | None = None, include_head: bool = True) -> Cost:
     """Parameters touched and FLOPs per image of the submodel at `img_size` (default: the trained size)."""
@@ -56,11 +72,12 @@ def submodel_cost(cfg: MatMambaVisionConfig, level: int | None = None, widths: S
     d, p = cfg.d_model, cfg.patch_size
     patches = (img_size // p) ** 2
     seqlen = patches + 1  # + CLS suffix
-    params = (cfg.in_chans * p * p * d + d  # patch embed
+    stem = stem_cost(cfg, img_size)
+    params = (stem.params
               + cfg.grid_size ** 2 * d + d  # position embedding, CLS token
               + sum(_layer_params(cfg, i) for i in inners)
               + d)  # final norm
-    flops = 2 * patches * cfg.in_chans * p * p * d + sum(_layer_flops(cfg, i, seqlen) for i in inners)
+    flops = stem.flops + sum(_layer_flops(cfg, i, seqlen) for i in inners)
     if include_head:
         params += d * cfg.num_classes + cfg.num_classes
         flops += 2 * d * cfg.num_classes

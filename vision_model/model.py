@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
 from .block import Block
@@ -25,8 +25,14 @@ class MatMambaVision(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.ssd_backend = ssd_backend
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model,
-                                      strict_img_size=False)
+        if cfg.stem == "conv":
+            chans = (cfg.in_chans, *cfg.stem_channels)
+            self.stem = nn.Sequential(
+                *(ConvNormAct(cin, cout, 3, stride=2, act_layer=nn.GELU) for cin, cout in zip(chans, chans[1:])),
+                nn.Conv2d(chans[-1], cfg.d_model, 1))
+        else:
+            self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model,
+                                          strict_img_size=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2, cfg.d_model))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
@@ -63,8 +69,10 @@ class MatMambaVision(nn.Module):
         return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
 
     def _patch_tokens(self, x: Tensor) -> Tensor:
-        """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the patch embedding's strided conv computed as
-        one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; see docs/notes.md, section 6)."""
+        """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the conv stem, or the patch embedding's strided
+        conv computed as one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; docs/notes.md, 6)."""
+        if self.config.stem == "conv":
+            return self.stem(x).flatten(2).transpose(1, 2)
         b, c, H, W = x.shape
         p, proj = self.config.patch_size, self.patch_embed.proj
         patches = x.reshape(b, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)

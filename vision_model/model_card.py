@@ -44,6 +44,13 @@ def interpolate_line(points: list[tuple[float, float]], x: float) -> float:
     raise ValueError(f"{x} outside the trained range")
 
 
+def config_differences(independent, nested) -> dict:
+    """Config fields (other than the inner size that defines it) where an independent model differs from the nested
+    one: {field: [independent value, nested value]}, so the card never calls a different recipe the same."""
+    a, b = independent.to_dict(), nested.to_dict()
+    return {k: [a[k], b[k]] for k in a if k not in ("d_inner", "name") and a[k] != b.get(k)}
+
+
 def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") -> dict:
     model = from_pretrained(model_dir, device=device)
     # loaded before the long evaluation, so a wrong folder fails at once
@@ -76,10 +83,12 @@ def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") ->
         indep.append({"size": f"D/{level}", "d_inner": m.config.inner_dim, "top1": a, "mflops": c.mflops,
                       "params_m": c.params / 1e6, "nested_top1": nested["top1"],
                       "nested_minus_independent": nested["top1"] - a,
-                      "train": m.meta.get("result", {}), "epochs": m.meta.get("result", {}).get("epochs_done")})
+                      "train": m.meta.get("result", {}), "epochs": m.meta.get("result", {}).get("epochs_done"),
+                      "config_differences": config_differences(m.config, cfg)})
     return {"model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir), "rows": rows,
             "independent": indep, "eval_seconds": time.time() - t0, "eval_device": device,
-            "eval_machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads" if device == "cpu" else device}
+            "eval_machine": (f"{platform.machine()} CPU x{torch.get_num_threads()} threads" if device == "cpu"
+                             else torch.cuda.get_device_name(device) if str(device).startswith("cuda") else device)}
 
 
 def plot(card: dict, path: Path) -> None:
@@ -161,11 +170,14 @@ def markdown(card: dict, config: dict, meta: dict) -> str:
         if r["trained"]:
             lines.append(f"| {r['setting']} | {r['params_m']:.2f} | {r['mflops']:.1f} | {r['top1']:.2f} |")
     if card["independent"]:
-        lines += ["", "## Nested vs independently trained (same recipe; epochs as each run reached)", "",
-                  "| size | independent top-1 | epochs | nested top-1 | nested − independent |", "|---|---|---|---|---|"]
+        lines += ["", "## Nested vs independently trained (epochs as each run reached; config as the nested model's "
+                  "unless listed)", "",
+                  "| size | independent top-1 | epochs | config differences (independent / nested) | nested top-1 | "
+                  "nested − independent |", "|---|---|---|---|---|---|"]
         for r in sorted(card["independent"], key=lambda r: -r["mflops"]):
             ep = f"{r['epochs']:.1f}" if r["epochs"] else "?"
-            lines.append(f"| {r['size']} | {r['top1']:.2f} | {ep} | {r['nested_top1']:.2f} | "
+            diff = ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in r.get("config_differences", {}).items()) or "none"
+            lines.append(f"| {r['size']} | {r['top1']:.2f} | {ep} | {diff} | {r['nested_top1']:.2f} | "
                          f"{r['nested_minus_independent']:+.2f} |")
     lines += ["", "## Mix'n'Match (per-layer widths, never trained explicitly)", "",
               "![accuracy vs FLOPs](mixnmatch.png)", "",
