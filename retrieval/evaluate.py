@@ -250,7 +250,9 @@ def _control(control_dir: Path, model, database: Database, query_labels: np.ndar
     encoder = QueryEncoder(model, batch_size=batch_size)
     pixels, _ = fashion_mnist_rows(model, "test", slice(0, len(query_labels)))
     setting = _plain(Submodel(level=1), model.config, "control")
-    setting.name = f"control: {model.config.name} ({control_dir.name})"
+    # train runs save to <run>/model, so the run folder is what tells controls apart
+    setting.name = (f"control: separately trained {model.config.name}, d_inner {model.config.inner_dim} "
+                    f"({'/'.join(control_dir.resolve().parts[-2:])})")
     record, _ = _measure(setting, database, EmbeddingCache(encoder, pixels), query_labels, n_relevant, reference_ids,
                          encoder, latency_queries)
     record["submodels"] = [str(control_dir)]
