@@ -15,14 +15,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import vision_model
 from vision_model.data import load_fashion_mnist
+from retrieval import metrics  # numpy only: no FAISS needed
 from vision_model.preprocess import normalize_uint8
 
+from .measure import synchronize
 from .report import plt
 
 
@@ -40,12 +41,10 @@ def embed(model, images: torch.Tensor, resolution: int, level: int, device: torc
     model.embed(_resized_input(model, images[:batch_size], resolution).to(device), level=level)  # warm-up: autotune
     for start in range(0, len(images), batch_size):
         x = _resized_input(model, images[start:start + batch_size], resolution).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         e = model.embed(x, level=level)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         model_s += time.perf_counter() - t0
         out.append(F.normalize(e.float(), dim=-1))
     return torch.cat(out), len(images) / model_s
@@ -66,21 +65,21 @@ def measure(model_dir: Path | None, resolutions: list[int], levels: list[int] | 
     levels = levels or list(cfg.levels)
     db_images, db_labels = load_fashion_mnist("train")
     q_images, q_labels = load_fashion_mnist("test")
-    db_images, db_labels = db_images[:limit_db], db_labels[:limit_db].to(device)
-    q_images, q_labels = q_images[:limit_queries], q_labels[:limit_queries].to(device)
+    db_images, db_labels = db_images[:limit_db], db_labels[:limit_db].numpy()
+    q_images, q_labels = q_images[:limit_queries], q_labels[:limit_queries].numpy()
     records = []
     for res in resolutions:
         database, _ = embed(model, db_images, res, 1, device)
         reference = None
         for level in levels:
             queries, images_per_s = embed(model, q_images, res, level, device)
-            ids = nearest(queries, database, 10)
+            ids = nearest(queries, database, 10).cpu().numpy()
             if reference is None:
                 reference = ids
-            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), reference.tolist())])
+            recall = metrics.recall_at_k(ids, reference, 10)
             record = {"resolution": res, "level": level, "setting": "D" if level == 1 else f"D/{level}",
-                      "top1": float((db_labels[ids[:, 0]] == q_labels).float().mean() * 100),
-                      "recall@10": float(recall),
+                      "top1": 100 * metrics.top1_accuracy(metrics.labels_of(ids, db_labels), q_labels),
+                      "recall@10": recall,
                       "query_mflops": vision_model.submodel_cost(cfg, level=level, img_size=res).mflops,
                       "query_images_per_s": images_per_s, "queries": len(q_labels), "database": len(db_labels)}
             records.append(record)

@@ -15,33 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import time
 
 import timm
 import torch
 
 import vision_model.block as block_mod
+from benchmarks.measure import measure
 from vision_model import backends, create_model
 
 
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
-
-
-def timed(fn, warmup=2, repeats=10):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -139,7 +125,7 @@ def main() -> int:
                     for m in [model, *others.values()]:
                         set_chunk(m, desc.get("chunk", model.config.chunk_size))
                     with variant(**desc.get("flags", VARIANTS[-1][1])):
-                        s = timed(call, warmup=2 if rnd == 0 else 1, repeats=8)
+                        s = measure(call, dev, warmup=2 if rnd == 0 else 1, repeats=8).median_s
                     best[i] = min(best.get(i, s), s)
             for m in [model, *others.values()]:
                 set_chunk(m, model.config.chunk_size)
@@ -172,10 +158,10 @@ def main() -> int:
         with torch.inference_mode():
             for lv in (1, 8):
                 fn = lambda t: model.embed(t, level=lv)
-                eager = timed(lambda: fn(x), warmup=3, repeats=30)
+                eager = measure(lambda: fn(x), dev, warmup=3, repeats=30).median_s
                 try:
                     replay = capture_cuda_graph(fn, x)
-                    graphed = timed(replay, warmup=3, repeats=30)
+                    graphed = measure(replay, dev, warmup=3, repeats=30).median_s
                     err = rel(replay().float(), fn(x).float())
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     graphed, err = None, f"{type(exc).__name__}: {str(exc)[:200]}"
