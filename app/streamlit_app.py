@@ -25,6 +25,9 @@ GALLERY_COLUMNS = 8
 RESULT_COLUMNS = 6
 MAX_K = 50
 STAGES = ("decode", "encode", "search", "rerank")
+RERANK_CHOICES = ("all queries", "uncertain queries")
+GATE_CHOICES = {"label vote": "vote", "score margin": "margin"}  # the first is the default where labels exist
+DEFAULT_VOTE = 0.6  # retrieval.gate.DEFAULT_VOTE; this module imports retrieval lazily
 
 st.set_page_config(page_title="MatMamba search", page_icon="🔎", layout="wide",
                    initial_sidebar_state="expanded")
@@ -133,6 +136,7 @@ def sidebar(searcher):
     """The controls -> (submodel, funnel, adaptive, k, threshold, label ids, a description of the encoder choice)."""
     from retrieval.adaptive import Adaptive
     from retrieval.funnel import Funnel
+    from retrieval.gate import Gate
     from retrieval.submodel import Submodel
 
     full = Submodel(level=1)
@@ -160,11 +164,28 @@ def sidebar(searcher):
                                    "embedding (costs both encodes).")
         shortlist = st.slider("Shortlist size", 10, 1000, 100, step=10, key="shortlist",
                               disabled=not funnel_on)
+        rerank_uncertain = st.radio("Rerank", list(RERANK_CHOICES), key="rerank", horizontal=True,
+                                    disabled=not funnel_on,
+                                    help="Rerank every query, or only the uncertain ones (by the gate below): "
+                                         "the others keep the shortlist's order and cost one encode.") \
+            == "uncertain queries"
         adaptive_on = st.toggle("Input-adaptive", key="adaptive", on_change=only_adaptive,
-                                help="Answer with the chosen submodel; queries whose top-1/top-2 score margin is "
-                                     "below the margin are encoded again by D and searched again.")
+                                help="Answer with the chosen submodel; queries the gate below calls uncertain are "
+                                     "encoded again by D and searched again.")
+        gated = adaptive_on or (funnel_on and rerank_uncertain)
+        has_labels = bool(getattr(searcher.store, "has_labels", False))
+        gate_names = list(GATE_CHOICES) if has_labels else ["score margin"]
+        if st.session_state.get("gate") not in gate_names:  # default: the vote where there are labels to vote
+            st.session_state.gate = gate_names[0]
+        gate = GATE_CHOICES[st.radio(
+            "Uncertain when", gate_names, key="gate", horizontal=True, disabled=not gated,
+            help="label vote: fewer than the threshold's share of the chosen submodel's top 10 results carry its "
+                 "top-1 result's label. score margin: the top-1 result beats the top-2 by less than the margin."
+                 + ("" if has_labels else " This index has no labels, so only the margin can be used."))]
+        vote = st.slider("Vote threshold (share of the top 10)", 0.1, 1.0, DEFAULT_VOTE, step=0.1, format="%.1f",
+                         key="vote", disabled=not gated or gate != "vote")
         margin = st.slider("Escalation margin", 0.0, 0.2, 0.02, step=0.005, format="%.3f", key="margin",
-                           disabled=not adaptive_on)
+                           disabled=not gated or gate != "margin")
         k = st.slider("Results (k)", 1, MAX_K, 12, key="k")
         use_threshold = st.toggle("Score threshold", key="use_threshold",
                                   help="Leave out results whose cosine similarity to the query is lower.")
@@ -178,8 +199,10 @@ def sidebar(searcher):
             st.caption("This index has no labels to filter by.")
             label_ids = []
 
-    funnel = Funnel(small=submodel, large=full, shortlist=shortlist) if funnel_on else None
-    adaptive = Adaptive(small=submodel, large=full, margin=margin) if adaptive_on and not funnel_on else None
+    chosen_gate = Gate("vote", round(vote, 3)) if gate == "vote" else Gate("margin", margin)
+    funnel = (Funnel.from_gate(submodel, full, shortlist, chosen_gate if rerank_uncertain else None)
+              if funnel_on else None)
+    adaptive = Adaptive.from_gate(submodel, full, chosen_gate) if adaptive_on and not funnel_on else None
     return submodel, funnel, adaptive, k, threshold if use_threshold else None, label_ids
 
 

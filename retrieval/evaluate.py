@@ -3,16 +3,19 @@
 Database: Fashion-MNIST train (60k, or the first --limit-db) embedded by the full model (level 1), from an index
 folder (--index: reused, or built there) or encoded in memory. Queries: Fashion-MNIST test (10k, or the first
 --limit-queries). Settings: each trained level, Mix'n'Match configs, the funnel (small shortlist, large rerank;
-always and margin-gated), adaptive mode, and control models (separately trained encoders queried against the
+always, and gated), adaptive mode (gated), and control models (separately trained encoders queried against the
 same database: another metric space, so they are expected to fail).
 
-Margin thresholds for the gated settings are calibrated on held-out *train* images for a target escalation
-rate, never on the test queries. Metrics are defined in retrieval/metrics.py. Per setting:
+Gated settings (retrieval/gate.py) come with both gates: the score margin ("if margin<X") and the label vote
+("if vote@10<T", when the database has labels), each calibrated on held-out *train* images for every target
+escalation rate (--escalation-rates), never on the test queries. Settings that calibrate to the same threshold are
+measured once. Metrics are defined in retrieval/metrics.py. Per setting:
 
     top1, map@10, map@100, recall@10 (of the full-model query's top 10), query_mflops (mean per query, cost
     model), latency_ms (mean per query at batch 1: encode + search (+ rerank), on a sample), latency_p50_ms (its
     median), batch_ms_per_query (per query when the whole query set is encoded in batches), escalation_rate,
-    submodels, queries and database (sizes)
+    submodels, queries and database (sizes); gate ("margin", "vote" or None for ungated settings),
+    gate_threshold, vote_k (vote gates) and target_escalation_rate (the rate the threshold was calibrated for)
 """
 from __future__ import annotations
 
@@ -29,15 +32,17 @@ import torch
 import vision_model
 
 from . import knn, metrics
-from .adaptive import Adaptive, adaptive_search, calibrate_margin, held_out_margins
+from .adaptive import Adaptive, adaptive_search
 from .datasets import encode_database, fashion_mnist, fashion_mnist_rows
 from .encoder import QueryEncoder
 from .funnel import Funnel, funnel_search
+from .gate import DEFAULT_VOTE_K, GATES, Gate, calibrate_gate, held_out_statistic
 from .staged import StagedResult, StageTimer, plain_search
 from .submodel import Submodel, trained_levels
 
 K_MAX = 100  # results kept per query: enough for mAP@100
 CALIBRATION_QUERIES = 1000
+ESCALATION_RATES = (0.05, 0.25, 0.5)
 
 
 # -- settings ----------------------------------------------------------------------------------------------------------
@@ -68,20 +73,53 @@ class Setting:
     name: str
     kind: str  # level | mix'n'match | funnel | adaptive | control
     run: Callable[[knn.VectorDatabase, Callable, int, StageTimer], StagedResult]  # (db, embed, n, timer)
+    gate: Gate | None = None  # funnel / adaptive: which queries pay for the large submodel (None: all or none)
+    target_rate: float | None = None  # the escalation rate the gate was calibrated for
+
+    def gate_record(self) -> dict:
+        gate = self.gate
+        threshold = gate.threshold if gate is not None and np.isfinite(gate.threshold) else None
+        return {"gate": gate.kind if gate else None, "gate_threshold": threshold,
+                "vote_k": gate.vote_k if gate is not None and gate.kind == "vote" else None,
+                "target_escalation_rate": self.target_rate}
 
 
 def _plain(sub: Submodel, config, kind: str) -> Setting:
     return Setting(sub.name, kind, lambda db, embed, n, timer: plain_search(db, embed, n, sub, K_MAX, config, timer))
 
 
-def _funnel(funnel: Funnel, config) -> Setting:
+def _funnel(funnel: Funnel, config, target_rate: float | None = None) -> Setting:
     return Setting(funnel.name, "funnel",
-                   lambda db, embed, n, timer: funnel_search(db, embed, n, funnel, K_MAX, config, timer))
+                   lambda db, embed, n, timer: funnel_search(db, embed, n, funnel, K_MAX, config, timer),
+                   funnel.escalation_gate, target_rate)
 
 
-def _adaptive(adaptive: Adaptive, config) -> Setting:
+def _adaptive(adaptive: Adaptive, config, target_rate: float | None = None) -> Setting:
     return Setting(adaptive.name, "adaptive",
-                   lambda db, embed, n, timer: adaptive_search(db, embed, n, adaptive, K_MAX, config, timer))
+                   lambda db, embed, n, timer: adaptive_search(db, embed, n, adaptive, K_MAX, config, timer),
+                   adaptive.escalation_gate, target_rate)
+
+
+def gated_settings(db: knn.VectorDatabase, small: Submodel, large: Submodel, config, calibration: np.ndarray,
+                   own_ids: np.ndarray | None, escalation_rates: tuple[float, ...], shortlist: int,
+                   vote_k: int = DEFAULT_VOTE_K, log: Callable[[str], None] = print) -> list[Setting]:
+    """Funnel (shortlist `shortlist`) and adaptive settings small -> large for each gate and target escalation
+    rate, thresholds calibrated on `calibration`: held-out query embeddings by `small` (`own_ids`: their own
+    database rows, left out). The vote gate only where the database has labels. One setting per distinct name."""
+    settings: dict[str, Setting] = {}
+    for kind in GATES:
+        if kind == "vote" and not knn.has_labels(db):
+            log("note: the database has no labels: no vote-gated settings")
+            continue
+        statistic = held_out_statistic(kind, db, calibration, own_ids, vote_k)
+        for rate in escalation_rates:
+            gate = calibrate_gate(kind, statistic, rate, vote_k)
+            held_out = float(gate.escalate_statistic(statistic).mean()) if len(statistic) else 0.0
+            log(f"  {gate.label}: {held_out:.1%} of {len(statistic)} held-out queries escalate (target {rate:.0%})")
+            for setting in (_funnel(Funnel.from_gate(small, large, shortlist, gate), config, rate),
+                            _adaptive(Adaptive.from_gate(small, large, gate), config, rate)):
+                settings.setdefault(setting.name, setting)
+    return list(settings.values())
 
 
 # -- query embeddings, computed once per submodel and timed ---------------------------------------------------------
@@ -186,13 +224,14 @@ def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_
         "submodels": [s.name for s in staged.submodels],
         "queries": n,
         "database": len(database.db),
+        **setting.gate_record(),
     }
     return record, staged.ids
 
 
 def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None = None, limit_db: int | None = None,
              limit_queries: int | None = None, control_models: list[str | Path] = (),
-             escalation_rates: tuple[float, ...] = (0.25, 0.5), shortlist: int = 100, latency_queries: int = 50,
+             escalation_rates: tuple[float, ...] = ESCALATION_RATES, shortlist: int = 100, latency_queries: int = 50,
              batch_size: int = 256, device: str = "cpu", log: Callable[[str], None] = print) -> list[dict]:
     """Every setting's record (see the module docstring), the full model first."""
     model_dir = Path(model_dir) if model_dir is not None else vision_model.DEFAULT_MODEL_DIR
@@ -218,14 +257,12 @@ def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None =
     settings = [_plain(s, config, "level") for s in levels]
     settings += [_plain(s, config, "mix'n'match") for s in mix_n_match_examples(config)]
 
-    # margin thresholds from held-out train queries, for each target escalation rate
-    cal_pixels, cal_own_ids = _calibration_queries(model, database)
-    cal_margins = held_out_margins(database.db, encoder.embed(cal_pixels, small), cal_own_ids)
+    # margin and vote thresholds from held-out train queries, for each target escalation rate
     settings.append(_funnel(Funnel(small, full, shortlist), config))
-    for rate in escalation_rates:
-        margin = calibrate_margin(cal_margins, rate)
-        settings.append(_funnel(Funnel(small, full, shortlist, "margin", margin), config))
-        settings.append(_adaptive(Adaptive(small, full, margin), config))
+    cal_pixels, cal_own_ids = _calibration_queries(model, database)
+    log(f"calibrating the gates of {small.name} -> {full.name} on {len(cal_own_ids)} held-out train images:")
+    settings += gated_settings(database.db, small, full, config, encoder.embed(cal_pixels, small), cal_own_ids,
+                               escalation_rates, shortlist, log=log)
 
     cache = EmbeddingCache(encoder, query_pixels)
     records, reference_ids = [], None
@@ -272,8 +309,13 @@ def markdown_table(records: list[dict], title: str = "") -> str:
     for r in records:
         lines.append(f"| {r['setting']} | {r['kind']} | {r['top1']:.4f} | {r['map@10']:.4f} | {r['map@100']:.4f} | "
                      f"{r['recall@10']:.3f} | {r['query_mflops']:.1f} | {r['latency_ms']:.2f} | "
-                     f"{r['batch_ms_per_query']:.2f} | {r['escalation_rate']:.0%} |")
+                     f"{r['batch_ms_per_query']:.2f} | {_escalated(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _escalated(r: dict) -> str:
+    target = r.get("target_escalation_rate")
+    return f"{r['escalation_rate']:.1%}" + (f" (target {target:.0%})" if target is not None else "")
 
 
 KIND_STYLE = {"level": ("o", "tab:blue"), "mix'n'match": ("s", "tab:orange"), "funnel": ("^", "tab:green"),
@@ -291,10 +333,12 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
     levels = sorted((r for r in records if r["kind"] == "level"), key=lambda r: r["query_mflops"])
     ax.plot([r["query_mflops"] for r in levels], [100 * r["top1"] for r in levels], color="tab:blue", alpha=0.4)
     for kind, (marker, color) in KIND_STYLE.items():
-        points = [r for r in records if r["kind"] == kind]
-        if points:
-            ax.scatter([r["query_mflops"] for r in points], [100 * r["top1"] for r in points], marker=marker,
-                       color=color, label=kind, zorder=3)
+        for gate in (None,) + GATES:  # gated settings: filled for the vote, hollow for the margin
+            points = [r for r in records if r["kind"] == kind and r.get("gate") == gate]
+            if points:
+                style = {"facecolors": "none", "edgecolors": color} if gate == "margin" else {"color": color}
+                ax.scatter([r["query_mflops"] for r in points], [100 * r["top1"] for r in points], marker=marker,
+                           label=f"{kind}, {gate} gate" if gate else kind, zorder=3, **style)
     for r in records:
         ax.annotate(r["setting"], (r["query_mflops"], 100 * r["top1"]), textcoords="offset points", xytext=(4, 3),
                     fontsize=6.5)
@@ -311,9 +355,12 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
 # -- command line --------------------------------------------------------------------------------------------------
 def _rates(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated rates like 0.25,0.5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates like 0.05,0.25, got {text!r}") from None
+    if not all(0 <= rate <= 1 for rate in rates):
+        raise argparse.ArgumentTypeError(f"escalation rates are fractions in [0, 1], got {text!r}")
+    return rates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,8 +374,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="also plot top-1 against query MFLOPs")
     parser.add_argument("--control-model", action="append", default=[], metavar="DIR",
                         help="separately trained model used as query encoder (repeatable)")
-    parser.add_argument("--escalation-rates", type=_rates, default=(0.25, 0.5), metavar="R1,R2",
-                        help="target rerank/escalation rates for the margin-gated settings (default 0.25,0.5)")
+    parser.add_argument("--escalation-rates", type=_rates, default=ESCALATION_RATES, metavar="R1,R2",
+                        help="target rerank/escalation rates for the gated funnel and adaptive settings, each "
+                             "calibrated for the margin and the vote gate (default "
+                             f"{','.join(map(str, ESCALATION_RATES))})")
     parser.add_argument("--shortlist", type=int, default=100, help="funnel shortlist size (default 100)")
     parser.add_argument("--latency-queries", type=int, default=50, help="queries timed one by one per setting")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -3,6 +3,7 @@
 A *database* is anything with `search(queries, k) -> (scores, ids)`, `vectors` (n, d) float32 unit rows (FAISS id
 == row) and `labels` (n,) int64 (-1: unlabelled): `index.IndexStore` is one, `InMemoryDatabase` another (for
 evaluation on arrays, without an index folder). Result arrays are padded with id -1 and score -inf.
+`labels_of(db, ids)` reads the labels of result ids (-1 for padding and unlabelled items).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _CHUNK_BYTES = 1 << 28  # bound on temporary score / gathered-vector arrays: 256
 
 class VectorDatabase(Protocol):
     vectors: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # (n,) int64, -1: unlabelled
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -38,10 +39,43 @@ class InMemoryDatabase:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        """Labels of ids (any shape): -1 for id -1 and for unlabelled items."""
+        return label_lookup(self.labels, ids)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
+
+
+def label_lookup(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """labels[ids] for ids of any shape, vectorised: -1 where the id is -1 (padding); IndexError for other ids
+    outside the database."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.asarray(labels)
+    bad = (ids < -1) | (ids >= len(labels))
+    if bad.any():
+        raise IndexError(f"ids {np.unique(ids[bad])[:5].tolist()} are not in this database of {len(labels)} items")
+    if len(labels) == 0:
+        return np.full(ids.shape, -1, dtype=np.int64)
+    return np.where(ids >= 0, labels[np.maximum(ids, 0)], -1).astype(np.int64, copy=False)
+
+
+def labels_of(db: VectorDatabase, ids: np.ndarray) -> np.ndarray:
+    """Labels of a database's ids (any shape): -1 for padding ids (-1) and unlabelled items."""
+    lookup = getattr(db, "labels_of", None)
+    return lookup(ids) if lookup is not None else label_lookup(db.labels, ids)
+
+
+def has_labels(db: VectorDatabase) -> bool:
+    """Whether any item of the database has a label."""
+    known = getattr(db, "has_labels", None)
+    return bool(known) if known is not None else bool((np.asarray(db.labels) >= 0).any())
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

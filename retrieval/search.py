@@ -4,6 +4,7 @@
     results = searcher.search([pil_image], submodel="D/4", k=10)
     results = searcher.search([pil_image], funnel=Funnel(small="D/8", large="D", shortlist=100), k=10)
     results = searcher.search([pil_image], adaptive=Adaptive(small="D/8", large="D", margin=0.02), k=10)
+    results = searcher.search([pil_image], adaptive=Adaptive("D/8", "D", gate="vote", vote=0.6), k=10)
     results[0].ids, results[0].scores, results[0].metadata, results[0].timings, results[0].mflops
 
 Timings per query are the batch's stage times shared equally by the queries that took part in a stage (an

@@ -3,8 +3,15 @@
     matsearch search --index indexes/fashion-mnist-train shoe.png --level 4
     matsearch search --index DIR a.png b.jpg --widths 192,192,96,96,48,48,24,24 --k 5 --json
     matsearch search --index DIR a.png --budget-mflops 80          # needs the model's pareto.json
-    matsearch search --index DIR a.png --funnel D/8:D:100 [--rerank-margin 0.02]
-    matsearch search --index DIR a.png --adaptive D/8:D:0.02
+    matsearch search --index DIR a.png --funnel D/8:D:100                    # rerank every query
+    matsearch search --index DIR a.png --funnel D/8:D:100 --rerank-vote 0.6  # rerank if < 60% of the top 10
+                                                                             #   share the top-1's label
+    matsearch search --index DIR a.png --funnel D/8:D:100 --rerank-margin 0.02   # rerank if top-1/top-2 < 0.02
+    matsearch search --index DIR a.png --adaptive D/8:D:vote0.6 [--vote-k 20]    # escalate by the label vote
+    matsearch search --index DIR a.png --adaptive D/8:D:0.02                     # escalate by the score margin
+
+The label vote needs an index with labels (built from fashion-mnist:... or imagefolder:DIR); on an unlabelled
+index use the score margin. How the gates compare, with thresholds calibrated on held-out queries: `matsearch eval`.
 """
 from __future__ import annotations
 
@@ -27,10 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--budget-ms", type=float, metavar="X", help="the most accurate submodel within X ms a query")
     mode.add_argument("--funnel", metavar="SMALL:LARGE:SHORTLIST",
                       help="shortlist with SMALL, rerank with LARGE, e.g. D/8:D:100 or 8:1:100")
-    mode.add_argument("--adaptive", metavar="SMALL:LARGE:MARGIN",
-                      help="SMALL first; escalate to LARGE when the top-1/top-2 margin < MARGIN, e.g. D/8:D:0.02")
-    parser.add_argument("--rerank-margin", type=float, metavar="X",
-                        help="with --funnel: rerank only queries whose shortlist margin is below X")
+    mode.add_argument("--adaptive", metavar="SMALL:LARGE:GATE",
+                      help="SMALL first; escalate to LARGE the queries the gate calls uncertain. GATE voteT: fewer "
+                           "than a fraction T of SMALL's top --vote-k results share the top-1 result's label, e.g. "
+                           "D/8:D:vote0.6 (needs labels); GATE X or marginX: the top-1/top-2 score margin is below "
+                           "X, e.g. D/8:D:0.02")
+    rerank = parser.add_mutually_exclusive_group()
+    rerank.add_argument("--rerank-margin", type=float, metavar="X",
+                        help="with --funnel: rerank only queries whose shortlist top-1/top-2 margin is below X")
+    rerank.add_argument("--rerank-vote", type=float, metavar="T",
+                        help="with --funnel: rerank only queries where fewer than a fraction T (0 < T <= 1) of the "
+                             "shortlist's top --vote-k results share the top-1 result's label (needs labels)")
+    parser.add_argument("--vote-k", type=int, metavar="K",
+                        help="with a vote gate (--rerank-vote, --adaptive SMALL:LARGE:voteT): how many top results "
+                             "vote (default 10)")
     parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--label", action="append", metavar="LABEL", help="only results with this label (repeatable)")
     parser.add_argument("--min-score", type=float, metavar="S", help="drop results scoring below S")
@@ -40,19 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adaptive import Adaptive
     from .encoder import UnreadableQuery, load_query_image
-    from .funnel import Funnel
     from .search import Searcher
     from .submodel import Submodel
 
-    if args.rerank_margin is not None and args.funnel is None:
-        raise ValueError("--rerank-margin goes with --funnel")
-    funnel = Funnel.parse(args.funnel, args.rerank_margin) if args.funnel else None
-    adaptive = Adaptive.parse(args.adaptive) if args.adaptive else None
+    funnel, adaptive = _staged_modes(args)
     submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
 
     searcher = Searcher(args.index, args.model, device=args.device)
+    gate = funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None
+    if gate is not None:
+        try:
+            gate.check(searcher.store)  # a vote gate on an unlabelled index: say so before reading any image
+        except ValueError:
+            searcher.close()
+            raise
     if args.budget_mflops is not None or args.budget_ms is not None:
         submodel = searcher.submodel_for_budget(args.budget_mflops, args.budget_ms)
     submodel.resolve(searcher.config)  # a bad --widths fails here, before any image is read
@@ -78,6 +97,28 @@ def run(args: argparse.Namespace) -> int:
             print(_table(name, mode, result))
     searcher.close()
     return 1 if errors else 0
+
+
+def _staged_modes(args: argparse.Namespace):
+    """(Funnel or None, Adaptive or None) from --funnel/--adaptive and the gate flags; ValueError on a bad mix."""
+    from .adaptive import Adaptive
+    from .funnel import Funnel
+    from .gate import DEFAULT_VOTE_K
+
+    for flag, value in (("--rerank-margin", args.rerank_margin), ("--rerank-vote", args.rerank_vote)):
+        if value is not None and args.funnel is None:
+            hint = " (for --adaptive, put the gate in its spec: SMALL:LARGE:X or SMALL:LARGE:voteT)" \
+                if args.adaptive else ""
+            raise ValueError(f"{flag} goes with --funnel{hint}")
+    vote_k = DEFAULT_VOTE_K if args.vote_k is None else args.vote_k
+    funnel = Funnel.parse(args.funnel, args.rerank_margin, args.rerank_vote, vote_k) if args.funnel else None
+    adaptive = Adaptive.parse(args.adaptive, vote_k) if args.adaptive else None
+    if args.vote_k is not None:
+        gate = (funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None)
+        if gate is None or gate.kind != "vote":
+            raise ValueError("--vote-k goes with a vote gate: --funnel ... --rerank-vote T or --adaptive "
+                             "SMALL:LARGE:voteT")
+    return funnel, adaptive
 
 
 def _table(name: str, mode: str, result) -> str:

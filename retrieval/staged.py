@@ -76,7 +76,7 @@ def plain_search(db: knn.VectorDatabase, embed: EmbedFn, n: int, submodel: Submo
 
 
 def escalate_below(margins: np.ndarray, threshold: float) -> np.ndarray:
-    """Queries whose top-1/top-2 margin is below `threshold`: 0 escalates none, inf all."""
+    """Queries whose gate statistic (e.g. top-1/top-2 margin) is below `threshold`: 0 escalates none, inf all."""
     return np.asarray(margins) < threshold
 
 
@@ -87,6 +87,7 @@ def parse_two_stage(text: str, what: str, third: str, convert: Callable, example
         raise ValueError(f"{what} {text!r} should read SMALL:LARGE:{third.upper()}, e.g. {example}")
     try:
         value = convert(parts[2])
-    except ValueError:
-        raise ValueError(f"{what} {text!r}: the {third} {parts[2]!r} is not a valid {convert.__name__}") from None
+    except ValueError as e:  # int/float say little; other converters (e.g. Gate.parse) explain themselves
+        detail = f"the {third} {parts[2]!r} is not a valid {convert.__name__}" if convert in (int, float) else e
+        raise ValueError(f"{what} {text!r}: {detail}") from None
     return Submodel.parse(parts[0]), Submodel.parse(parts[1]), value

@@ -292,9 +292,44 @@ def test_funnel_and_adaptive_are_exclusive_and_report_their_cost(app_env):
 
     at.toggle(key="adaptive").set_value(True).run()
     assert not at.exception and at.toggle(key="funnel").value is False
+    assert at.radio(key="gate").value == "label vote"  # the index has labels: the vote is the default gate
+    at.radio(key="gate").set_value("score margin").run()
     at.slider(key="margin").set_value(0.0).run()  # margin 0: never escalates
     assert float(_metric(at, "Query MFLOPs")) == pytest.approx(_mflops(app_env.config, level=8), abs=0.05)
     assert len(_hits(at)) == DEFAULT_K
+
+
+def test_the_gate_of_adaptive_search_and_of_the_funnel_is_a_choice(app_env):
+    small, large = _mflops(app_env.config, level=8), _mflops(app_env.config, level=1)
+    at = _open_app()
+    assert at.radio(key="gate").disabled and at.slider(key="vote").disabled  # nothing gated yet
+    item = _pick(at)
+    at.radio(key="granularity").set_value("D/8").run()
+    at.toggle(key="adaptive").set_value(True).run()
+    assert at.radio(key="gate").value == "label vote" and not at.slider(key="vote").disabled
+    assert at.slider(key="margin").disabled
+    at.slider(key="vote").set_value(0.1).run()  # the top-1 result always agrees with itself: never escalates
+    assert not at.exception and float(_metric(at, "Query MFLOPs")) == pytest.approx(small, abs=0.05)
+    assert "**adaptive D/8->D if vote@10<0.1**" in " ".join(c.value for c in at.caption)
+    at.slider(key="vote").set_value(1.0).run()  # escalates unless all ten results share the top-1's label
+    from retrieval.search import Searcher
+
+    with Searcher(app_env.index_dir, app_env.model_dir) as searcher:
+        top10 = searcher.search([app_env.store.load_image(item)], "D/8", k=10)[0]
+    escalated = len(set(top10.labels)) > 1
+    assert float(_metric(at, "Query MFLOPs")) == pytest.approx(small + escalated * large, abs=0.05)
+    assert any(("`D/8 → D` (escalated)" if escalated else "`D/8`") in md.value for md in at.markdown)
+    assert len(_hits(at)) == DEFAULT_K
+
+    at.toggle(key="funnel").set_value(True).run()
+    assert at.radio(key="rerank").value == "all queries" and at.radio(key="gate").disabled
+    at.radio(key="rerank").set_value("uncertain queries").run()
+    at.slider(key="vote").set_value(0.1).run()
+    assert not at.exception and float(_metric(at, "Query MFLOPs")) == pytest.approx(small, abs=0.05)
+    assert "**funnel D/8->D @100 if vote@10<0.1**" in " ".join(c.value for c in at.caption)
+    at.radio(key="gate").set_value("score margin").run()
+    at.slider(key="margin").set_value(0.2).run()
+    assert "**funnel D/8->D @100 if margin<0.2**" in " ".join(c.value for c in at.caption)
 
 
 def test_budget_picks_the_frontier_configuration(app_env):

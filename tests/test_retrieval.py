@@ -15,12 +15,14 @@ import vision_model
 from conftest import save_small_model
 from index import build_index
 from retrieval import knn, metrics
-from retrieval.adaptive import Adaptive, calibrate_margin, held_out_margins
+from retrieval.adaptive import Adaptive, adaptive_search, calibrate_margin, held_out_margins
 from retrieval.budget import Frontier, FrontierPoint, compute_frontier, pareto_front, search_frontier, seed_configs
 from retrieval.cli import main
 from retrieval.datasets import fashion_mnist, fashion_mnist_rows
 from retrieval.encoder import UnreadableQuery
-from retrieval.funnel import Funnel
+from retrieval.funnel import Funnel, funnel_search
+from retrieval.gate import Gate, calibrate_vote, held_out_votes, vote_fractions
+from retrieval.staged import StageTimer
 from retrieval.search import ModelMismatchError, Searcher
 from retrieval.submodel import Submodel
 
@@ -215,6 +217,170 @@ def test_calibration_hits_the_target_rate_and_leaves_own_matches_out():
     assert held_out_margins(db, query, exclude_ids=np.array([0]))[0] == pytest.approx(0.4)  # 0.6 - 0.2
 
 
+# -- the label-vote gate ------------------------------------------------------------------------------------------
+# A hand-built database: query g (the unit vector e_g) has exactly the ten items of group g as its top 10, in
+# order (score cos(theta_j) falling with j; items of other groups score 0). Labels decide the agreeing share.
+GROUP_LABELS = {  # labels of group g's items, best first -> share agreeing with the top-1 item's label
+    0: [3] * 10,  # 1.0
+    1: [1, 2, 1, 2, 1, 1, 2, 1, 2, 1],  # 0.6, the agreeing ones not a prefix
+    2: [4, 4, 5, 5, 4, 5, 4, 5, 4, 5],  # 0.5
+    3: [7, 6, 6, 6, 6, 6, 6, 6, 6, 6],  # 0.1: only the top-1 itself
+    4: [-1] * 10,  # an unlabelled top-1: nothing to agree with, 0.0
+}
+GROUP_SHARES = np.array([1.0, 0.6, 0.5, 0.1, 0.0])
+
+
+def _voting_database() -> tuple[knn.InMemoryDatabase, np.ndarray]:
+    groups, per_group = len(GROUP_LABELS), 10
+    dim = groups + groups * per_group
+    vectors, labels = np.zeros((groups * per_group, dim), np.float32), []
+    for g, group_labels in GROUP_LABELS.items():
+        for j in range(per_group):
+            theta = 0.1 + 0.08 * j
+            vectors[g * per_group + j, g] = np.cos(theta)
+            vectors[g * per_group + j, groups + g * per_group + j] = np.sin(theta)  # a direction of its own
+        labels += group_labels
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(vectors))  # ids shuffled: the gate must follow ids, not positions
+    queries = np.eye(groups, dim, dtype=np.float32)
+    return knn.InMemoryDatabase(vectors[order], np.array(labels)[order]), queries
+
+
+def _staged(db, queries, staged, k=3):
+    large_queries = -queries  # the large submodel's embedding: far from the small one's, to tell results apart
+    embed_calls = []
+
+    def embed(sub: Submodel, rows: np.ndarray) -> np.ndarray:
+        embed_calls.append((sub, rows.tolist()))
+        return (queries if sub == D8 else large_queries)[rows]
+
+    config = vision_model.get_config("matmamba_vision_fmnist")
+    run = funnel_search if isinstance(staged, Funnel) else adaptive_search
+    return run(db, embed, len(queries), staged, k, config, StageTimer()), embed_calls, config, large_queries
+
+
+@pytest.mark.parametrize("threshold, escalated", [
+    (1.0, [False, True, True, True, True]),
+    (0.6, [False, False, True, True, True]),  # share 0.6 is not below 0.6
+    (0.1 * 6, [False, False, True, True, True]),  # rounding: 0.6000000000000001 still counts as 6 votes of 10
+    (0.55, [False, False, True, True, True]),
+    (0.5, [False, False, False, True, True]),
+    (0.1, [False, False, False, False, True]),  # the unlabelled top-1 alone
+])
+def test_vote_gate_escalates_exactly_the_queries_whose_neighbourhood_disagrees(threshold, escalated):
+    db, queries = _voting_database()
+    _, ids = db.search(queries, 10)
+    np.testing.assert_allclose(vote_fractions(db, ids), GROUP_SHARES)
+    for staged in (Adaptive(D8, D, gate="vote", vote=threshold), Funnel(D8, D, 20, "vote", vote=threshold)):
+        result, calls, config, large_queries = _staged(db, queries, staged)
+        np.testing.assert_array_equal(result.escalated, escalated)
+        want = np.array(escalated)
+        assert calls[0] == (D8, [0, 1, 2, 3, 4])  # the small submodel encodes every query ...
+        assert calls[1:] == ([(D, np.flatnonzero(want).tolist())] if want.any() else [])  # ... the large the rest
+        np.testing.assert_allclose(result.mflops, D8.mflops(config) + want * D.mflops(config))
+        small_ids = db.search(queries, 3)[1]
+        np.testing.assert_array_equal(result.ids[~want], small_ids[~want])
+        if isinstance(staged, Adaptive) and want.any():  # escalated: searched again with the large embedding
+            np.testing.assert_array_equal(result.ids[want], db.search(large_queries, 3)[1][want])
+        label = "vote@10<" + f"{threshold:.3g}"
+        assert staged.name.endswith(f"D/8->D if {label}") or staged.name.endswith(f"D/8->D @20 if {label}")
+
+
+def test_vote_gate_counts_padding_as_disagreeing_and_needs_labels():
+    vectors = np.eye(4, dtype=np.float32)
+    db = knn.InMemoryDatabase(vectors, np.zeros(4, dtype=np.int64))  # 4 items, all one label: 4 votes of 10
+    queries = np.array([[1.0, 0.5, 0.2, 0.1]], dtype=np.float32)
+    for threshold, escalated in ((0.4, False), (0.5, True)):
+        result, *_ = _staged(db, queries, Adaptive(D8, D, gate="vote", vote=threshold))
+        assert result.escalated.tolist() == [escalated]
+        result, *_ = _staged(db, queries, Funnel(D8, D, 3, "vote", vote=threshold))  # searches 10 for the vote
+        assert result.escalated.tolist() == [escalated]
+    result, *_ = _staged(db, queries, Adaptive(D8, D, gate="vote", vote=0.5, vote_k=4))
+    assert result.escalated.tolist() == [False]  # four of four agree
+    np.testing.assert_array_equal(knn.labels_of(db, np.array([[3, -1], [0, 2]])), [[0, -1], [0, 0]])
+
+    unlabelled = knn.InMemoryDatabase(vectors)
+    for staged in (Adaptive(D8, D, gate="vote"), Funnel(D8, D, 3, "vote")):
+        with pytest.raises(ValueError, match="needs database labels.*margin gate"):
+            _staged(unlabelled, queries, staged)
+    with pytest.raises(ValueError, match="needs database labels"):
+        held_out_votes(unlabelled, queries)
+    result, *_ = _staged(unlabelled, queries, Adaptive(D8, D, margin=np.inf))  # the margin gate needs none
+    assert result.escalated.tolist() == [True]
+
+
+def test_gate_options_are_validated():
+    for bad in (dict(gate="vote", vote=0.0), dict(gate="vote", vote=1.5), dict(gate="vote", vote_k=1),
+                dict(gate="ballot"), dict(margin=-0.1)):
+        with pytest.raises(ValueError):
+            Adaptive(D8, D, **bad)
+    for bad in (dict(rerank_when="vote", vote=0), dict(rerank_when="vote", vote_k=0), dict(rerank_when="never")):
+        with pytest.raises(ValueError):
+            Funnel(D8, D, 50, **bad)
+    assert Funnel(D8, D, 50).escalation_gate is None and Funnel(D8, D, 50).name == "funnel D/8->D @50"
+    assert Funnel.from_gate(D8, D, 50, Gate("vote", 0.7, 20)) == Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20)
+    assert Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20).name == "funnel D/8->D @50 if vote@20<0.7"
+    assert Funnel(D8, D, 50, "margin", 0.02).name == "funnel D/8->D @50 if margin<0.02"
+    assert Adaptive(D8, D, 0.02).name == "adaptive D/8->D if margin<0.02"
+    assert Adaptive(D8, D, gate="vote").name == "adaptive D/8->D if vote@10<0.6"
+    assert Adaptive.parse("D/8:D:vote0.6") == Adaptive(D8, D, gate="vote", vote=0.6)
+    assert Adaptive.parse("8:1:vote0.8", vote_k=5) == Adaptive(D8, D, gate="vote", vote=0.8, vote_k=5)
+    assert Adaptive.parse("D/8:D:margin0.02") == Adaptive.parse("D/8:D:0.02") == Adaptive(D8, D, 0.02)
+    assert Funnel.parse("D/8:D:100", vote=0.6) == Funnel(D8, D, 100, "vote", vote=0.6)
+    with pytest.raises(ValueError, match="not both"):
+        Funnel.parse("D/8:D:100", margin=0.1, vote=0.6)
+    with pytest.raises(ValueError, match="names no threshold"):
+        Adaptive.parse("D/8:D:vote")
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        Adaptive.parse("D/8:D:vote1.5")
+
+
+def test_vote_calibration_hits_the_requested_rate():
+    # agreeing counts of 1000 held-out queries; r_j = share with fewer than j votes of 10
+    counts = np.repeat([10, 9, 8, 7, 6, 5, 3, 1], [700, 100, 50, 50, 40, 30, 20, 10])
+    fractions = np.random.default_rng(0).permutation(counts) / 10
+    rate_at = {j / 10: np.mean(counts < j) for j in range(1, 11)}  # 0, .01, .01, .03, .03, .06, .1, .15, .2, .3
+    for target in (0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3):  # reachable rates are hit exactly
+        threshold = calibrate_vote(fractions, target)
+        assert np.mean(Gate("vote", threshold).escalate_statistic(fractions)) == pytest.approx(target)
+        assert rate_at[threshold] == pytest.approx(target)
+    assert calibrate_vote(fractions, 0.05) == 0.6  # 6%: closest, and at most a quarter over
+    assert calibrate_vote(fractions, 0.12) == 0.7  # 10% is closer than 15%
+    assert calibrate_vote(fractions, 0.047) == 0.4  # 6% is closer than 3%, but 28% over: too much
+    assert calibrate_vote(fractions, 0.03) == 0.4  # 0.4 and 0.5 both escalate 3%: the smaller
+    assert calibrate_vote(fractions, 0.25) == 0.9  # 20% and 30% tie: the cheaper one
+    assert calibrate_vote(fractions, 0.0) == 0.1 and calibrate_vote(fractions, 1.0) == 1.0
+    assert calibrate_vote(fractions * 10 / 20, 0.3, vote_k=20) == 0.5  # 20 voters: 10 of 20 < 10 for 30%
+    with pytest.raises(ValueError):
+        calibrate_vote(fractions, 1.5)
+
+    db, queries = _voting_database()  # held out: own rows left out, as for the margins
+    own = db.search(queries, 1)[1][:, 0]
+    np.testing.assert_allclose(held_out_votes(db, queries), GROUP_SHARES)
+    without_own = held_out_votes(db, queries, exclude_ids=own, vote_k=9)  # items 1..9 of each group
+    np.testing.assert_allclose(without_own, [1.0, 4 / 9, 4 / 9, 1.0, 0.0])  # a new top-1 label in groups 1, 2
+
+
+def test_vote_gated_search_on_a_real_index(searcher, test_images):
+    small = searcher.search(test_images, D8, k=10)
+    labels = np.array([[m["label"] for m in r.metadata] for r in small])
+    shares = (labels == labels[:, :1]).mean(axis=1)
+    assert shares.min() < shares.max()  # some queries agree more than others: the gate has a choice
+    threshold = float(shares.max())
+    expected = shares < threshold - 1e-9
+    adaptive = searcher.search(test_images, k=5, adaptive=Adaptive(D8, D, gate="vote", vote=threshold))
+    np.testing.assert_array_equal([r.escalated for r in adaptive], expected)
+    plain = searcher.search(test_images, D, k=5)
+    for r, s, p, e in zip(adaptive, small, plain, expected):
+        np.testing.assert_array_equal(r.ids, (p if e else s).ids[:5])
+        assert r.submodels == (["D/8", "D"] if e else ["D/8"])
+    funnel = searcher.search(test_images, k=5, funnel=Funnel(D8, D, 50, "vote", vote=threshold))
+    np.testing.assert_array_equal([r.escalated for r in funnel], expected)
+    assert np.mean([r.mflops for r in funnel]) == pytest.approx(searcher.mflops(D8)
+                                                               + expected.mean() * searcher.mflops(D))
+    np.testing.assert_array_equal(searcher.store.labels_of(np.array([[0, -1]])), [[searcher.store.labels[0], -1]])
+
+
 # -- metrics on hand-made examples ---------------------------------------------------------------------------------
 def test_metrics_on_hand_made_examples():
     query_labels = np.array([1, 2])
@@ -346,6 +512,49 @@ def test_search_cli_reports_a_corrupt_file_and_answers_the_others(index_dir, tes
         main(["search", "--index", str(index_dir), str(good), "--adaptive", "D/8:D:inf", "--widths", "8,8"])
 
 
+def test_search_cli_gates(index_dir, model_dir, test_images, tmp_path, capsys):
+    image = tmp_path / "q.png"
+    _pil(test_images[:1])[0].save(image)
+    base = ["search", "--index", str(index_dir), str(image), "--k", "3", "--json"]
+    for flags, mode in ((["--funnel", "D/8:D:50", "--rerank-vote", "0.6"], "funnel D/8->D @50 if vote@10<0.6"),
+                        (["--funnel", "8:1:50", "--rerank-vote", "1", "--vote-k", "5"], "funnel D/8->D @50 if vote@5<1"),
+                        (["--funnel", "D/8:D:50", "--rerank-margin", "0.02"], "funnel D/8->D @50 if margin<0.02"),
+                        (["--adaptive", "D/8:D:vote0.7"], "adaptive D/8->D if vote@10<0.7"),
+                        (["--adaptive", "D/8:D:vote0.7", "--vote-k", "20"], "adaptive D/8->D if vote@20<0.7"),
+                        (["--adaptive", "D/8:D:0.02"], "adaptive D/8->D if margin<0.02"),
+                        (["--adaptive", "D/8:D:margin0.02"], "adaptive D/8->D if margin<0.02")):
+        assert main(base + flags) == 0, capsys.readouterr().err
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["mode"] == mode and len(doc["results"][0]["ids"]) == 3
+
+    for flags, words in ((["--rerank-vote", "0.6"], "--rerank-vote goes with --funnel"),
+                         (["--adaptive", "D/8:D:0.02", "--rerank-vote", "0.6"], "put the gate in its spec"),
+                         (["--funnel", "D/8:D:50", "--rerank-vote", "1.5"], "in (0, 1]"),
+                         (["--funnel", "D/8:D:50", "--vote-k", "5"], "--vote-k goes with a vote gate"),
+                         (["--adaptive", "D/8:D:0.02", "--vote-k", "5"], "--vote-k goes with a vote gate"),
+                         (["--adaptive", "D/8:D:vote0.6", "--vote-k", "1"], "vote_k"),
+                         (["--adaptive", "D/8:D:ballot0.6"], "voteT (label vote)")):
+        assert main(base + flags) == 1, flags
+        err = capsys.readouterr().err
+        assert words in err and err.startswith("matsearch search: error:"), (flags, err)
+    with pytest.raises(SystemExit):  # one gate at a time: argparse refuses
+        main(base + ["--funnel", "D/8:D:50", "--rerank-vote", "0.6", "--rerank-margin", "0.1"])
+    capsys.readouterr()
+
+    folder = tmp_path / "unlabelled"  # an index of a plain folder has no labels: the vote cannot work there
+    folder.mkdir()
+    for i, img in enumerate(_pil(test_images[:12])):
+        img.save(folder / f"{i:02d}.png")
+    build_index(str(folder), tmp_path / "unlabelled-index", model_dir=model_dir, device="cpu", progress=False)
+    plain = ["search", "--index", str(tmp_path / "unlabelled-index"), str(image), "--json"]
+    assert main(plain + ["--adaptive", "D/8:D:vote0.6"]) == 1
+    err = capsys.readouterr().err
+    assert "needs database labels" in err and "--adaptive SMALL:LARGE:X" in err
+    assert main(plain + ["--funnel", "D/8:D:5", "--rerank-vote", "0.6"]) == 1
+    assert "needs database labels" in capsys.readouterr().err
+    assert main(plain + ["--funnel", "D/8:D:5", "--rerank-margin", "0.05"]) == 0
+
+
 REQUIRED_KEYS = {"setting", "top1", "map@10", "map@100", "recall@10", "query_mflops", "latency_ms"}
 
 
@@ -359,8 +568,26 @@ def test_eval_cli_end_to_end(index_dir, model_dir, other_model_dir, tmp_path, ca
     assert all(REQUIRED_KEYS <= set(r) for r in records)
     kinds = [r["kind"] for r in records]
     assert [r["setting"] for r in records[:4]] == ["D", "D/2", "D/4", "D/8"]
-    assert kinds.count("mix'n'match") >= 6 and kinds.count("funnel") == 3 and kinds.count("adaptive") == 2
-    assert kinds[-1] == "control"
+    assert kinds.count("mix'n'match") >= 6 and kinds[-1] == "control"
+    # both gates at every default target rate (0.05, 0.25, 0.5); settings calibrating alike are measured once
+    gated = {(r["kind"], r["gate"]): [] for r in records if r["gate"] is not None}
+    for r in records:
+        if r["gate"] is not None:
+            gated[(r["kind"], r["gate"])].append(r)
+    assert set(gated) == {("funnel", "margin"), ("adaptive", "margin"), ("funnel", "vote"), ("adaptive", "vote")}
+    assert [r["target_escalation_rate"] for r in gated[("funnel", "margin")]] == [0.05, 0.25, 0.5]
+    for (kind, gate), rs in gated.items():
+        assert len({r["setting"] for r in rs}) == len(rs) and 1 <= len(rs) <= 3
+        for r in rs:
+            assert r["target_escalation_rate"] in (0.05, 0.25, 0.5)
+            label = f"vote@10<{r['gate_threshold']:.3g}" if gate == "vote" else f"margin<{r['gate_threshold']:.3g}"
+            assert r["setting"].startswith(kind) and r["setting"].endswith(f" if {label}")
+            assert (r["vote_k"] == 10 and 0 < r["gate_threshold"] <= 1) if gate == "vote" else r["vote_k"] is None
+            assert r["query_mflops"] == pytest.approx(records[3]["query_mflops"]
+                                                      + r["escalation_rate"] * records[0]["query_mflops"])
+    assert [r["target_escalation_rate"] for r in gated[("funnel", "vote")]] == \
+        [r["target_escalation_rate"] for r in gated[("adaptive", "vote")]]
+    assert all(r["gate"] is None and r["gate_threshold"] is None for r in records if r["kind"] in ("level", "control"))
     full = records[0]
     assert full["recall@10"] == 1.0 and full["query_mflops"] == pytest.approx(Searcher(index_dir).mflops("D"))
     for r in records:
@@ -370,6 +597,7 @@ def test_eval_cli_end_to_end(index_dir, model_dir, other_model_dir, tmp_path, ca
     assert funnel_always["query_mflops"] == pytest.approx(records[0]["query_mflops"] + records[3]["query_mflops"])
     markdown = (out / "r.md").read_text()
     assert "| setting |" in markdown and markdown.count("\n| ") >= len(records)
+    assert " if vote@10<" in markdown and " if margin<" in markdown and "(target 5%)" in markdown
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
