@@ -88,14 +88,74 @@ def test_triton_causal_conv_equals_reference_in_the_interpreter():
     """The fused conv kernel, run by Triton's CPU interpreter, against F.conv1d: strided input, several tile
     edges (l and c not multiples of the blocks), sequences shorter than the kernel, with and without bias."""
     pytest.importorskip("triton")
+    assert float(run_in_interpreter(CONV_CHECK).split()[-1]) < 1e-6
+
+
+SSD_CHECK = """
+import torch
+import torch.nn.functional as F
+from vision_model.ssd import ssd_recurrent
+from vision_model.ssd_triton import ssd_forward_triton
+torch.manual_seed(0)
+worst = 0.0
+# (batch, length, heads, headdim, d_state, groups, with D, launch): several chunks with a ragged end, a sequence
+# shorter than one chunk, headdim split over two programs, two B/C groups, no D
+for b, l, h, p, n, g, with_d, cfg in [(2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16)),
+                                      (1, 9, 2, 16, 16, 1, True, dict(CHUNK=32, BLOCK_P=16)),
+                                      (2, 40, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16)),
+                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16))]:
+    inner = h * p
+    zxbcdt = torch.randn(b, l, 2 * inner + 2 * g * n + h)  # the block's in_proj output: x, B, C, dt are views
+    x = zxbcdt[..., inner:2 * inner].unflatten(-1, (h, p))
+    B = zxbcdt[..., 2 * inner:2 * inner + g * n].unflatten(-1, (g, n))
+    C = zxbcdt[..., 2 * inner + g * n:2 * inner + 2 * g * n].unflatten(-1, (g, n))
+    dt = zxbcdt[..., 2 * inner + 2 * g * n:] - 1
+    dt_bias, A = torch.rand(h) - 3, -torch.rand(h) * 8
+    D = torch.randn(h) if with_d else None
+    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=cfg)
+    ref = ssd_recurrent(*(t.double() for t in (x, F.softplus(dt + dt_bias), A, B, C)),
+                        None if D is None else D.double())
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    worst = max(worst, ((y.double() - ref).norm() / ref.norm()).item())
+print(worst)
+"""
+
+
+def run_in_interpreter(script: str) -> str:
+    """Run `script` in a fresh process under Triton's CPU interpreter (TRITON_INTERPRET is read when a kernel is
+    defined, so it cannot be switched on inside this process); its stdout."""
     import os
     import subprocess
     import sys
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined, so a fresh process
-    done = subprocess.run([sys.executable, "-c", CONV_CHECK], env=env, capture_output=True, text=True, timeout=300,
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 1e-6
+    return done.stdout
+
+
+def test_triton_ssd_forward_equals_recurrence_in_the_interpreter():
+    """The one-kernel SSD forward (inference on CUDA), run by Triton's CPU interpreter in fp32, against the
+    float64 step-by-step recurrence: strided views of one in_proj output, ragged chunk ends, split headdim,
+    grouped B/C, with and without D."""
+    pytest.importorskip("triton")
+    assert float(run_in_interpreter(SSD_CHECK).split()[-1]) < 1e-5
+
+
+def test_ssd_forward_launch_policy():
+    """Inference takes the one-kernel SSD forward only where it measured faster than mamba-ssm's chunked scan (many
+    (batch, head) pairs, or short sequences), and refuses the launches that crashed on the H100."""
+    pytest.importorskip("triton")
+    from vision_model.ssd_triton import prefer_fused_forward, ssd_forward_triton
+    assert prefer_fused_forward(batch=16, seqlen=4097, heads=32)  # 135M, 1024 px, D: 1.9x faster
+    assert not prefer_fused_forward(batch=16, seqlen=4097, heads=4)  # D/8: 64 programs walking 4097 tokens
+    assert not prefer_fused_forward(batch=4, seqlen=16385, heads=32)  # 2048 px
+    assert prefer_fused_forward(batch=1, seqlen=197, heads=4)  # 224 px query: launches dominate
+    x, dt, A = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2), -torch.rand(2)
+    B = C = torch.randn(1, 8, 1, 16)
+    for bad in (dict(CHUNK=128, BLOCK_P=16), dict(CHUNK=64, BLOCK_P=16, num_warps=8)):
+        with pytest.raises(ValueError, match="chunks of at most 64 and 4 warps"):
+            ssd_forward_triton(x, dt, A, B, C, None, torch.zeros(2), config=bad)
 
 
 def test_residual_fused_block_loop_equals_plain_blocks():

@@ -1,7 +1,9 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
-backend="triton" runs mamba-ssm's chunked SSD scan and gated RMSNorm, and (at inference) our fused causal
-conv + SiLU from `vision_model.conv`; backend="torch" runs the readable PyTorch definitions of all three.
+backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference with few (batch, head) pairs over
+long sequences) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference), mamba-ssm's gated
+RMSNorm, and (at inference) our fused causal conv + SiLU from `vision_model.conv`; backend="torch" runs the
+readable PyTorch definitions of all three.
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
 """
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 from .ssd import ssd_chunked
+from .ssd_triton import prefer_fused_forward, ssd_forward_triton
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -53,10 +56,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
              chunk_size: int, backend: str = "auto") -> Tensor:
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`."""
     backend = resolve_backend(backend, x.device)
+    if (backend == "triton" and not _needs_grad(x, dt, A, B, C, D, dt_bias)
+            and prefer_fused_forward(x.shape[0], x.shape[1], x.shape[2])):
+        return ssd_forward_triton(x, dt, A, B, C, D, dt_bias)  # forward only: the state never leaves the chip
     if backend == "triton":
         # the kernels read any layout whose last dim is dense (the split views of the conv output); others copy
         x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
@@ -68,8 +78,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "auto") -> Tensor:
     """silu(causal depthwise conv1d) of x (b, l, c) with weight (c, 1, k): fused Triton kernel at inference."""
     backend = resolve_backend(backend, x.device)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if backend == "triton" and not needs_grad:  # the Triton kernel has no backward; training takes the reference
+    if backend == "triton" and not _needs_grad(x, weight, bias):  # no backward: training takes the reference
         return causal_conv1d_silu_triton(x, weight, bias)
     return causal_conv1d_silu_ref(x, weight, bias)
 

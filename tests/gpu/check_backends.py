@@ -49,6 +49,27 @@ def compare(name: str, img: int, batch: int, widths_mnm, amp: bool, tol_out: flo
     return rows
 
 
+@torch.no_grad()
+def compare_inference(name: str, img: int, batch: int, widths_mnm, amp: bool, tol_out: float) -> list[dict]:
+    """Inference takes other kernels than training (the one-kernel SSD forward, the fused conv): embeddings of the
+    Triton backend against the PyTorch backend with autograd off."""
+    torch.manual_seed(0)
+    model = create_model(name).cuda().eval()
+    x = torch.randn(batch, model.config.in_chans, img, img, device="cuda")
+    settings = [("D" if lv == 1 else f"D/{lv}", dict(level=lv)) for lv in model.config.levels]
+    settings.append(("mnm", dict(widths=widths_mnm)))
+    rows = []
+    for label, kw in settings:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            outs = {backend: model.embed(x, backend=backend, **kw).float() for backend in ("torch", "triton")}
+        row = {"model": name, "img": img, "amp": amp, "setting": label, "inference": True,
+               "out_rel_err": rel(outs["triton"], outs["torch"])}
+        row["ok"] = row["out_rel_err"] < tol_out and bool(torch.isfinite(outs["triton"]).all())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def bf16_train_step(name: str, img: int, batch: int) -> dict:
     model = create_model(name).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -85,6 +106,11 @@ def main() -> int:
     mnm35 = [512] * 5 + [256] * 5 + [128] * 5 + [64] * 5
     rows += compare("matmamba_vision_35m", 224, 4, mnm35, amp=False, tol_out=5e-3, tol_grad=1e-2)
     rows += compare("matmamba_vision_35m", 224, 4, mnm35, amp=True, tol_out=3e-2, tol_grad=5e-2)
+    rows += compare_inference("matmamba_vision_fmnist", 28, 64, fm, amp=False, tol_out=5e-3)
+    rows += compare_inference("matmamba_vision_fmnist", 28, 64, fm, amp=True, tol_out=3e-2)
+    mnm135 = [1024] * 5 + [512] * 5 + [256] * 5 + [128] * 5
+    rows += compare_inference("matmamba_vision_135m", 512, 2, mnm135, amp=False, tol_out=5e-3)
+    rows += compare_inference("matmamba_vision_135m", 512, 2, mnm135, amp=True, tol_out=3e-2)
     rows.append(bf16_train_step("matmamba_vision_135m", 224, 32))
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")

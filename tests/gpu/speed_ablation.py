@@ -31,9 +31,17 @@ def rel(a, b):
 
 
 @contextlib.contextmanager
-def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool):
-    """Swap the fused ops for their PyTorch versions where a flag is False."""
+def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool, ssd_kernel: bool = False):
+    """Swap the fused ops for their PyTorch versions where a flag is False (and, without `ssd_kernel`, the
+    one-kernel SSD forward for mamba-ssm's chunked scan)."""
     saved = {k: getattr(block_mod, k) for k in ("causal_conv1d_silu", "gated_rms_norm", "add_rms_norm", "ssd_scan")}
+    saved_ssd = backends.ssd_forward_triton
+    if not ssd_kernel:
+        def mamba_scan(x, dt, A, B, C, D, dt_bias):
+            x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+            return backends.triton_chunk_scan()(x, dt, A, B, C, block_mod_chunk[0], D=D, dt_bias=dt_bias,
+                                                dt_softplus=True)
+        backends.ssd_forward_triton = mamba_scan
     if not conv:
         block_mod.causal_conv1d_silu = lambda x, w, b, backend: backends.causal_conv1d_silu(x, w, b, "torch")
     if not gnorm:
@@ -50,6 +58,10 @@ def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool):
     finally:
         for k, v in saved.items():
             setattr(block_mod, k, v)
+        backends.ssd_forward_triton = saved_ssd
+
+
+block_mod_chunk = [256]  # mamba-ssm's chunk length for the variants that use it (set_chunk changes it)
 
 
 VARIANTS = [
@@ -57,11 +69,13 @@ VARIANTS = [
     ("+no-copy", dict(conv=False, gnorm=False, addnorm=False, nocopy=True)),
     ("+conv", dict(conv=True, gnorm=False, addnorm=False, nocopy=True)),
     ("+gated-norm", dict(conv=True, gnorm=True, addnorm=False, nocopy=True)),
-    ("+add-norm (all)", dict(conv=True, gnorm=True, addnorm=True, nocopy=True)),
+    ("+add-norm", dict(conv=True, gnorm=True, addnorm=True, nocopy=True)),
+    ("+one-kernel SSD forward (all)", dict(conv=True, gnorm=True, addnorm=True, nocopy=True, ssd_kernel=True)),
 ]
 
 
 def set_chunk(model, chunk):
+    block_mod_chunk[0] = chunk
     for blk in model.blocks:
         blk.mixer.chunk_size = chunk
 
@@ -97,7 +111,10 @@ def main() -> int:
             ref = model.embed(x, level=lv, backend="torch").float()
             with variant(False, False, False, False):
                 unfused = model.embed(x, level=lv, backend="triton").float()
-            out(check="agreement", level=lv, fused_vs_torch=rel(fused, ref), unfused_triton_vs_torch=rel(unfused, ref))
+            with variant(True, True, True, True):
+                mamba_ssd = model.embed(x, level=lv, backend="triton").float()
+            out(check="agreement", level=lv, fused_vs_torch=rel(fused, ref), unfused_triton_vs_torch=rel(unfused, ref),
+                fused_with_mamba_ssd_vs_torch=rel(mamba_ssd, ref))
     out(at="agreement done", s=round(time.time() - t0, 1))
 
     # 2. ablation
@@ -113,8 +130,8 @@ def main() -> int:
                     calls.append((dict(model="135m", level=lv, variant=name, flags=flags),
                                   lambda lv=lv: model.embed(x, level=lv)))
                 for chunk in args.chunks:
-                    calls.append((dict(model="135m", level=lv, variant=f"all, chunk {chunk}", chunk=chunk),
-                                  lambda lv=lv: model.embed(x, level=lv)))
+                    calls.append((dict(model="135m", level=lv, variant=f"+add-norm, chunk {chunk}", chunk=chunk,
+                                       flags=VARIANTS[-2][1]), lambda lv=lv: model.embed(x, level=lv)))
                 for hd, other in others.items():
                     for chunk in args.chunks:
                         calls.append((dict(model=f"135m headdim {hd}", level=lv, variant=f"all, chunk {chunk}",
@@ -138,8 +155,8 @@ def main() -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         x = torch.randn(16, 3, 1024, 1024, device=dev, dtype=dt)
-        profiled = [(name, flags, model, 1) for name, flags in (VARIANTS[0], VARIANTS[-1])]
-        profiled += [(VARIANTS[-1][0], VARIANTS[-1][1], model, 8)]
+        profiled = [(name, flags, model, 1) for name, flags in (VARIANTS[0], VARIANTS[-2], VARIANTS[-1])]
+        profiled += [(name, flags, model, 8) for name, flags in VARIANTS[-2:]]
         profiled += [(f"headdim {hd}", VARIANTS[-1][1], other, 1) for hd, other in others.items()]
         for name, flags, m, lv in profiled:
             with torch.inference_mode(), variant(**flags):

@@ -1,0 +1,143 @@
+"""A forward-only SSD scan in one Triton kernel, for inference.
+
+mamba-ssm's chunked scan runs as five kernels (dt cumsum, per-chunk states, state passing, C·Bᵀ per chunk, chunk
+scan) and writes every chunk's state (heads × headdim × d_state, fp32) to memory and reads it back: at 1024 px on
+the 135M config that traffic and the five launches were ~45% of the encoder's time (docs/notes.md, section 6).
+Inference needs no saved intermediates, so here one program owns one (batch, head, headdim block) and walks its
+sequence chunk by chunk, keeping the running state on chip:
+
+    per chunk (t, s positions inside it; cs = cumulative sum of dt·A):
+        y_t     = Σ_{s≤t} (C_t·B_s) exp(cs_t − cs_s) dt_s x_s   +   exp(cs_t) C_t · state   +   D x_t
+        state  ← exp(cs_end) state + Σ_s exp(cs_end − cs_s) dt_s B_s x_sᵀ
+
+the same chunked form as `vision_model.ssd.ssd_chunked` (and the recurrence in `ssd_recurrent`), which the tests
+hold it to. Short chunks are cheap here (no per-chunk state round trip), so the kernel picks its own chunk length;
+the config's chunk_size only matters to the training kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: vision_model.ssd serves them
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _ssd_forward_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y,
+                            L, P, N, heads_per_group,
+                            stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_dth,
+                            stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                            stride_yb, stride_yl, stride_yh,
+                            CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                            HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+        pid, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        n_pblocks = tl.cdiv(P, BLOCK_P)
+        head, pblock = pid // n_pblocks, pid % n_pblocks
+        group = head // heads_per_group
+        p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        r = tl.arange(0, CHUNK)
+        p_ok, n_ok = p < P, n < N
+        causal = r[:, None] >= r[None, :]
+
+        a_head = tl.load(A + head).to(tl.float32)
+        dt_bias = tl.load(DTBias + head).to(tl.float32)
+        x_ptr = X + pid_b * stride_xb + head * stride_xh
+        dt_ptr = DT + pid_b * stride_dtb + head * stride_dth
+        b_ptr = Bm + pid_b * stride_bb + group * stride_bg
+        c_ptr = Cm + pid_b * stride_cb + group * stride_cg
+        y_ptr = Y + pid_b * stride_yb + head * stride_yh
+
+        state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        for start in range(0, L, CHUNK):
+            t = start + r
+            t_ok = t < L
+            dt = tl.load(dt_ptr + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32) + dt_bias
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, linear where exp would overflow
+            dt = tl.where(t_ok, dt, 0.0)  # past the end: no input and no decay
+            cs = tl.cumsum(dt * a_head, axis=0)
+            cs_end = tl.sum(dt * a_head, axis=0)
+
+            x = tl.load(x_ptr + t[:, None] * stride_xl + p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)
+            bmat = tl.load(b_ptr + t[:, None] * stride_bl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+            cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+
+            # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x
+            scores = tl.dot(cmat, tl.trans(bmat), input_precision=PRECISION)
+            decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            scores = scores * decay * dt[None, :]
+            y = tl.dot(scores.to(x.dtype), x, input_precision=PRECISION)
+            # carried in from earlier chunks
+            y += tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION) * tl.exp(cs)[:, None]
+            if HAS_D:
+                y += tl.load(Dskip + head).to(tl.float32) * x.to(tl.float32)
+            tl.store(y_ptr + t[:, None] * stride_yl + p[None, :], y.to(Y.dtype.element_ty),
+                     mask=t_ok[:, None] & p_ok[None, :])
+
+            to_end = tl.exp(cs_end - cs) * dt
+            weighted_b = (bmat.to(tl.float32) * to_end[:, None]).to(x.dtype)
+            state = state * tl.exp(cs_end) + tl.dot(tl.trans(weighted_b), x, input_precision=PRECISION)
+
+
+
+# Launches that hit "an illegal memory access" on the H100 with Triton 3.6 (docs/notes.md section 9): 128-long chunks,
+# 8 warps with 64-long chunks, and one pipeline stage on the 35M config (headdim 16) at 224 px. Every 8-warp launch
+# that did run was about 2x slower than its 4-warp twin. The default launch below ran every row of the benchmark.
+MAX_CHUNK, NUM_WARPS = 64, 4
+
+
+def prefer_fused_forward(batch: int, seqlen: int, heads: int) -> bool:
+    """Whether this kernel beats mamba-ssm's chunked scan for a call (measured on an H100, docs/notes.md section 9).
+
+    One program walks a whole sequence, chunk after chunk, so the kernel needs many (batch, head) pairs to fill the
+    GPU; mamba-ssm's kernels run the chunks in parallel. The kernel won at >= 256 pairs (1.03-1.55x) and at any
+    batch for sequences of <= 256 tokens (1.2x, where mamba-ssm's five launches dominate); it lost at <= 128 pairs
+    on long sequences (down to 0.2x at batch 1 and 2048 px)."""
+    return batch * heads >= 256 or seqlen <= 256
+
+
+def launch_config(batch: int, heads: int, headdim: int, device: torch.device) -> dict:
+    """Chunk length, headdim block, warps and pipeline stages for one call.
+
+    A 64-wide headdim block is fastest when the GPU is full (0.81 ms against 1.41 ms for 32 at 1024 px, D); with
+    few (batch, head) pairs the headdim is split over more programs (each recomputes its chunk's C·Bᵀ)."""
+    block_p = min(64, max(16, triton.next_power_of_2(headdim)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    while block_p > 16 and batch * heads * triton.cdiv(headdim, block_p) < 2 * sms:
+        block_p //= 2
+    return {"CHUNK": 64, "BLOCK_P": block_p, "num_warps": NUM_WARPS, "num_stages": 2}
+
+
+def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
+                       config: dict | None = None) -> Tensor:
+    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ssd`
+    (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
+
+    `config` overrides the launch ({"CHUNK", "BLOCK_P", "num_warps", "num_stages"}; default `launch_config`).
+    Under Triton's CPU interpreter (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
+    if triton is None:
+        raise RuntimeError("ssd_forward_triton needs Triton")
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    if dt.shape != (b, l, h) or B.shape != (b, l, g, n) or C.shape != B.shape or h % g:
+        raise ValueError(f"SSD shapes do not match: x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
+                         f"B {tuple(B.shape)}, C {tuple(C.shape)}")
+    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
+    y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # "tf32" only matters for fp32; bf16 dots are bf16
+    block_n = max(16, triton.next_power_of_2(n))
+    args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y,
+            l, p, n, h // g, *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
+    config = dict(config or launch_config(b, h, p, x.device))
+    launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    if config["CHUNK"] > MAX_CHUNK or launch.get("num_warps", NUM_WARPS) != NUM_WARPS:
+        raise ValueError(f"SSD forward launch {config} {launch}: chunks of at most {MAX_CHUNK} and {NUM_WARPS} warps "
+                         "only (larger launches crashed with illegal memory accesses on an H100, Triton 3.6)")
+    grid = (h * triton.cdiv(p, config["BLOCK_P"]), b)
+    _ssd_forward_kernel[grid](*args, BLOCK_N=block_n, HAS_D=D is not None, PRECISION=precision, **config, **launch)
+    return y
