@@ -129,7 +129,7 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                          f"B {tuple(B.shape)}, C {tuple(C.shape)}")
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # "tf32" only matters for fp32; bf16 dots are bf16
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs get true fp32 dots, not tf32
     block_n = max(16, triton.next_power_of_2(n))
     args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y,
             l, p, n, h // g, *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
