@@ -27,7 +27,7 @@ MAX_K = 50
 STAGES = ("decode", "encode", "search", "rerank")
 RERANK_CHOICES = ("all queries", "uncertain queries")
 GATE_CHOICES = {"label vote": "vote", "score margin": "margin"}  # the first is the default where labels exist
-DEFAULT_VOTE = 0.6  # retrieval.gate.DEFAULT_VOTE; this module imports retrieval lazily
+DEFAULT_VOTE = 0.8  # retrieval.gate.DEFAULT_VOTE; this module imports retrieval lazily
 
 st.set_page_config(page_title="MatMamba search", page_icon="🔎", layout="wide",
                    initial_sidebar_state="expanded")

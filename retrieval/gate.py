@@ -13,7 +13,8 @@ A gate looks at the small submodel's results for a query and says "uncertain: es
   The vote needs database labels: on a database without any it raises ValueError.
 
 On the shipped model (60k train images, D/8 -> D) the margin barely separates right from wrong D/8 answers, while
-the vote does: at T=0.6, k=10 about 5% of queries escalate and the result beats D alone at a quarter of its cost.
+the vote does: at T=0.8, k=10, 6.4% of the test queries escalate and the funnel beats D alone (93.47 against 93.15
+1-NN top-1) at a quarter of its cost (docs/notes.md, section 10).
 
 Thresholds come from held-out queries, never the test set: `held_out_margins` / `held_out_votes` give the gate's
 statistic on queries drawn from the database itself (their own row left out) or unseen ones, and
@@ -30,7 +31,7 @@ from .staged import escalate_below
 
 GATES = ("margin", "vote")
 DEFAULT_VOTE_K = 10
-DEFAULT_VOTE = 0.6  # ~5% of Fashion-MNIST queries escalate with the shipped model, at k=10
+DEFAULT_VOTE = 0.8  # 5.1% of held-out (6.4% of test) Fashion-MNIST queries escalate with the shipped model, k=10
 VOTE_EPS = 1e-9
 CALIBRATION_SLACK = 0.25  # a calibrated vote threshold may escalate up to 25% more than the wanted rate (see below)
 

@@ -4,10 +4,10 @@
     matsearch search --index DIR a.png b.jpg --widths 192,192,96,96,48,48,24,24 --k 5 --json
     matsearch search --index DIR a.png --budget-mflops 80          # needs the model's pareto.json
     matsearch search --index DIR a.png --funnel D/8:D:100                    # rerank every query
-    matsearch search --index DIR a.png --funnel D/8:D:100 --rerank-vote 0.6  # rerank if < 60% of the top 10
+    matsearch search --index DIR a.png --funnel D/8:D:100 --rerank-vote 0.8  # rerank if < 80% of the top 10
                                                                              #   share the top-1's label
     matsearch search --index DIR a.png --funnel D/8:D:100 --rerank-margin 0.02   # rerank if top-1/top-2 < 0.02
-    matsearch search --index DIR a.png --adaptive D/8:D:vote0.6 [--vote-k 20]    # escalate by the label vote
+    matsearch search --index DIR a.png --adaptive D/8:D:vote0.8 [--vote-k 20]    # escalate by the label vote
     matsearch search --index DIR a.png --adaptive D/8:D:0.02                     # escalate by the score margin
 
 The label vote needs an index with labels (built from fashion-mnist:... or imagefolder:DIR); on an unlabelled

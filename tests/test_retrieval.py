@@ -322,7 +322,7 @@ def test_gate_options_are_validated():
     assert Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20).name == "funnel D/8->D @50 if vote@20<0.7"
     assert Funnel(D8, D, 50, "margin", 0.02).name == "funnel D/8->D @50 if margin<0.02"
     assert Adaptive(D8, D, 0.02).name == "adaptive D/8->D if margin<0.02"
-    assert Adaptive(D8, D, gate="vote").name == "adaptive D/8->D if vote@10<0.6"
+    assert Adaptive(D8, D, gate="vote").name == "adaptive D/8->D if vote@10<0.8"  # the default threshold
     assert Adaptive.parse("D/8:D:vote0.6") == Adaptive(D8, D, gate="vote", vote=0.6)
     assert Adaptive.parse("8:1:vote0.8", vote_k=5) == Adaptive(D8, D, gate="vote", vote=0.8, vote_k=5)
     assert Adaptive.parse("D/8:D:margin0.02") == Adaptive.parse("D/8:D:0.02") == Adaptive(D8, D, 0.02)
