@@ -5,7 +5,7 @@
     store = IndexStore.open("indexes/fmnist-test")
     scores, ids = store.search(queries, k=10)      # queries: (n, d) float32, L2-normalised
     rows = store.metadata(ids[0])                  # key, label, label_name, sha256, width, height, source
-    labels = store.labels_of(ids)                  # label ids, vectorised: -1 for unlabelled items and id -1
+    labels = store.labels                          # label id per item (-1: unlabelled); retrieval.knn.labels_of
 
 Names are imported on first use, so that reading an index does not import torch.
 """

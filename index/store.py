@@ -318,17 +318,6 @@ class IndexStore:
             raise IndexError(f"ids {missing[:5]} are not in this index of {len(self)} items")
         return [found[i] if i >= 0 else None for i in wanted]
 
-    def labels_of(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
-        """Label ids of items (any shape), vectorised from the labels read at open: -1 for an unlabelled item and
-        for id -1 (no result); IndexError for ids outside the index."""
-        ids = np.asarray(ids, dtype=np.int64)
-        bad = (ids < -1) | (ids >= len(self.labels))
-        if bad.any():
-            raise IndexError(f"ids {np.unique(ids[bad])[:5].tolist()} are not in this index of {len(self)} items")
-        if not len(self.labels):
-            return np.full(ids.shape, -1, dtype=np.int64)
-        return np.where(ids >= 0, self.labels[np.maximum(ids, 0)], -1)
-
     def load_image(self, id: int):
         """The PIL image item `id` was built from (read again from its source), e.g. to show a result."""
         row = self.metadata([id])[0]

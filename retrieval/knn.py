@@ -43,10 +43,6 @@ class InMemoryDatabase:
     def has_labels(self) -> bool:
         return bool((self.labels >= 0).any())
 
-    def labels_of(self, ids: np.ndarray) -> np.ndarray:
-        """Labels of ids (any shape): -1 for id -1 and for unlabelled items."""
-        return label_lookup(self.labels, ids)
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         scores[ids < 0] = -np.inf
@@ -68,8 +64,7 @@ def label_lookup(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def labels_of(db: VectorDatabase, ids: np.ndarray) -> np.ndarray:
     """Labels of a database's ids (any shape): -1 for padding ids (-1) and unlabelled items."""
-    lookup = getattr(db, "labels_of", None)
-    return lookup(ids) if lookup is not None else label_lookup(db.labels, ids)
+    return label_lookup(db.labels, ids)
 
 
 def has_labels(db: VectorDatabase) -> bool:

@@ -21,6 +21,7 @@ import vision_model
 from conftest import save_small_model
 from index import CorruptIndexError, IndexStore, build_index, open_source
 from index import build as build_module
+from retrieval import knn
 from vision_model.config import FASHION_MNIST_CLASSES
 from vision_model.data import load_fashion_mnist
 from vision_model.preprocess import normalize_uint8
@@ -123,7 +124,7 @@ def test_folder_build_indexes_good_and_odd_images_and_skips_bad_ones(image_folde
     assert [r["id"] for r in rows] == list(range(len(rows)))
     assert all(r["label"] is None and r["source"] == str(image_folder.resolve()) for r in rows)
     assert (store.labels == -1).all()
-    assert not store.has_labels and store.labels_of(np.array([[0, -1], [1, 2]])).tolist() == [[-1, -1], [-1, -1]]
+    assert not store.has_labels and knn.labels_of(store, np.array([[0, -1], [1, 2]])).tolist() == [[-1, -1], [-1, -1]]
     by_key = {r["key"]: r for r in rows}
     assert (by_key["odd/cmyk.jpg"]["width"], by_key["odd/cmyk.jpg"]["height"]) == (23, 19)  # original size
     gray16_bytes = (image_folder / "odd/gray16.png").read_bytes()
@@ -193,10 +194,10 @@ def test_fashion_mnist_source_with_limit(tmp_path, model_dir):
     assert store.labels.tolist() == labels[:300].tolist()
     assert store.has_labels
     ids = np.array([[7, -1, 299], [0, 0, 123]])
-    assert store.labels_of(ids).tolist() == [[labels[7], -1, labels[299]], [labels[0], labels[0], labels[123]]]
-    assert store.labels_of(np.arange(300)).dtype == np.int64 and store.labels_of([]).shape == (0,)
+    assert knn.labels_of(store, ids).tolist() == [[labels[7], -1, labels[299]], [labels[0], labels[0], labels[123]]]
+    assert knn.labels_of(store, np.arange(300)).dtype == np.int64 and knn.labels_of(store, []).shape == (0,)
     with pytest.raises(IndexError, match="300"):
-        store.labels_of([5, 300])
+        knn.labels_of(store, [5, 300])
     assert rows[7]["label_name"] == FASHION_MNIST_CLASSES[labels[7]]
     assert store.label_names == list(FASHION_MNIST_CLASSES)
     model = vision_model.from_pretrained(model_dir)

@@ -378,7 +378,7 @@ def test_vote_gated_search_on_a_real_index(searcher, test_images):
     np.testing.assert_array_equal([r.escalated for r in funnel], expected)
     assert np.mean([r.mflops for r in funnel]) == pytest.approx(searcher.mflops(D8)
                                                                + expected.mean() * searcher.mflops(D))
-    np.testing.assert_array_equal(searcher.store.labels_of(np.array([[0, -1]])), [[searcher.store.labels[0], -1]])
+    np.testing.assert_array_equal(knn.labels_of(searcher.store, np.array([[0, -1]])), [[searcher.store.labels[0], -1]])
 
 
 # -- metrics on hand-made examples ---------------------------------------------------------------------------------
