@@ -27,7 +27,6 @@ MAX_K = 50
 STAGES = ("decode", "encode", "search", "rerank")
 RERANK_CHOICES = ("all queries", "uncertain queries")
 GATE_CHOICES = {"label vote": "vote", "score margin": "margin"}  # the first is the default where labels exist
-DEFAULT_VOTE = 0.8  # retrieval.gate.DEFAULT_VOTE; this module imports retrieval lazily
 
 st.set_page_config(page_title="MatMamba search", page_icon="🔎", layout="wide",
                    initial_sidebar_state="expanded")
@@ -136,7 +135,7 @@ def sidebar(searcher):
     """The controls -> (submodel, funnel, adaptive, k, threshold, label ids, a description of the encoder choice)."""
     from retrieval.adaptive import Adaptive
     from retrieval.funnel import Funnel
-    from retrieval.gate import Gate
+    from retrieval.gate import DEFAULT_VOTE, Gate
     from retrieval.submodel import Submodel
 
     full = Submodel(level=1)
@@ -173,7 +172,7 @@ def sidebar(searcher):
                                 help="Answer with the chosen submodel; queries the gate below calls uncertain are "
                                      "encoded again by D and searched again.")
         gated = adaptive_on or (funnel_on and rerank_uncertain)
-        has_labels = bool(getattr(searcher.store, "has_labels", False))
+        has_labels = searcher.store.has_labels
         gate_names = list(GATE_CHOICES) if has_labels else ["score margin"]
         if st.session_state.get("gate") not in gate_names:  # default: the vote where there are labels to vote
             st.session_state.gate = gate_names[0]

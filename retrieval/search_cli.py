@@ -61,11 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from .search import Searcher
     from .submodel import Submodel
 
-    funnel, adaptive = _staged_modes(args)
+    funnel, adaptive, gate = _staged_modes(args)
     submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
 
     searcher = Searcher(args.index, args.model, device=args.device)
-    gate = funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None
     if gate is not None:
         try:
             gate.check(searcher.store)  # a vote gate on an unlabelled index: say so before reading any image
@@ -100,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _staged_modes(args: argparse.Namespace):
-    """(Funnel or None, Adaptive or None) from --funnel/--adaptive and the gate flags; ValueError on a bad mix."""
+    """(Funnel or None, Adaptive or None, its escalation Gate or None) from --funnel/--adaptive and the gate flags;
+    ValueError on a bad mix."""
     from .adaptive import Adaptive
     from .funnel import Funnel
     from .gate import DEFAULT_VOTE_K
@@ -113,12 +113,11 @@ def _staged_modes(args: argparse.Namespace):
     vote_k = DEFAULT_VOTE_K if args.vote_k is None else args.vote_k
     funnel = Funnel.parse(args.funnel, args.rerank_margin, args.rerank_vote, vote_k) if args.funnel else None
     adaptive = Adaptive.parse(args.adaptive, vote_k) if args.adaptive else None
-    if args.vote_k is not None:
-        gate = (funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None)
-        if gate is None or gate.kind != "vote":
-            raise ValueError("--vote-k goes with a vote gate: --funnel ... --rerank-vote T or --adaptive "
-                             "SMALL:LARGE:voteT")
-    return funnel, adaptive
+    gate = funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None
+    if args.vote_k is not None and (gate is None or gate.kind != "vote"):
+        raise ValueError("--vote-k goes with a vote gate: --funnel ... --rerank-vote T or --adaptive "
+                         "SMALL:LARGE:voteT")
+    return funnel, adaptive, gate
 
 
 def _table(name: str, mode: str, result) -> str:
