@@ -22,12 +22,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def level_settings(model, widths_mnm) -> list[tuple[str, dict]]:
+    """(label, embed/forward kwargs) for every trained level and one Mix'n'Match config."""
+    return [("D" if lv == 1 else f"D/{lv}", dict(level=lv)) for lv in model.config.levels] + \
+        [("mnm", dict(widths=widths_mnm))]
+
+
 def compare(name: str, img: int, batch: int, widths_mnm, amp: bool, tol_out: float, tol_grad: float) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(name).cuda().eval()  # eval: drop-path would draw different masks per backend
     x = torch.randn(batch, model.config.in_chans, img, img, device="cuda")
-    settings = [("D" if lv == 1 else f"D/{lv}", dict(level=lv)) for lv in model.config.levels]
-    settings.append(("mnm", dict(widths=widths_mnm)))
+    settings = level_settings(model, widths_mnm)
     rows = []
     for label, kw in settings:
         outs, grads = {}, {}
@@ -56,8 +61,7 @@ def compare_inference(name: str, img: int, batch: int, widths_mnm, amp: bool, to
     torch.manual_seed(0)
     model = create_model(name).cuda().eval()
     x = torch.randn(batch, model.config.in_chans, img, img, device="cuda")
-    settings = [("D" if lv == 1 else f"D/{lv}", dict(level=lv)) for lv in model.config.levels]
-    settings.append(("mnm", dict(widths=widths_mnm)))
+    settings = level_settings(model, widths_mnm)
     rows = []
     for label, kw in settings:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

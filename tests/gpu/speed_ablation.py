@@ -32,16 +32,12 @@ def rel(a, b):
 
 @contextlib.contextmanager
 def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool, ssd_kernel: bool = False):
-    """Swap the fused ops for their PyTorch versions where a flag is False (and, without `ssd_kernel`, the
-    one-kernel SSD forward for mamba-ssm's chunked scan)."""
+    """Swap the fused ops for their PyTorch versions where a flag is False; `ssd_kernel` picks the one-kernel SSD
+    forward (True) or mamba-ssm's chunked scan at the block's chunk size (False) for every call, whatever
+    `backends.prefer_fused_forward` would choose."""
     saved = {k: getattr(block_mod, k) for k in ("causal_conv1d_silu", "gated_rms_norm", "add_rms_norm", "ssd_scan")}
-    saved_ssd = backends.ssd_forward_triton
-    if not ssd_kernel:
-        def mamba_scan(x, dt, A, B, C, D, dt_bias):
-            x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
-            return backends.triton_chunk_scan()(x, dt, A, B, C, block_mod_chunk[0], D=D, dt_bias=dt_bias,
-                                                dt_softplus=True)
-        backends.ssd_forward_triton = mamba_scan
+    saved_policy = backends.prefer_fused_forward
+    backends.prefer_fused_forward = lambda batch, seqlen, heads: ssd_kernel
     if not conv:
         block_mod.causal_conv1d_silu = lambda x, w, b, backend: backends.causal_conv1d_silu(x, w, b, "torch")
     if not gnorm:
@@ -58,10 +54,7 @@ def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool, ssd_kernel: bo
     finally:
         for k, v in saved.items():
             setattr(block_mod, k, v)
-        backends.ssd_forward_triton = saved_ssd
-
-
-block_mod_chunk = [256]  # mamba-ssm's chunk length for the variants that use it (set_chunk changes it)
+        backends.prefer_fused_forward = saved_policy
 
 
 VARIANTS = [
@@ -75,7 +68,6 @@ VARIANTS = [
 
 
 def set_chunk(model, chunk):
-    block_mod_chunk[0] = chunk
     for blk in model.blocks:
         blk.mixer.chunk_size = chunk
 
