@@ -99,11 +99,15 @@ from vision_model.ssd_triton import ssd_forward_triton
 torch.manual_seed(0)
 worst = 0.0
 # (batch, length, heads, headdim, d_state, groups, with D, launch): several chunks with a ragged end, a sequence
-# shorter than one chunk, headdim split over two programs, two B/C groups, no D
+# shorter than one chunk, headdim split over two programs, two B/C groups, no D; the sequence cut into 2-4 segments
+# (a ragged last segment, more segments asked for than there are chunks)
 for b, l, h, p, n, g, with_d, cfg in [(2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16)),
                                       (1, 9, 2, 16, 16, 1, True, dict(CHUNK=32, BLOCK_P=16)),
                                       (2, 40, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16)),
-                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16))]:
+                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16)),
+                                      (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=3)),
+                                      (1, 100, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=4)),
+                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16, segments=8))]:
     inner = h * p
     zxbcdt = torch.randn(b, l, 2 * inner + 2 * g * n + h)  # the block's in_proj output: x, B, C, dt are views
     x = zxbcdt[..., inner:2 * inner].unflatten(-1, (h, p))
@@ -143,14 +147,15 @@ def test_triton_ssd_forward_equals_recurrence_in_the_interpreter():
 
 
 def test_ssd_forward_launch_policy():
-    """Inference takes the one-kernel SSD forward only where it measured faster than mamba-ssm's chunked scan (many
-    (batch, head) pairs, or short sequences), and refuses the launches that crashed on the H100."""
+    """The one-kernel SSD forward cuts sequences into segments only when its (batch, head, headdim block) programs
+    leave the GPU (here 132 SMs) under-filled, never into segments of fewer than 4 chunks, and refuses the launches
+    that crashed on the H100."""
     pytest.importorskip("triton")
-    from vision_model.ssd_triton import prefer_fused_forward, ssd_forward_triton
-    assert prefer_fused_forward(batch=16, seqlen=4097, heads=32)  # 135M, 1024 px, D: 1.9x faster
-    assert not prefer_fused_forward(batch=16, seqlen=4097, heads=4)  # D/8: 64 programs walking 4097 tokens
-    assert not prefer_fused_forward(batch=4, seqlen=16385, heads=32)  # 2048 px
-    assert prefer_fused_forward(batch=1, seqlen=197, heads=4)  # 224 px query: launches dominate
+    from vision_model.ssd_triton import segments_for, ssd_forward_triton
+    assert segments_for(programs=16 * 32, seqlen=4097, chunk=64, sms=132) == 1  # 135M, 1024 px, D: GPU full
+    assert segments_for(programs=16 * 4, seqlen=4097, chunk=64, sms=132) == 5  # D/8: 64 programs -> 320
+    assert segments_for(programs=4, seqlen=16385, chunk=64, sms=132) == 64  # batch 1 at 2048 px, D/8: 256-token cuts
+    assert segments_for(programs=4, seqlen=197, chunk=64, sms=132) == 1  # 224 px query: too short to cut
     x, dt, A = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2), -torch.rand(2)
     B = C = torch.randn(1, 8, 1, 16)
     for bad in (dict(CHUNK=128, BLOCK_P=16), dict(CHUNK=64, BLOCK_P=16, num_warps=8)):
@@ -171,6 +176,43 @@ def test_residual_fused_block_loop_equals_plain_blocks():
             tokens = blk(tokens, model.config.inner_of(w), "torch")  # eval: drop-path is the identity
         plain = model.norm(tokens[:, -1])
     assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("orders", [("col",), ("row", "row_rev", "col_rev")])
+def test_scan_orders_reorder_the_patches_per_block(orders):
+    """Each block scans the patch grid in its own order (cycled over the layers), the CLS token last: the same
+    numbers as gathering the tokens by hand, in the fused loop and the one-by-one (training) loop alike."""
+    model = small_model(scan_orders=orders, drop_path_rate=0.1)
+    x = torch.randn(2, 1, 16, 20)  # a 4 x 5 patch grid: rows and columns differ
+    grid = torch.arange(20).reshape(4, 5)
+    order_of = {"row": grid.flatten(), "row_rev": grid.flatten().flip(0), "col": grid.t().flatten(),
+                "col_rev": grid.t().flatten().flip(0)}
+    widths = [64, 8, 24]
+    with torch.no_grad():
+        fused = model.embed(x, widths=widths, backend="torch")
+        patches = model._patch_tokens(x) + model._pos_embed((4, 5))
+        for i, (blk, w) in enumerate(zip(model.blocks, widths)):
+            if i:  # back to row-major, so each block's own order is a plain gather
+                restored = torch.empty_like(patches)
+                restored[:, order] = patches
+                patches = restored
+            order = order_of[orders[i % len(orders)]]
+            tokens = torch.cat([patches[:, order], cls if i else model.cls_token.expand(2, -1, -1)], dim=1)
+            tokens = blk(tokens, model.config.inner_of(w), "torch")
+            patches, cls = tokens[:, :-1], tokens[:, -1:]
+        by_hand = model.norm(cls[:, 0])
+        model.train()
+        torch.manual_seed(1)
+        model.blocks.apply(lambda m: setattr(m, "drop_prob", 0.0) if hasattr(m, "drop_prob") else None)
+        one_by_one = model.embed(x, widths=widths, backend="torch")
+    assert torch.allclose(fused, by_hand, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(one_by_one, by_hand, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fused, small_model().embed(x, widths=widths, backend="torch"), atol=1e-3)
+
+
+def test_scan_orders_are_checked():
+    with pytest.raises(ValueError, match="scan_orders"):
+        small_model(scan_orders=("diagonal",))
 
 
 # -- nesting ----------------------------------------------------------------------------------------------------

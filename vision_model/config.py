@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 LEVELS = (1, 2, 4, 8)  # the trained granularities: width = d_model / level
+SCAN_ORDERS = ("row", "row_rev", "col", "col_rev")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class MatMambaVisionConfig:
     chunk_size: int = 256
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
+    # the order each block scans the patch grid in, cycled over the layers: "row" (row-major), "row_rev", "col"
+    # (column-major), "col_rev"; the CLS token stays last in every order.  A causal scan shows each patch only the
+    # patches before it; alternating orders let every patch see the whole image after a few blocks
+    scan_orders: tuple[str, ...] = ("row",)
     # preprocessing: what the model was trained on
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -47,6 +52,10 @@ class MatMambaVisionConfig:
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"stem='conv' halves the resolution per layer: patch_size must be a power of 2, "
                              f"got {self.patch_size}")
+        if isinstance(self.scan_orders, list):  # from JSON (--set scan_orders='["row","col"]')
+            object.__setattr__(self, "scan_orders", tuple(self.scan_orders))
+        if not self.scan_orders or set(self.scan_orders) - set(SCAN_ORDERS) or isinstance(self.scan_orders, str):
+            raise ValueError(f"scan_orders must be a non-empty sequence of {SCAN_ORDERS}, got {self.scan_orders!r}")
         if self.crop not in ("center", "pad"):
             raise ValueError(f"crop must be 'center' or 'pad', got {self.crop!r}")
 

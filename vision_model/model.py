@@ -25,6 +25,7 @@ class MatMambaVision(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.ssd_backend = ssd_backend
+        self._reorder_cache: dict = {}
         if cfg.stem == "conv":
             chans = (cfg.in_chans, *cfg.stem_channels)
             self.stem = nn.Sequential(
@@ -96,15 +97,40 @@ class MatMambaVision(nn.Module):
         tokens = tokens + self._pos_embed((x.shape[-2] // p, x.shape[-1] // p))
         # the scan is causal, so the CLS token goes last to see every patch
         tokens = torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+        reorders = self._reorders((x.shape[-2] // p, x.shape[-1] // p), x.device)
         if self.training and self.config.drop_path_rate > 0:
-            for blk, inner in zip(self.blocks, inners):
+            for blk, inner, reorder in zip(self.blocks, inners, reorders):
+                if reorder is not None:
+                    tokens = tokens[:, reorder]
                 tokens = blk(tokens, inner, backend)
         else:
             hidden, residual = tokens, None
-            for blk, inner in zip(self.blocks, inners):
+            for blk, inner, reorder in zip(self.blocks, inners, reorders):
+                if reorder is not None:
+                    hidden = hidden[:, reorder]
+                    residual = None if residual is None else residual[:, reorder]
                 hidden, residual = blk.forward_fused(hidden, residual, inner, backend)
             tokens = hidden + residual
         return self.norm(tokens[:, -1])
+
+    def _reorders(self, grid: tuple[int, int], device: torch.device) -> list[Tensor | None]:
+        """Per block, the gather that takes the tokens from the previous block's scan order into its own (None: same
+        order); the CLS token stays last."""
+        key = (grid, device)
+        if key not in self._reorder_cache:
+            rows, cols = grid
+            index = torch.arange(rows * cols, device=device).reshape(rows, cols)
+            orders = {"row": index.flatten(), "col": index.t().flatten()}
+            orders.update({f"{name}_rev": order.flip(0) for name, order in list(orders.items())})
+            cls = torch.tensor([rows * cols], device=device)
+            current, out = torch.arange(rows * cols + 1, device=device), []
+            for i in range(self.config.depth):
+                wanted = torch.cat([orders[self.config.scan_orders[i % len(self.config.scan_orders)]], cls])
+                # position in the current sequence of each token the next scan wants, in its order
+                out.append(None if torch.equal(wanted, current) else torch.argsort(current)[wanted])
+                current = wanted
+            self._reorder_cache[key] = out
+        return self._reorder_cache[key]
 
     def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
                 backend: str | None = None, return_embedding: bool = False):

@@ -28,14 +28,18 @@ except ImportError:  # CPU-only installs without Triton: vision_model.ssd serves
 
 if triton is not None:
     @triton.jit
-    def _ssd_forward_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y,
-                            L, P, N, heads_per_group,
+    def _ssd_forward_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, States, Totals,
+                            L, P, N, heads_per_group, seg_len, n_saved,
                             stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_dth,
                             stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                             stride_yb, stride_yl, stride_yh,
                             CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HAS_D: tl.constexpr, PRECISION: tl.constexpr):
-        pid, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                            HAS_D: tl.constexpr, STATES_PASS: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: one (batch, head, headdim block) over one segment of the sequence (the whole sequence when
+        unsegmented). STATES_PASS: only the segment's own final state (from zero) and its summed log-decay, into
+        States / Totals. Otherwise the outputs, starting from the state the earlier segments hand over."""
+        pid, pid_b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        n_heads = tl.num_programs(0) // tl.cdiv(P, BLOCK_P)
         n_pblocks = tl.cdiv(P, BLOCK_P)
         head, pblock = pid // n_pblocks, pid % n_pblocks
         group = head // heads_per_group
@@ -52,11 +56,21 @@ if triton is not None:
         b_ptr = Bm + pid_b * stride_bb + group * stride_bg
         c_ptr = Cm + pid_b * stride_cb + group * stride_cg
         y_ptr = Y + pid_b * stride_yb + head * stride_yh
+        # saved segment states: (batch, head, segment, N, P) fp32; their log-decays: (batch, head, segment)
+        saved = (pid_b * n_heads + head) * n_saved
+        state_tile = n[:, None] * P + p[None, :]
+        state_ok = n_ok[:, None] & p_ok[None, :]
 
         state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-        for start in range(0, L, CHUNK):
+        if not STATES_PASS:
+            for j in range(0, seg):  # the state entering this segment: earlier segments' states, decayed in turn
+                decay_j = tl.exp(tl.load(Totals + saved + j))
+                state = state * decay_j + tl.load(States + (saved + j) * N * P + state_tile, mask=state_ok, other=0.0)
+        total = 0.0
+        seg_end = tl.minimum(L, (seg + 1) * seg_len)
+        for start in range(seg * seg_len, seg_end, CHUNK):
             t = start + r
-            t_ok = t < L
+            t_ok = t < seg_end
             dt = tl.load(dt_ptr + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32) + dt_bias
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, linear where exp would overflow
             dt = tl.where(t_ok, dt, 0.0)  # past the end: no input and no decay
@@ -65,24 +79,28 @@ if triton is not None:
 
             x = tl.load(x_ptr + t[:, None] * stride_xl + p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)
             bmat = tl.load(b_ptr + t[:, None] * stride_bl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-            cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-
-            # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x
-            scores = tl.dot(cmat, tl.trans(bmat), input_precision=PRECISION)
-            decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-            scores = scores * decay * dt[None, :]
-            y = tl.dot(scores.to(x.dtype), x, input_precision=PRECISION)
-            # carried in from earlier chunks
-            y += tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION) * tl.exp(cs)[:, None]
-            if HAS_D:
-                y += tl.load(Dskip + head).to(tl.float32) * x.to(tl.float32)
-            tl.store(y_ptr + t[:, None] * stride_yl + p[None, :], y.to(Y.dtype.element_ty),
-                     mask=t_ok[:, None] & p_ok[None, :])
+            if not STATES_PASS:
+                cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
+                               other=0.0)
+                # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x
+                scores = tl.dot(cmat, tl.trans(bmat), input_precision=PRECISION)
+                decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+                scores = scores * decay * dt[None, :]
+                y = tl.dot(scores.to(x.dtype), x, input_precision=PRECISION)
+                # carried in from earlier chunks
+                y += tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION) * tl.exp(cs)[:, None]
+                if HAS_D:
+                    y += tl.load(Dskip + head).to(tl.float32) * x.to(tl.float32)
+                tl.store(y_ptr + t[:, None] * stride_yl + p[None, :], y.to(Y.dtype.element_ty),
+                         mask=t_ok[:, None] & p_ok[None, :])
 
             to_end = tl.exp(cs_end - cs) * dt
             weighted_b = (bmat.to(tl.float32) * to_end[:, None]).to(x.dtype)
             state = state * tl.exp(cs_end) + tl.dot(tl.trans(weighted_b), x, input_precision=PRECISION)
-
+            total += cs_end
+        if STATES_PASS:
+            tl.store(States + (saved + seg) * N * P + state_tile, state, mask=state_ok)
+            tl.store(Totals + saved + seg, total, mask=pblock == 0)
 
 
 # Launches that hit "an illegal memory access" on the H100 with Triton 3.6 (docs/notes.md section 9): 128-long chunks,
@@ -94,23 +112,37 @@ MAX_CHUNK, NUM_WARPS = 64, 4
 def prefer_fused_forward(batch: int, seqlen: int, heads: int) -> bool:
     """Whether this kernel beats mamba-ssm's chunked scan for a call (measured on an H100, docs/notes.md section 9).
 
-    One program walks a whole sequence, chunk after chunk, so the kernel needs many (batch, head) pairs to fill the
-    GPU; mamba-ssm's kernels run the chunks in parallel. The kernel won at >= 256 pairs (1.03-1.55x) and at any
-    batch for sequences of <= 256 tokens (1.2x, where mamba-ssm's five launches dominate); it lost at <= 128 pairs
-    on long sequences (down to 0.2x at batch 1 and 2048 px)."""
-    return batch * heads >= 256 or seqlen <= 256
+    Unsegmented, one program walked a whole sequence and lost with few (batch, head) pairs on long sequences (down
+    to 0.2x at batch 1 and 2048 px); cut into segments scanned side by side (`segments_for`) it fills the GPU at
+    any batch."""
+    return True
 
 
-def launch_config(batch: int, heads: int, headdim: int, device: torch.device) -> dict:
-    """Chunk length, headdim block, warps and pipeline stages for one call.
+# Fewest chunks per segment: below this the states pass and the hand-over between segments cost more than they save.
+MIN_SEGMENT_CHUNKS = 4
 
-    A 64-wide headdim block is fastest when the GPU is full (0.81 ms against 1.41 ms for 32 at 1024 px, D); with
-    few (batch, head) pairs the headdim is split over more programs (each recomputes its chunk's C·Bᵀ)."""
+
+def segments_for(programs: int, seqlen: int, chunk: int, sms: int) -> int:
+    """How many segments to cut each sequence into so that about two programs per SM run: none while the (batch,
+    head, headdim block) programs alone fill the GPU, else as many as fit `MIN_SEGMENT_CHUNKS` chunks each."""
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), seqlen // (MIN_SEGMENT_CHUNKS * chunk)))
+
+
+def launch_config(batch: int, heads: int, headdim: int, seqlen: int, device: torch.device) -> dict:
+    """Chunk length, headdim block, segments, warps and pipeline stages for one call.
+
+    A 64-wide headdim block is fastest when the GPU is full (0.81 ms against 1.41 ms for 32 at 1024 px, D): each
+    narrower block recomputes its chunk's C·Bᵀ. With few (batch, head) pairs the sequence is cut into segments
+    first; only sequences too short to cut split the headdim over more programs."""
+    chunk = 64
     block_p = min(64, max(16, triton.next_power_of_2(headdim)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    while block_p > 16 and batch * heads * triton.cdiv(headdim, block_p) < 2 * sms:
+    segments = segments_for(batch * heads * triton.cdiv(headdim, block_p), seqlen, chunk, sms)
+    while segments == 1 and block_p > 16 and batch * heads * triton.cdiv(headdim, block_p) < 2 * sms:
         block_p //= 2
-    return {"CHUNK": 64, "BLOCK_P": block_p, "num_warps": NUM_WARPS, "num_stages": 2}
+    return {"CHUNK": chunk, "BLOCK_P": block_p, "segments": segments, "num_warps": NUM_WARPS, "num_stages": 2}
 
 
 def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
@@ -118,7 +150,10 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ssd`
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
 
-    `config` overrides the launch ({"CHUNK", "BLOCK_P", "num_warps", "num_stages"}; default `launch_config`).
+    `config` overrides the launch ({"CHUNK", "BLOCK_P", "segments", "num_warps", "num_stages"}; default
+    `launch_config`). With s > 1 segments, a first launch scans segments 1..s-1 of every sequence from a zero state
+    and keeps each one's final state and summed log-decay (fp32); the second scans all s segments side by side, each
+    starting from the state its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
     Under Triton's CPU interpreter (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
     if triton is None:
         raise RuntimeError("ssd_forward_triton needs Triton")
@@ -129,15 +164,27 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                          f"B {tuple(B.shape)}, C {tuple(C.shape)}")
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs get true fp32 dots, not tf32
-    block_n = max(16, triton.next_power_of_2(n))
-    args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y,
-            l, p, n, h // g, *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
-    config = dict(config or launch_config(b, h, p, x.device))
+    config = dict(config or launch_config(b, h, p, l, x.device))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     if config["CHUNK"] > MAX_CHUNK or launch.get("num_warps", NUM_WARPS) != NUM_WARPS:
         raise ValueError(f"SSD forward launch {config} {launch}: chunks of at most {MAX_CHUNK} and {NUM_WARPS} warps "
                          "only (larger launches crashed with illegal memory accesses on an H100, Triton 3.6)")
-    grid = (h * triton.cdiv(p, config["BLOCK_P"]), b)
-    _ssd_forward_kernel[grid](*args, BLOCK_N=block_n, HAS_D=D is not None, PRECISION=precision, **config, **launch)
+    chunk = config["CHUNK"]
+    segments = max(1, min(config.pop("segments", 1), triton.cdiv(l, chunk)))
+    seg_len = triton.cdiv(triton.cdiv(l, segments), chunk) * chunk  # whole chunks, so segments cut where chunks do
+    segments = triton.cdiv(l, seg_len)
+    block_n = max(16, triton.next_power_of_2(n))
+    saved = max(segments - 1, 1)  # never an empty buffer: a null pointer is refused by some launchers
+    states = torch.empty((b, h, saved, n, p), dtype=torch.float32, device=x.device)
+    totals = torch.empty((b, h, saved), dtype=torch.float32, device=x.device)
+    args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y, states, totals,
+            l, p, n, h // g, seg_len, saved,
+            *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
+    consts = dict(BLOCK_N=block_n, HAS_D=D is not None,
+                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 inputs: true fp32 dots, not tf32
+                  **config, **launch)
+    pblocks = h * triton.cdiv(p, config["BLOCK_P"])
+    if segments > 1:
+        _ssd_forward_kernel[(pblocks, b, segments - 1)](*args, STATES_PASS=True, **consts)
+    _ssd_forward_kernel[(pblocks, b, segments)](*args, STATES_PASS=False, **consts)
     return y
