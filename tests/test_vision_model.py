@@ -153,13 +153,15 @@ def test_ssd_forward_launch_policy():
     pytest.importorskip("triton")
     from vision_model.ssd_triton import segments_for, ssd_forward_triton
     assert segments_for(programs=16 * 32, seqlen=4097, chunk=64, sms=132) == 1  # 135M, 1024 px, D: GPU full
-    assert segments_for(programs=16 * 4, seqlen=4097, chunk=64, sms=132) == 5  # D/8: 64 programs -> 320
+    assert segments_for(programs=16 * 16, seqlen=4097, chunk=64, sms=132) == 1  # D/2: 256 programs, ~2 per SM
+    assert segments_for(programs=16 * 8, seqlen=4097, chunk=64, sms=132) == 2  # D/4: 128 -> 256 programs
     assert segments_for(programs=4, seqlen=16385, chunk=64, sms=132) == 64  # batch 1 at 2048 px, D/8: 256-token cuts
+    assert segments_for(programs=4, seqlen=4097, chunk=64, sms=132) == 16  # batch 1 at 1024 px, D/8
     assert segments_for(programs=4, seqlen=197, chunk=64, sms=132) == 1  # 224 px query: too short to cut
     x, dt, A = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2), -torch.rand(2)
     B = C = torch.randn(1, 8, 1, 16)
-    for bad in (dict(CHUNK=128, BLOCK_P=16), dict(CHUNK=64, BLOCK_P=16, num_warps=8)):
-        with pytest.raises(ValueError, match="chunks of at most 64 and 4 warps"):
+    for bad in (dict(CHUNK=128, BLOCK_P=16), dict(CHUNK=64, BLOCK_P=16, num_warps=8), dict(CHUNK=64, BLOCK_P=32)):
+        with pytest.raises(ValueError, match="chunks of at most 64, 4 warps and headdim blocks of"):
             ssd_forward_triton(x, dt, A, B, C, None, torch.zeros(2), config=bad)
 
 

@@ -34,10 +34,10 @@ if triton is not None:
                             stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                             stride_yb, stride_yl, stride_yh,
                             CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HAS_D: tl.constexpr, STATES_PASS: tl.constexpr, PRECISION: tl.constexpr):
-        """One program: one (batch, head, headdim block) over one segment of the sequence (the whole sequence when
-        unsegmented). STATES_PASS: only the segment's own final state (from zero) and its summed log-decay, into
-        States / Totals. Otherwise the outputs, starting from the state the earlier segments hand over."""
+                            HAS_D: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: one (batch, head, headdim block) over the whole sequence (MODE 0) or one segment of it.
+        MODE 1: only the segment's own final state (from zero) and its summed log-decay, into States / Totals.
+        MODE 2: the segment's outputs, starting from the state the earlier segments hand over."""
         pid, pid_b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         n_heads = tl.num_programs(0) // tl.cdiv(P, BLOCK_P)
         n_pblocks = tl.cdiv(P, BLOCK_P)
@@ -62,13 +62,20 @@ if triton is not None:
         state_ok = n_ok[:, None] & p_ok[None, :]
 
         state = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-        if not STATES_PASS:
+        if MODE == 2:
             for j in range(0, seg):  # the state entering this segment: earlier segments' states, decayed in turn
                 decay_j = tl.exp(tl.load(Totals + saved + j))
                 state = state * decay_j + tl.load(States + (saved + j) * N * P + state_tile, mask=state_ok, other=0.0)
         total = 0.0
-        seg_end = tl.minimum(L, (seg + 1) * seg_len)
-        for start in range(seg * seg_len, seg_end, CHUNK):
+        # MODE 0 keeps the whole-sequence loop's constant start: a runtime start made that loop ~20% slower on the
+        # H100 (Triton 3.6; docs/notes.md section 11)
+        if MODE == 0:
+            seg_start = 0
+            seg_end = L
+        else:
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(L, (seg + 1) * seg_len)
+        for start in range(seg_start, seg_end, CHUNK):
             t = start + r
             t_ok = t < seg_end
             dt = tl.load(dt_ptr + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32) + dt_bias
@@ -79,7 +86,7 @@ if triton is not None:
 
             x = tl.load(x_ptr + t[:, None] * stride_xl + p[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)
             bmat = tl.load(b_ptr + t[:, None] * stride_bl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-            if not STATES_PASS:
+            if MODE != 1:
                 cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
                                other=0.0)
                 # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x
@@ -98,15 +105,17 @@ if triton is not None:
             weighted_b = (bmat.to(tl.float32) * to_end[:, None]).to(x.dtype)
             state = state * tl.exp(cs_end) + tl.dot(tl.trans(weighted_b), x, input_precision=PRECISION)
             total += cs_end
-        if STATES_PASS:
+        if MODE == 1:
             tl.store(States + (saved + seg) * N * P + state_tile, state, mask=state_ok)
             tl.store(Totals + saved + seg, total, mask=pblock == 0)
 
 
-# Launches that hit "an illegal memory access" on the H100 with Triton 3.6 (docs/notes.md section 9): 128-long chunks,
-# 8 warps with 64-long chunks, and one pipeline stage on the 35M config (headdim 16) at 224 px. Every 8-warp launch
-# that did run was about 2x slower than its 4-warp twin. The default launch below ran every row of the benchmark.
-MAX_CHUNK, NUM_WARPS = 64, 4
+# Launches that hit "an illegal memory access" on the H100 with Triton 3.6 (docs/notes.md sections 9 and 11): 128-long
+# chunks, 8 warps with 64-long chunks, one pipeline stage on the 35M config (headdim 16) at 224 px, and a 32-wide
+# headdim block with 4 warps on the 135M D/4 shape at 1024 px. Every 8-warp launch that did run was about 2x slower
+# than its 4-warp twin. The launches left (64-long chunks, 4 warps, 2 stages, headdim blocks of 64 or 16) ran every
+# row of the benchmarks.
+MAX_CHUNK, NUM_WARPS, BLOCK_P_SIZES = 64, 4, (16, 64)
 
 
 def prefer_fused_forward(batch: int, seqlen: int, heads: int) -> bool:
@@ -123,11 +132,10 @@ MIN_SEGMENT_CHUNKS = 4
 
 
 def segments_for(programs: int, seqlen: int, chunk: int, sms: int) -> int:
-    """How many segments to cut each sequence into so that about two programs per SM run: none while the (batch,
-    head, headdim block) programs alone fill the GPU, else as many as fit `MIN_SEGMENT_CHUNKS` chunks each."""
-    if programs >= 2 * sms:
-        return 1
-    return max(1, min(-(-2 * sms // programs), seqlen // (MIN_SEGMENT_CHUNKS * chunk)))
+    """How many segments to cut each sequence into so that up to two programs per SM run (never more: at 1024 px
+    D/4's 128 programs ran best in 2 segments, 0.43 ms, against 0.48 ms in 3), each at least `MIN_SEGMENT_CHUNKS`
+    chunks long."""
+    return max(1, min(2 * sms // programs, seqlen // (MIN_SEGMENT_CHUNKS * chunk)))
 
 
 def launch_config(batch: int, heads: int, headdim: int, seqlen: int, device: torch.device) -> dict:
@@ -135,13 +143,13 @@ def launch_config(batch: int, heads: int, headdim: int, seqlen: int, device: tor
 
     A 64-wide headdim block is fastest when the GPU is full (0.81 ms against 1.41 ms for 32 at 1024 px, D): each
     narrower block recomputes its chunk's C·Bᵀ. With few (batch, head) pairs the sequence is cut into segments
-    first; only sequences too short to cut split the headdim over more programs."""
+    first; only sequences too short to cut split the headdim into 16-wide blocks."""
     chunk = 64
-    block_p = min(64, max(16, triton.next_power_of_2(headdim)))
+    block_p = 64 if headdim > 16 else 16
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     segments = segments_for(batch * heads * triton.cdiv(headdim, block_p), seqlen, chunk, sms)
-    while segments == 1 and block_p > 16 and batch * heads * triton.cdiv(headdim, block_p) < 2 * sms:
-        block_p //= 2
+    if segments == 1 and batch * heads * triton.cdiv(headdim, block_p) < sms:
+        block_p = 16
     return {"CHUNK": chunk, "BLOCK_P": block_p, "segments": segments, "num_warps": NUM_WARPS, "num_stages": 2}
 
 
@@ -166,9 +174,11 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     config = dict(config or launch_config(b, h, p, l, x.device))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-    if config["CHUNK"] > MAX_CHUNK or launch.get("num_warps", NUM_WARPS) != NUM_WARPS:
-        raise ValueError(f"SSD forward launch {config} {launch}: chunks of at most {MAX_CHUNK} and {NUM_WARPS} warps "
-                         "only (larger launches crashed with illegal memory accesses on an H100, Triton 3.6)")
+    if (config["CHUNK"] > MAX_CHUNK or launch.get("num_warps", NUM_WARPS) != NUM_WARPS
+            or config["BLOCK_P"] not in BLOCK_P_SIZES):
+        raise ValueError(f"SSD forward launch {config} {launch}: chunks of at most {MAX_CHUNK}, {NUM_WARPS} warps and "
+                         f"headdim blocks of {BLOCK_P_SIZES} only (other launches crashed with illegal memory "
+                         "accesses on an H100, Triton 3.6)")
     chunk = config["CHUNK"]
     segments = max(1, min(config.pop("segments", 1), triton.cdiv(l, chunk)))
     seg_len = triton.cdiv(triton.cdiv(l, segments), chunk) * chunk  # whole chunks, so segments cut where chunks do
@@ -185,6 +195,6 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                   **config, **launch)
     pblocks = h * triton.cdiv(p, config["BLOCK_P"])
     if segments > 1:
-        _ssd_forward_kernel[(pblocks, b, segments - 1)](*args, STATES_PASS=True, **consts)
-    _ssd_forward_kernel[(pblocks, b, segments)](*args, STATES_PASS=False, **consts)
+        _ssd_forward_kernel[(pblocks, b, segments - 1)](*args, MODE=1, **consts)
+    _ssd_forward_kernel[(pblocks, b, segments)](*args, MODE=2 if segments > 1 else 0, **consts)
     return y
