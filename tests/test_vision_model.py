@@ -147,22 +147,31 @@ def test_triton_ssd_forward_equals_recurrence_in_the_interpreter():
 
 
 def test_ssd_forward_launch_policy():
-    """The one-kernel SSD forward cuts sequences into segments only when its (batch, head, headdim block) programs
-    leave the GPU (here 132 SMs) under-filled, never into segments of fewer than 4 chunks, and refuses the launches
-    that crashed on the H100."""
+    """The one-kernel SSD forward cuts sequences into segments only when its (batch, head) programs leave the GPU
+    (here 132 SMs) under-filled, never into segments of fewer than 4 chunks; on CUDA it runs only the launches that
+    ran right on the H100 (whole headdim in one block, 64-long chunks, 4 warps, one stage) and leaves other head
+    shapes to mamba-ssm."""
     pytest.importorskip("triton")
-    from vision_model.ssd_triton import segments_for, ssd_forward_triton
+    from vision_model.ssd_triton import check_cuda_launch, fused_forward_supported, launch_config, segments_for
     assert segments_for(programs=16 * 32, seqlen=4097, chunk=64, sms=132) == 1  # 135M, 1024 px, D: GPU full
     assert segments_for(programs=16 * 16, seqlen=4097, chunk=64, sms=132) == 1  # D/2: 256 programs, ~2 per SM
     assert segments_for(programs=16 * 8, seqlen=4097, chunk=64, sms=132) == 2  # D/4: 128 -> 256 programs
     assert segments_for(programs=4, seqlen=16385, chunk=64, sms=132) == 64  # batch 1 at 2048 px, D/8: 256-token cuts
     assert segments_for(programs=4, seqlen=4097, chunk=64, sms=132) == 16  # batch 1 at 1024 px, D/8
     assert segments_for(programs=4, seqlen=197, chunk=64, sms=132) == 1  # 224 px query: too short to cut
-    x, dt, A = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2), -torch.rand(2)
-    B = C = torch.randn(1, 8, 1, 16)
-    for bad in (dict(CHUNK=128, BLOCK_P=16), dict(CHUNK=64, BLOCK_P=16, num_warps=8), dict(CHUNK=64, BLOCK_P=32)):
-        with pytest.raises(ValueError, match="chunks of at most 64, 4 warps and headdim blocks of"):
-            ssd_forward_triton(x, dt, A, B, C, None, torch.zeros(2), config=bad)
+    # the 135M config (headdim 64, d_state 128) and the Fashion-MNIST model (16, 32) run it; the 35M (16, 128) not
+    assert fused_forward_supported(64, 128) and fused_forward_supported(128, 128) and fused_forward_supported(16, 32)
+    assert not fused_forward_supported(16, 128) and not fused_forward_supported(32, 64)
+    for headdim, d_state in ((64, 128), (16, 32)):
+        config = launch_config(1, 4, headdim, d_state, 197, torch.device("cpu"))
+        assert config["BLOCK_P"] == headdim and config["num_stages"] == 1 and config["num_warps"] == 4
+        check_cuda_launch(config, headdim, d_state)  # the default launch passes its own check
+    good = dict(CHUNK=64, BLOCK_P=64, num_warps=4, num_stages=1)
+    for bad, headdim, d_state in ((dict(good, CHUNK=128), 64, 128), (dict(good, num_warps=8), 64, 128),
+                                  (dict(good, num_stages=2), 64, 128), (dict(good, BLOCK_P=16), 64, 128),
+                                  (dict(good, BLOCK_P=16), 16, 128)):
+        with pytest.raises(ValueError, match="on CUDA only chunks of at most 64, 4 warps, 1 stage"):
+            check_cuda_launch(bad, headdim, d_state)
 
 
 def test_residual_fused_block_loop_equals_plain_blocks():

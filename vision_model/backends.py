@@ -1,7 +1,7 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
-backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference with few (batch, head) pairs over
-long sequences) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference), mamba-ssm's gated
+backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference for head shapes our kernel has no
+verified launch for) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference), mamba-ssm's gated
 RMSNorm, and (at inference) our fused causal conv + SiLU from `vision_model.conv`; backend="torch" runs the
 readable PyTorch definitions of all three.
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 from .ssd import ssd_chunked
-from .ssd_triton import prefer_fused_forward, ssd_forward_triton
+from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -65,7 +65,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`."""
     backend = resolve_backend(backend, x.device)
     if (backend == "triton" and not _needs_grad(x, dt, A, B, C, D, dt_bias)
-            and prefer_fused_forward(x.shape[0], x.shape[1], x.shape[2])):
+            and fused_forward_supported(x.shape[3], B.shape[3])):
         return ssd_forward_triton(x, dt, A, B, C, D, dt_bias)  # forward only: the state never leaves the chip
     if backend == "triton":
         # the kernels read any layout whose last dim is dense (the split views of the conv output); others copy

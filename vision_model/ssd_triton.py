@@ -67,8 +67,8 @@ if triton is not None:
                 decay_j = tl.exp(tl.load(Totals + saved + j))
                 state = state * decay_j + tl.load(States + (saved + j) * N * P + state_tile, mask=state_ok, other=0.0)
         total = 0.0
-        # MODE 0 keeps the whole-sequence loop's constant start: a runtime start made that loop ~20% slower on the
-        # H100 (Triton 3.6; docs/notes.md section 11)
+        # MODE 0 keeps the whole-sequence loop's constant start: with a runtime start that loop ran 13% slower on
+        # the H100 (0.92 against 0.81 ms at 1024 px, D; Triton 3.6, docs/notes.md section 11)
         if MODE == 0:
             seg_start = 0
             seg_end = L
@@ -110,21 +110,41 @@ if triton is not None:
             tl.store(Totals + saved + seg, total, mask=pblock == 0)
 
 
-# Launches that hit "an illegal memory access" on the H100 with Triton 3.6 (docs/notes.md sections 9 and 11): 128-long
-# chunks, 8 warps with 64-long chunks, one pipeline stage on the 35M config (headdim 16) at 224 px, and a 32-wide
-# headdim block with 4 warps on the 135M D/4 shape at 1024 px. Every 8-warp launch that did run was about 2x slower
-# than its 4-warp twin. The launches left (64-long chunks, 4 warps, 2 stages, headdim blocks of 64 or 16) ran every
-# row of the benchmarks.
-MAX_CHUNK, NUM_WARPS, BLOCK_P_SIZES = 64, 4, (16, 64)
+# On the H100 with Triton 3.6 several launches of this kernel fault ("illegal memory access") or give wrong bf16
+# results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
+# upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
+# 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
+# (bf16 error up to 2.9e-2 against 2.2e-3 for mamba-ssm). What ran right in every check (tests/gpu/
+# ssd_forward_accuracy.py): 64-long chunks, 4 warps, one stage, and the whole headdim in one block of 64 (headdim a
+# multiple of 64) or of 16 (headdim 16 with d_state <= 32). CUDA launches are held to that; the CPU interpreter,
+# which tests the arithmetic, takes any config.
+MAX_CHUNK, NUM_WARPS, NUM_STAGES = 64, 4, 1
 
 
-def prefer_fused_forward(batch: int, seqlen: int, heads: int) -> bool:
-    """Whether this kernel beats mamba-ssm's chunked scan for a call (measured on an H100, docs/notes.md section 9).
+def headdim_block(headdim: int, d_state: int) -> int | None:
+    """The headdim block a CUDA launch may use for this head shape, or None when none is verified (mamba-ssm's
+    chunked scan serves those shapes)."""
+    if headdim % 64 == 0:
+        return 64
+    if headdim == 16 and d_state <= 32:
+        return 16
+    return None
 
-    Unsegmented, one program walked a whole sequence and lost with few (batch, head) pairs on long sequences (down
-    to 0.2x at batch 1 and 2048 px); cut into segments scanned side by side (`segments_for`) it fills the GPU at
-    any batch."""
-    return True
+
+def fused_forward_supported(headdim: int, d_state: int) -> bool:
+    """Whether inference on CUDA takes this kernel for a head shape (else mamba-ssm's chunked scan)."""
+    return headdim_block(headdim, d_state) is not None
+
+
+def check_cuda_launch(config: dict, headdim: int, d_state: int) -> None:
+    """Refuse a CUDA launch outside the verified set (see above)."""
+    block = headdim_block(headdim, d_state)
+    if (config["CHUNK"] > MAX_CHUNK or config.get("num_warps", NUM_WARPS) != NUM_WARPS
+            or config.get("num_stages", NUM_STAGES) != NUM_STAGES or block is None or config["BLOCK_P"] != block):
+        raise ValueError(f"SSD forward launch {config} for headdim {headdim}, d_state {d_state}: on CUDA only chunks of"
+                         f" at most {MAX_CHUNK}, {NUM_WARPS} warps, {NUM_STAGES} stage and the whole headdim in one "
+                         "block of 64 (headdim a multiple of 64) or 16 (headdim 16, d_state <= 32); other launches "
+                         "faulted or gave wrong bf16 results on an H100 with Triton 3.6")
 
 
 # Fewest chunks per segment: below this the states pass and the hand-over between segments cost more than they save.
@@ -138,28 +158,24 @@ def segments_for(programs: int, seqlen: int, chunk: int, sms: int) -> int:
     return max(1, min(2 * sms // programs, seqlen // (MIN_SEGMENT_CHUNKS * chunk)))
 
 
-def launch_config(batch: int, heads: int, headdim: int, seqlen: int, device: torch.device) -> dict:
-    """Chunk length, headdim block, segments, warps and pipeline stages for one call.
-
-    A 64-wide headdim block is fastest when the GPU is full (0.81 ms against 1.41 ms for 32 at 1024 px, D): each
-    narrower block recomputes its chunk's C·Bᵀ. With few (batch, head) pairs the sequence is cut into segments
-    first; only sequences too short to cut split the headdim into 16-wide blocks."""
+def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: int, device: torch.device) -> dict:
+    """Chunk length, headdim block, segments, warps and pipeline stages for one call: the whole headdim in one
+    block (narrower blocks recompute each chunk's C·Bᵀ and were slower where they ran right: 2.7 ms against 0.8 ms
+    at 1024 px, D), and with few (batch, head) pairs the sequence cut into segments scanned side by side."""
     chunk = 64
-    block_p = 64 if headdim > 16 else 16
+    block_p = headdim_block(headdim, d_state) or 16
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     segments = segments_for(batch * heads * triton.cdiv(headdim, block_p), seqlen, chunk, sms)
-    if segments == 1 and batch * heads * triton.cdiv(headdim, block_p) < sms:
-        block_p = 16
-    return {"CHUNK": chunk, "BLOCK_P": block_p, "segments": segments, "num_warps": NUM_WARPS, "num_stages": 2}
+    return {"CHUNK": chunk, "BLOCK_P": block_p, "segments": segments, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
-                       config: dict | None = None) -> Tensor:
+                       config: dict | None = None, unverified: bool = False) -> Tensor:
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ssd`
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
 
     `config` overrides the launch ({"CHUNK", "BLOCK_P", "segments", "num_warps", "num_stages"}; default
-    `launch_config`). With s > 1 segments, a first launch scans segments 1..s-1 of every sequence from a zero state
+    `launch_config`); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1 segments, a first launch scans segments 1..s-1 of every sequence from a zero state
     and keeps each one's final state and summed log-decay (fp32); the second scans all s segments side by side, each
     starting from the state its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
     Under Triton's CPU interpreter (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
@@ -172,13 +188,10 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                          f"B {tuple(B.shape)}, C {tuple(C.shape)}")
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
-    config = dict(config or launch_config(b, h, p, l, x.device))
+    config = dict(config or launch_config(b, h, p, n, l, x.device))
+    if x.is_cuda and not unverified:
+        check_cuda_launch(config, p, n)
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-    if (config["CHUNK"] > MAX_CHUNK or launch.get("num_warps", NUM_WARPS) != NUM_WARPS
-            or config["BLOCK_P"] not in BLOCK_P_SIZES):
-        raise ValueError(f"SSD forward launch {config} {launch}: chunks of at most {MAX_CHUNK}, {NUM_WARPS} warps and "
-                         f"headdim blocks of {BLOCK_P_SIZES} only (other launches crashed with illegal memory "
-                         "accesses on an H100, Triton 3.6)")
     chunk = config["CHUNK"]
     segments = max(1, min(config.pop("segments", 1), triton.cdiv(l, chunk)))
     seg_len = triton.cdiv(triton.cdiv(l, segments), chunk) * chunk  # whole chunks, so segments cut where chunks do

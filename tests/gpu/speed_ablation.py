@@ -34,10 +34,10 @@ def rel(a, b):
 def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool, ssd_kernel: bool = False):
     """Swap the fused ops for their PyTorch versions where a flag is False; `ssd_kernel` picks the one-kernel SSD
     forward (True) or mamba-ssm's chunked scan at the block's chunk size (False) for every call, whatever
-    `backends.prefer_fused_forward` would choose."""
+    `backends.fused_forward_supported` would choose."""
     saved = {k: getattr(block_mod, k) for k in ("causal_conv1d_silu", "gated_rms_norm", "add_rms_norm", "ssd_scan")}
-    saved_policy = backends.prefer_fused_forward
-    backends.prefer_fused_forward = lambda batch, seqlen, heads: ssd_kernel
+    saved_policy = backends.fused_forward_supported
+    backends.fused_forward_supported = lambda headdim, d_state: ssd_kernel
     if not conv:
         block_mod.causal_conv1d_silu = lambda x, w, b, backend: backends.causal_conv1d_silu(x, w, b, "torch")
     if not gnorm:
@@ -54,7 +54,7 @@ def variant(conv: bool, gnorm: bool, addnorm: bool, nocopy: bool, ssd_kernel: bo
     finally:
         for k, v in saved.items():
             setattr(block_mod, k, v)
-        backends.prefer_fused_forward = saved_policy
+        backends.fused_forward_supported = saved_policy
 
 
 VARIANTS = [

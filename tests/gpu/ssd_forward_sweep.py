@@ -10,7 +10,6 @@ One JSON line per (shape, config): median kernel milliseconds; then one summary 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 
@@ -20,7 +19,7 @@ from triton.testing import do_bench
 
 from vision_model.backends import triton_chunk_scan
 from vision_model.ssd import ssd_chunked
-from vision_model.ssd_triton import launch_config, ssd_forward_triton
+from vision_model.ssd_triton import fused_forward_supported, launch_config, ssd_forward_triton
 
 # (name, batch, seqlen, heads, headdim, d_state): the 135M config (headdim 64) at 1024 px (throughput batch 16) and
 # 224 px, the 35M config (headdim 16), the Fashion-MNIST model
@@ -57,25 +56,26 @@ def main():
     ap.add_argument("--shapes", nargs="*", help="names from SHAPES")
     args = ap.parse_args()
     mamba = triton_chunk_scan()
-    # 64-token chunks, 4 warps, 2 stages: the launch the library allows (larger chunks and 8 warps crashed on the
-    # H100, docs/notes.md sections 9 and 11); what is swept is the number of segments
+    # the launches the library allows on CUDA (`ssd_triton.check_cuda_launch`: others faulted or gave wrong bf16
+    # results on the H100, docs/notes.md section 11); what is swept is the number of segments
     segment_counts = (1, 2, 4, 8, 16, 32, 64) if not args.quick else (1, 4, 16)
     for name, b, l, h, p, n in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
+        if not fused_forward_supported(p, n):
+            continue
         x, dt, A, B, C, D, dt_bias = inputs(b, l, h, p, n)
         ms_mamba = do_bench(lambda: mamba(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True),
                             return_mode="median")
-        default = launch_config(b, h, p, l, x.device)
+        default = launch_config(b, h, p, n, l, x.device)
         ms_default = do_bench(lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias), return_mode="median")
         print(json.dumps({"shape": name, "mamba_chunk_scan_combined_ms": round(ms_mamba, 4),
                           "default": default, "default_ms": round(ms_default, 4)}), flush=True)
         best = (ms_default, default)
-        blocks = (64,) if p > 16 else (16,)  # a 32-wide block crashed (section 11); 16 recomputes C·Bᵀ 4 times
-        for block_p, segments in itertools.product(blocks, segment_counts):
+        for segments in segment_counts:
             if segments > max(1, l // 64):
                 continue
-            cfg = dict(CHUNK=64, BLOCK_P=block_p, segments=segments, num_warps=4, num_stages=2)
+            cfg = dict(default, segments=segments)
             try:
                 ms = do_bench(lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=cfg),
                               return_mode="median", warmup=10, rep=40)
