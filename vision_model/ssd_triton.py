@@ -39,8 +39,8 @@ if triton is not None:
         MODE 1: only the segment's own final state (from zero) and its summed log-decay, into States / Totals.
         MODE 2: the segment's outputs, starting from the state the earlier segments hand over."""
         pid, pid_b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-        n_heads = tl.num_programs(0) // tl.cdiv(P, BLOCK_P)
         n_pblocks = tl.cdiv(P, BLOCK_P)
+        n_heads = tl.num_programs(0) // n_pblocks
         head, pblock = pid // n_pblocks, pid % n_pblocks
         group = head // heads_per_group
         p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -175,9 +175,10 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
 
     `config` overrides the launch ({"CHUNK", "BLOCK_P", "segments", "num_warps", "num_stages"}; default
-    `launch_config`); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1 segments, a first launch scans segments 1..s-1 of every sequence from a zero state
-    and keeps each one's final state and summed log-decay (fp32); the second scans all s segments side by side, each
-    starting from the state its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
+    `launch_config`); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
+    segments, a first launch scans segments 1..s-1 of every sequence from a zero state and keeps each one's final
+    state and summed log-decay (fp32); the second scans all s segments side by side, each starting from the state
+    its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
     Under Triton's CPU interpreter (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
     if triton is None:
         raise RuntimeError("ssd_forward_triton needs Triton")
@@ -197,9 +198,12 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     seg_len = triton.cdiv(triton.cdiv(l, segments), chunk) * chunk  # whole chunks, so segments cut where chunks do
     segments = triton.cdiv(l, seg_len)
     block_n = max(16, triton.next_power_of_2(n))
-    saved = max(segments - 1, 1)  # never an empty buffer: a null pointer is refused by some launchers
-    states = torch.empty((b, h, saved, n, p), dtype=torch.float32, device=x.device)
-    totals = torch.empty((b, h, saved), dtype=torch.float32, device=x.device)
+    saved = segments - 1
+    if saved:
+        states = torch.empty((b, h, saved, n, p), dtype=torch.float32, device=x.device)
+        totals = torch.empty((b, h, saved), dtype=torch.float32, device=x.device)
+    else:  # one segment (MODE 0) reads neither; one-element stand-ins, as some launchers refuse a null pointer
+        states = totals = torch.empty(1, dtype=torch.float32, device=x.device)
     args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y, states, totals,
             l, p, n, h // g, seg_len, saved,
             *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
@@ -207,7 +211,7 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 inputs: true fp32 dots, not tf32
                   **config, **launch)
     pblocks = h * triton.cdiv(p, config["BLOCK_P"])
-    if segments > 1:
-        _ssd_forward_kernel[(pblocks, b, segments - 1)](*args, MODE=1, **consts)
-    _ssd_forward_kernel[(pblocks, b, segments)](*args, MODE=2 if segments > 1 else 0, **consts)
+    if saved:
+        _ssd_forward_kernel[(pblocks, b, saved)](*args, MODE=1, **consts)
+    _ssd_forward_kernel[(pblocks, b, segments)](*args, MODE=2 if saved else 0, **consts)
     return y
