@@ -91,6 +91,102 @@ def test_triton_causal_conv_equals_reference_in_the_interpreter():
     assert float(run_in_interpreter(CONV_CHECK).split()[-1]) < 1e-6
 
 
+NORM_CHECK = """
+import torch
+from vision_model.backends import gated_rms_norm, rms_norm
+from vision_model.rmsnorm import rms_norm_triton
+torch.manual_seed(0)
+worst = 0.0
+# (rows, width, gated, elements per tile): a ragged last tile, a width that is not a power of two, one row per tile,
+# a strided gate (the block's z is a slice of in_proj's output), fp16 as well as fp32
+for shape, n, gated, tile, dtype in [((2, 37), 96, False, 512, torch.float32), ((3, 11), 200, True, 1024, torch.float32),
+                                     ((1, 5), 64, True, 64, torch.float32), ((2, 33), 256, True, 4096, torch.float16),
+                                     ((2, 33), 1024, False, 4096, torch.float16)]:
+    x = torch.randn(*shape, n).to(dtype)
+    w = (torch.rand(n) + 0.5).to(dtype)
+    if gated:
+        z = torch.randn(*shape, n + 24).to(dtype)[..., 7:7 + n]
+        y, ref = rms_norm_triton(x, w, 1e-5, z=z, tile_elements=tile), gated_rms_norm(x, z, w, 1e-5, "torch")
+    else:
+        y, ref = rms_norm_triton(x, w, 1e-5, tile_elements=tile), rms_norm(x.float(), w.float(), 1e-5, "torch")
+    assert y.shape == x.shape and y.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    worst = max(worst, ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() / tolerance)
+print(worst)
+"""
+
+
+def test_triton_rms_norm_equals_reference_in_the_interpreter():
+    """The inference RMSNorm kernel (plain and gated), run by Triton's CPU interpreter, against the PyTorch
+    definitions: ragged row tiles, widths that are not powers of two, a strided gate, fp32 and fp16."""
+    pytest.importorskip("triton")
+    assert float(run_in_interpreter(NORM_CHECK).split()[-1]) < 1.0  # error / tolerance of its dtype
+
+
+TAIL_CHECK = """
+import torch
+import torch.nn.functional as F
+from vision_model.backends import gated_rms_norm, rms_norm
+from vision_model.block_tail import block_tail_triton
+torch.manual_seed(0)
+worst = 0.0
+# (batch, length, inner, d_model, with the next norm, launch, dtype): ragged row tiles and column blocks, an inner
+# width that is not a power of two, several column blocks per row tile, fp16 as well as fp32
+for b, l, k, n, nxt, cfg, dtype in [(2, 37, 64, 96, True, dict(BLOCK_M=16, BLOCK_N=32), torch.float32),
+                                    (1, 50, 200, 160, False, dict(BLOCK_M=32, BLOCK_N=64), torch.float32),
+                                    (3, 9, 256, 128, True, dict(BLOCK_M=16, BLOCK_N=128), torch.float32),
+                                    (2, 33, 128, 96, True, dict(BLOCK_M=16, BLOCK_N=32), torch.float16)]:
+    y = torch.randn(b, l, k).to(dtype)
+    z = torch.randn(b, l, 2 * k + 40).to(dtype)[..., 5:5 + k]  # a slice of in_proj's output, as in the block
+    norm_w, next_w = (torch.rand(k) + 0.5).to(dtype), (torch.rand(n) + 0.5).to(dtype)
+    out_w = (torch.randn(n, k) / k ** 0.5).to(dtype)
+    residual = torch.randn(b, l, n).to(dtype)
+    g = gated_rms_norm(y.float(), z.float(), norm_w.float(), 1e-5, "torch").to(dtype).float()  # rounded like the GEMM's input
+    want = residual.float() + F.linear(g, out_w.float())
+    want_normed = rms_norm(want.to(dtype).float(), next_w.float(), 1e-6, "torch")
+    before = residual.data_ptr()
+    got, normed = block_tail_triton(y, z, norm_w, 1e-5, out_w, residual, next_w if nxt else None, 1e-6, config=cfg)
+    assert got.data_ptr() == before and got.dtype == dtype and (normed is None) == (not nxt)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    worst = max(worst, ((got.float() - want).abs().max() / want.abs().max()).item() / tolerance)
+    if nxt:
+        worst = max(worst, ((normed.float() - want_normed).abs().max() / want_normed.abs().max()).item() / tolerance)
+print(worst)
+"""
+
+
+def test_triton_block_tail_equals_unfused_ops_in_the_interpreter():
+    """The fused end of a narrow block (gated norm, out_proj, residual add in place, next block's norm), run by
+    Triton's CPU interpreter, against the PyTorch ops one by one: ragged tiles, several column blocks, an inner
+    width that is not a power of two, with and without the next norm, fp32 and fp16."""
+    pytest.importorskip("triton")
+    assert float(run_in_interpreter(TAIL_CHECK).split()[-1]) < 1.0  # error / tolerance of its dtype
+
+
+PATCHIFY_CHECK = """
+import torch
+from vision_model.patchify import patchify_triton
+torch.manual_seed(0)
+worst = 0.0
+# 320 px at patch 16: two column blocks of 256, the second ragged
+for b, c, h, w, p in [(2, 3, 32, 48, 16), (1, 1, 12, 8, 4), (3, 2, 16, 40, 8), (1, 2, 16, 320, 16)]:
+    x = torch.randn(b, c, h, w)
+    out = torch.full((b, (h // p) * (w // p) + 1, c * p * p), 7.0)  # one extra (CLS) row, left alone
+    patchify_triton(x, p, out)
+    want = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    assert torch.equal(out[:, :-1], want) and bool((out[:, -1] == 7.0).all())
+    worst = max(worst, (out[:, :-1] - want).abs().max().item())
+print(worst)
+"""
+
+
+def test_triton_patchify_equals_permuted_copy_in_the_interpreter():
+    """The patch-rows kernel, run by Triton's CPU interpreter, against PyTorch's permuted copy: several channels,
+    non-square images, a ragged second column block, the CLS row untouched."""
+    pytest.importorskip("triton")
+    assert float(run_in_interpreter(PATCHIFY_CHECK).split()[-1]) == 0.0
+
+
 SSD_CHECK = """
 import torch
 import torch.nn.functional as F
@@ -175,8 +271,9 @@ def test_ssd_forward_launch_policy():
 
 
 def test_residual_fused_block_loop_equals_plain_blocks():
-    """Inference runs the blocks with the residual add folded into the next norm; training with drop-path runs
-    them one by one. Same numbers either way (bit for bit on the PyTorch backend)."""
+    """Inference builds the tokens in one GEMM + add and runs the blocks with the residual add inside out_proj's
+    GEMM; training with drop-path builds them by concatenation and runs plain blocks. Same numbers either way, up to
+    fp32 rounding (the adds happen in another order)."""
     model = small_model(drop_path_rate=0.1)
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
@@ -186,7 +283,23 @@ def test_residual_fused_block_loop_equals_plain_blocks():
         for blk, w in zip(model.blocks, [64, 8, 24]):
             tokens = blk(tokens, model.config.inner_of(w), "torch")  # eval: drop-path is the identity
         plain = model.norm(tokens[:, -1])
-    assert torch.equal(fused, plain)
+    assert rel_err(fused, plain) < 1e-6
+
+
+def test_inference_token_table_follows_parameter_updates():
+    """The cached positional embedding + CLS table is rebuilt when a parameter changes, and the tokens equal the
+    patch embedding plus positional embedding with the CLS token appended, at the trained grid and another one."""
+    model = small_model()
+    for size in ((16, 16), (16, 20)):
+        x = torch.randn(2, 1, *size)
+        grid = (size[0] // 4, size[1] // 4)
+        with torch.no_grad():
+            for _ in range(2):
+                want = torch.cat([model._patch_tokens(x) + model._pos_embed(grid),
+                                  model.cls_token.expand(2, -1, -1)], dim=1)
+                assert torch.allclose(model._tokens(x), want, atol=1e-6)
+                model.cls_token.add_(1.0)
+                model.pos_embed.mul_(2.0)
 
 
 @pytest.mark.parametrize("orders", [("col",), ("row", "row_rev", "col_rev")])
@@ -334,7 +447,7 @@ def test_inference_cache_sees_fused_optimizer_steps_between_train_and_eval():
         assert torch.allclose(cached, fresh, atol=1e-6)
 
 
-def test_inference_pads_in_proj_rows_to_a_multiple_of_8_without_changing_outputs():
+def test_inference_pads_in_proj_rows_to_a_multiple_of_64_without_changing_outputs():
     model = small_model()
     x = torch.randn(2, 1, 16, 16)
     widths = [8, 16, 64]  # in_proj rows 2*16+32+2 = 66, 2*32+32+4 = 100, 2*128+32+16 = 304
@@ -342,7 +455,7 @@ def test_inference_pads_in_proj_rows_to_a_multiple_of_8_without_changing_outputs
         cached = model.embed(x, widths=widths)
         rows = [blk.mixer._weights_for(model.config.inner_of(w))["in_proj.weight"].shape[0]
                 for blk, w in zip(model.blocks, widths)]
-    assert rows == [72, 104, 304]
+    assert rows == [128, 128, 320]
     assert torch.allclose(model.embed(x, widths=widths), cached, atol=1e-6)  # grad mode: the unpadded slices
 
 

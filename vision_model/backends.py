@@ -1,9 +1,10 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
 backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference for head shapes our kernel has no
-verified launch for) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference), mamba-ssm's gated
-RMSNorm, and (at inference) our fused causal conv + SiLU from `vision_model.conv`; backend="torch" runs the
-readable PyTorch definitions of all three.
+verified launch for) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference); mamba-ssm's gated
+RMSNorm (training) or our RMSNorm kernel from `vision_model.rmsnorm` (inference, gated and plain); and at inference
+our fused causal conv + SiLU from `vision_model.conv`. backend="torch" runs the readable PyTorch definitions of all
+of them.
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
+from .rmsnorm import rms_norm_triton
 from .ssd import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -86,6 +88,8 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
     """RMSNorm(y * silu(z)) * weight over the last (possibly nested) dim, computed in fp32, returned in y's dtype."""
     backend = resolve_backend(backend, y.device)
+    if backend == "triton" and not _needs_grad(y, z, weight):
+        return rms_norm_triton(y, weight, eps, z=z)
     if backend == "triton":
         rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
         return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
@@ -95,12 +99,9 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: st
     return (y * weight.float()).to(dtype)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
-                 backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """(RMSNorm(x + residual) * weight, x + residual): a pre-norm block's residual add and norm in one pass."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
+    """RMSNorm(x) * weight over the last dim: the pre-norm of a block (our Triton kernel at inference)."""
     backend = resolve_backend(backend, x.device)
-    if backend == "triton":
-        rms_norm_fn = _mamba_ssm_op("layer_norm", "rms_norm_fn")
-        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True)
-    summed = x if residual is None else x + residual
-    return F.rms_norm(summed, (summed.shape[-1],), weight, eps), summed
+    if backend == "triton" and not _needs_grad(x, weight):
+        return rms_norm_triton(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
 
-from .backends import add_rms_norm, causal_conv1d_silu, gated_rms_norm, resolve_backend, ssd_scan
+from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, ssd_scan
+from .block_tail import block_tail_supported, block_tail_triton
+
+
+# At inference in_proj's output rows are padded to a multiple of this: at D/8 of the 135M config on the H100, 772 rows
+# ran cuBLAS's sm80 fallback (0.48 ms of a 1.2 ms layer); 776 rows ran 15.0 ms a batch at 1024 px, 832 rows 14.1
+# (the GEMM, and the conv and gate reading 128-byte aligned rows of its output).
+IN_PROJ_ROW_MULTIPLE = 64
 
 
 class MatMamba2(nn.Module):
@@ -75,11 +82,10 @@ class MatMamba2(nn.Module):
         if hit is None or hit[0] != version:
             with torch.no_grad():
                 weights = {k: v.contiguous() for k, v in self.nested_weights(inner).items()}
-                # in_proj's output rows padded to a multiple of 8: for a 772-wide bf16 output (D/8 of the 135M
-                # config) cuBLAS fell back to an sm80 kernel on the H100, 0.48 ms of a 1.2 ms layer
-                W = weights["in_proj.weight"]
-                if W.shape[0] % 8:
-                    weights["in_proj.weight"] = torch.cat([W, W.new_zeros(-W.shape[0] % 8, W.shape[1])])
+                # zero rows after dt, up to a multiple of IN_PROJ_ROW_MULTIPLE (see there)
+                W, multiple = weights["in_proj.weight"], IN_PROJ_ROW_MULTIPLE
+                if W.shape[0] % multiple:
+                    weights["in_proj.weight"] = torch.cat([W, W.new_zeros(-W.shape[0] % multiple, W.shape[1])])
             hit = self._cache[key] = (version, weights)
         return hit[1]
 
@@ -96,6 +102,32 @@ class MatMamba2(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, u: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
         """u (b, l, d_model) -> (b, l, d_model), using the first `inner` channels of this block."""
+        y, z, w, backend = self._mix(u, inner, backend)
+        return F.linear(gated_rms_norm(y, z, w["norm_weight"], self.norm_eps, backend), w["out_proj.weight"])
+
+    def forward_residual(self, u: Tensor, residual: Tensor, inner: int | None = None, backend: str = "auto",
+                         next_norm: nn.RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        """(residual + forward(u), next_norm of that or None), for inference. Without autograd the residual is
+        updated in place: the add runs inside out_proj's GEMM (as its C) or, for narrow widths on CUDA, inside one
+        kernel with the gated norm and the next block's norm (`vision_model.block_tail`)."""
+        y, z, w, backend = self._mix(u, inner, backend)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, residual, w["out_proj.weight"]))
+        if backend == "triton" and not grad and residual.is_contiguous() and block_tail_supported(y.shape[-1]):
+            return block_tail_triton(y, z, w["norm_weight"], self.norm_eps, w["out_proj.weight"], residual,
+                                     None if next_norm is None else next_norm.weight,
+                                     1e-5 if next_norm is None else next_norm.eps)
+        y = gated_rms_norm(y, z, w["norm_weight"], self.norm_eps, backend)
+        b, l, d = residual.shape
+        args = (y.reshape(b * l, -1), w["out_proj.weight"].t())
+        if grad or not residual.is_contiguous():
+            residual = torch.addmm(residual.reshape(b * l, d), *args).view(b, l, d)
+        else:  # in place: out of place, PyTorch first copies the residual into the output (0.09 ms at D/8)
+            residual.view(b * l, d).addmm_(*args)
+        normed = None if next_norm is None else rms_norm(residual, next_norm.weight, next_norm.eps, backend)
+        return residual, normed
+
+    def _mix(self, u: Tensor, inner: int | None, backend: str) -> tuple[Tensor, Tensor, dict[str, Tensor], str]:
+        """Everything up to the gated norm: the SSD output y (b, l, inner), the gate z, the weights, the backend."""
         inner = self.d_inner if inner is None else inner
         if not 0 < inner <= self.d_inner or inner % self.headdim:
             raise ValueError(f"inner={inner} must be a positive multiple of headdim={self.headdim} "
@@ -112,8 +144,7 @@ class MatMamba2(nn.Module):
         A = -torch.exp(w["A_log"].float())
         y = ssd_scan(x.reshape(b, l, h, self.headdim), dt, A, B.reshape(b, l, 1, N), C.reshape(b, l, 1, N),
                      w["D"], w["dt_bias"], chunk_size=self.chunk_size, backend=backend)
-        y = gated_rms_norm(y.reshape(b, l, inner), z, w["norm_weight"], self.norm_eps, backend)
-        return F.linear(y, w["out_proj.weight"])
+        return y.reshape(b, l, inner), z, w, backend
 
 
 class Block(nn.Module):
@@ -129,10 +160,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
         return x + self.drop_path(self.mixer(self.norm(x), inner, backend))
 
-    def forward_fused(self, hidden: Tensor, residual: Tensor | None, inner: int | None = None,
-                      backend: str = "auto") -> tuple[Tensor, Tensor]:
-        """The same block with the residual add moved into the norm (one pass over the stream instead of three):
-        takes the previous block's mixer output and the residual stream before it, returns this block's. The
-        stream is hidden + residual; drop-path has no place here, so training with it uses forward()."""
-        normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, backend)
-        return self.mixer(normed, inner, backend), residual
+    def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto", normed: Tensor | None = None,
+                      next_norm: nn.RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        """The same block for inference: (x + mixer(norm(x)), next_norm of that or None), reusing `normed` = norm(x)
+        when the previous block already computed it. Without autograd x is updated in place. Drop-path has no place
+        here, so training with it uses forward()."""
+        if normed is None:
+            normed = rms_norm(x, self.norm.weight, self.norm.eps, backend)
+        return self.mixer.forward_residual(normed, x, inner, backend, next_norm)

@@ -50,7 +50,7 @@ if triton is not None:
 
 
 def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None,
-                              block_l: int = 32, block_c: int = 128) -> Tensor:
+                              block_l: int = 32, block_c: int = 128, num_warps: int = 4) -> Tensor:
     """Same contract as the reference; x may be any view whose channel stride is 1 (no copy is made)."""
     if triton is None:
         raise RuntimeError("causal_conv1d_silu_triton needs Triton")
@@ -65,5 +65,6 @@ def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None,
     grid = (triton.cdiv(l, block_l), triton.cdiv(c, block_c), b)
     _causal_conv1d_silu_kernel[grid](x, weight, bias if bias is not None else weight, y, l, c,
                                      x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                     K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c)
+                                     K=k, HAS_BIAS=bias is not None, BLOCK_L=block_l, BLOCK_C=block_c,
+                                     num_warps=num_warps)
     return y

@@ -16,7 +16,9 @@ from PIL import Image
 from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
+from .backends import resolve_backend
 from .block import Block
+from .patchify import patchify_triton
 from .config import MatMambaVisionConfig
 
 
@@ -26,6 +28,7 @@ class MatMambaVision(nn.Module):
         self.config = cfg = config
         self.ssd_backend = ssd_backend
         self._reorder_cache: dict = {}
+        self._table_cache: dict = {}
         if cfg.stem == "conv":
             chans = (cfg.in_chans, *cfg.stem_channels)
             self.stem = nn.Sequential(
@@ -93,25 +96,71 @@ class MatMambaVision(nn.Module):
     def _embed_inners(self, x: Tensor, inners: Sequence[int | None], backend: str) -> Tensor:
         """Embed with an explicit inner size per block (None: the block's own full size)."""
         p = self.config.patch_size
-        tokens = self._patch_tokens(x)
-        tokens = tokens + self._pos_embed((x.shape[-2] // p, x.shape[-1] // p))
-        # the scan is causal, so the CLS token goes last to see every patch
-        tokens = torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+        tokens = self._tokens(x, resolve_backend(backend, x.device))
         reorders = self._reorders((x.shape[-2] // p, x.shape[-1] // p), x.device)
-        if self.training and self.config.drop_path_rate > 0:
-            for blk, inner, reorder in zip(self.blocks, inners, reorders):
-                if reorder is not None:
-                    tokens = tokens[:, reorder]
+        normed = None  # the next block's normalised input, when the block before could compute it
+        for i, (blk, inner, reorder) in enumerate(zip(self.blocks, inners, reorders)):
+            if reorder is not None:
+                tokens, normed = tokens[:, reorder], None
+            if self.training and self.config.drop_path_rate > 0:
                 tokens = blk(tokens, inner, backend)
-        else:
-            hidden, residual = tokens, None
-            for blk, inner, reorder in zip(self.blocks, inners, reorders):
-                if reorder is not None:
-                    hidden = hidden[:, reorder]
-                    residual = None if residual is None else residual[:, reorder]
-                hidden, residual = blk.forward_fused(hidden, residual, inner, backend)
-            tokens = hidden + residual
+                continue
+            last = i + 1 == len(self.blocks)
+            next_norm = None if last or reorders[i + 1] is not None else self.blocks[i + 1].norm
+            tokens, normed = blk.forward_fused(tokens, inner, backend, normed, next_norm)
         return self.norm(tokens[:, -1])
+
+    def _tokens(self, x: Tensor, backend: str = "torch") -> Tensor:
+        """(b, c, H, W) -> (b, H/p * W/p + 1, d_model): patch tokens plus positional embedding, and the CLS token
+        last (the scan is causal, so it goes last to see every patch)."""
+        p = self.config.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        if self.config.stem == "conv":
+            tokens = self._patch_tokens(x) + self._pos_embed(grid)
+            return torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+        # The patch GEMM writes the CLS row too (its patch is zero), then one in-place add puts in the positional
+        # embedding, the patch bias and the CLS token: no concatenation pass over the tokens (0.3 ms at 1024 px,
+        # batch 16, on the H100).
+        b, c, H, W = x.shape
+        patches = x.new_empty(b, grid[0] * grid[1] + 1, c * p * p)
+        if backend == "triton" and not p & (p - 1) and not (torch.is_grad_enabled() and x.requires_grad):
+            patchify_triton(x, p, patches)
+        else:
+            unfolded = x.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
+            patches[:, :-1].view(b, *grid, c, p, p).copy_(unfolded)
+        patches[:, -1].zero_()
+        proj = self.patch_embed.proj
+        return F.linear(patches, proj.weight.reshape(proj.out_channels, -1)).add_(self._token_table(grid, x.dtype))
+
+    def _token_table(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """(1, tokens, d_model): what `_tokens` adds to the patch GEMM's output. Cached at inference (one per grid and
+        dtype, rebuilt when a parameter changes): interpolating the positional embedding is a launch of its own."""
+        bias = self.patch_embed.proj.bias
+        params = (self.pos_embed, self.cls_token) + ((bias,) if bias is not None else ())
+
+        def build():
+            pos = self._pos_embed(grid)
+            return torch.cat([pos if bias is None else pos + bias, self.cls_token], dim=1).to(dtype)
+
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return build()
+        key = (grid, dtype, self.pos_embed.device)
+        version = tuple(t._version for t in params)
+        hit = self._table_cache.get(key)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                hit = self._table_cache[key] = (version, build())
+        return hit[1]
+
+    # like the blocks' weight caches: dropped on every train()/eval() switch and device or dtype move, as fused
+    # optimizers update parameters without bumping their version counters
+    def _apply(self, fn, recurse=True):
+        self._table_cache = {}
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self._table_cache = {}
+        return super().train(mode)
 
     def _reorders(self, grid: tuple[int, int], device: torch.device) -> list[Tensor | None]:
         """Per block, the gather that takes the tokens from the previous block's scan order into its own (None: same
