@@ -98,16 +98,13 @@ class MatMambaVision(nn.Module):
         p = self.config.patch_size
         tokens = self._tokens(x, resolve_backend(backend, x.device))
         reorders = self._reorders((x.shape[-2] // p, x.shape[-1] // p), x.device)
-        normed = None  # the next block's normalised input, when the block before could compute it
-        for i, (blk, inner, reorder) in enumerate(zip(self.blocks, inners, reorders)):
+        for blk, inner, reorder in zip(self.blocks, inners, reorders):
             if reorder is not None:
-                tokens, normed = tokens[:, reorder], None
+                tokens = tokens[:, reorder]
             if self.training and self.config.drop_path_rate > 0:
                 tokens = blk(tokens, inner, backend)
-                continue
-            last = i + 1 == len(self.blocks)
-            next_norm = None if last or reorders[i + 1] is not None else self.blocks[i + 1].norm
-            tokens, normed = blk.forward_fused(tokens, inner, backend, normed, next_norm)
+            else:
+                tokens = blk.forward_fused(tokens, inner, backend)
         return self.norm(tokens[:, -1])
 
     def _tokens(self, x: Tensor, backend: str = "torch") -> Tensor:

@@ -7,7 +7,6 @@ rows and each patch lands as one contiguous run of p * p values.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 try:

@@ -7,13 +7,12 @@
 2. The causal conv + SiLU at D/8 and D: tile length x channels x warps.
 3. out_proj with the residual add inside the GEMM (addmm) against a GEMM then an add; in_proj output padding at D/8.
 4. Patch rows for the patch GEMM: our kernel against PyTorch's permuted copy.
-5. The fused block tail (`vision_model.block_tail`) at D/8: launches x (time, bf16 error, same bits on 3 calls),
-   against the same work unfused (our gated norm, in-place addmm_, our RMSNorm).
-6. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
+5. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
    "previous" (the forward of the 2026-11-24 benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
    norm, out_proj then a separate add) against the current forward, and the current forward with one piece taken
-   back or swapped (no fused tail, in_proj padded to 8, PyTorch's patch copy, the swept conv/tail launch);
+   back or swapped (in_proj padded to 8, PyTorch's patch copy, the norms' first launch rule, the swept conv launch);
    agreement with the PyTorch backend; a profile of the current forward at D and D/8.
+(Runs 2 and 3 of 2026-11-24 also swept a fused block tail, removed since: docs/notes.md, section 12.)
 Op timings: 20 back-to-back calls between two CUDA events (one call per event pair would time the launch too).
 """
 from __future__ import annotations
@@ -26,12 +25,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import vision_model.block as block_mod
 import vision_model.conv as conv_mod
 from benchmarks.measure import measure
 from vision_model import backends, create_model
-from vision_model.block_tail import block_tail_triton
 from vision_model.rmsnorm import rms_norm_triton
 
 DEV, DT = torch.device("cuda"), torch.bfloat16
@@ -76,7 +75,7 @@ def sweep_norms(out):
         err=rel(rms_norm_fn(x, w, None, eps=1e-5), ref))
     out(op="rms_norm", n=1024, impl="F.rms_norm", ms=ms(lambda: F.rms_norm(x, (1024,), w, 1e-5)))
     for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
-        call = lambda: rms_norm_triton(x, w, 1e-5, tile_elements=tile, num_warps=warps)
+        call = lambda: rms_norm_triton(x, w, 1e-5, rows_per_program=tile // 1024, num_warps=warps)
         out(op="rms_norm", n=1024, impl="ours", tile=tile, warps=warps, ms=ms(call), err=rel(call(), ref))
     for n in (256, 512, 1024, 2048):  # gated: D/8 .. D inner widths; z a slice of a wider in_proj output
         y = torch.randn(ROWS, n, device=DEV, dtype=DT)
@@ -86,7 +85,7 @@ def sweep_norms(out):
         call = lambda: gated_fn(y, wn, None, z=z, eps=1e-5, group_size=None, norm_before_gate=False)
         out(op="gated", n=n, impl="mamba", ms=ms(call), err=rel(call(), ref))
         for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
-            call = lambda: rms_norm_triton(y, wn, 1e-5, z=z, tile_elements=tile, num_warps=warps)
+            call = lambda: rms_norm_triton(y, wn, 1e-5, z=z, rows_per_program=max(1, tile // n), num_warps=warps)
             out(op="gated", n=n, impl="ours", tile=tile, warps=warps, ms=ms(call), err=rel(call(), ref))
 
 
@@ -124,45 +123,6 @@ def sweep_gemms(out):
     for rows in (772, 776, 784, 800, 832, 896, 1024, 1540, 1544, 1552, 1600, 1664):
         w = torch.randn(rows, 1024, device=DEV, dtype=DT) * 0.02
         out(op="in_proj", rows=rows, ms=ms(lambda: F.linear(x, w)))
-
-
-def sweep_tail(out):
-    k, n = 256, 1024
-    y = torch.randn(16, 4097, k, device=DEV, dtype=DT)
-    z = torch.randn(16, 4097, 832, device=DEV, dtype=DT)[..., :k]  # in_proj's output at D/8, padded to 832 rows
-    norm_w, next_w = torch.rand(k, device=DEV, dtype=DT) + 0.5, torch.rand(n, device=DEV, dtype=DT) + 0.5
-    out_w = torch.randn(n, k, device=DEV, dtype=DT) / k ** 0.5
-    residual = torch.randn(16, 4097, n, device=DEV, dtype=DT)
-    g = backends.gated_rms_norm(y.float(), z.float(), norm_w.float(), 1e-5, "torch")
-    want = residual.float() + F.linear(g, out_w.float())
-    want_normed = backends.rms_norm(want, next_w.float(), 1e-5, "torch")
-
-    def unfused(r):
-        h = rms_norm_triton(y, norm_w, 1e-5, z=z)
-        r.view(-1, n).addmm_(h.view(-1, k), out_w.t())
-        return r, rms_norm_triton(r, next_w, 1e-5)
-
-    work = residual.clone()
-    got = unfused(residual.clone())
-    out(op="tail", impl="unfused", ms=ms(lambda: unfused(work)), err=rel(got[0], want),
-        err_normed=rel(got[1], want_normed))
-    best = None
-    for bm, bn, warps, stages in itertools.product((32, 64, 128), (64, 128), (4, 8), (1, 2)):
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        try:
-            runs = [block_tail_triton(y, z, norm_w, 1e-5, out_w, residual.clone(), next_w, 1e-5, config=cfg)
-                    for _ in range(3)]
-            torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for the big tiles: record, go on
-            out(op="tail", impl="fused", **cfg, error=f"{type(exc).__name__}: {str(exc)[:160]}")
-            continue
-        same = all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs[1:])
-        t = ms(lambda: block_tail_triton(y, z, norm_w, 1e-5, out_w, work, next_w, 1e-5, config=cfg))
-        err, err_normed = rel(runs[0][0], want), rel(runs[0][1], want_normed)
-        out(op="tail", impl="fused", **cfg, ms=t, err=err, err_normed=err_normed, same_on_3_calls=same)
-        if same and err < 2 * rel(got[0], want) + 1e-3 and (best is None or t < best[1]):
-            best = (cfg, t)
-    return best[0] if best else None
 
 
 def sweep_patchify(out):
@@ -214,14 +174,18 @@ def embed_previous(model, x, level):
 
 
 @contextlib.contextmanager
-def setting(model, tail=True, in_proj_multiple=64, tail_config=None, patchify=True, conv=None):
-    """The current forward with the fused tail on or off, in_proj padded to another multiple, another tail launch,
-    PyTorch's permuted copy for the patches, another conv launch (block_l, block_c, warps)."""
-    import vision_model.block_tail as tail_mod
+def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tiles=False):
+    """The current forward with in_proj padded to another multiple, PyTorch's permuted copy for the patches, another
+    conv launch (block_l, block_c, warps), or the norms' first launch rule (4096-value tiles, 4 warps)."""
     import vision_model.model as model_mod
-    saved = (block_mod.block_tail_supported, block_mod.IN_PROJ_ROW_MULTIPLE,
-             {k: getattr(tail_mod, k) for k in ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES")},
-             model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__)
+    import vision_model.rmsnorm as norm_mod
+    saved = (block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__,
+             norm_mod.launch)
+
+    def clear_weight_caches():
+        for m in model.modules():
+            if isinstance(m, block_mod.MatMamba2):
+                m._cache = {}
     if not patchify:
         def permuted_copy(x, p, patches):
             b, c, H, W = x.shape
@@ -230,43 +194,33 @@ def setting(model, tail=True, in_proj_multiple=64, tail_config=None, patchify=Tr
         model_mod.patchify_triton = permuted_copy
     if conv:
         conv_mod.causal_conv1d_silu_triton.__defaults__ = tuple(conv)
-    if not tail:
-        block_mod.block_tail_supported = lambda inner: False
-    if in_proj_multiple != saved[1]:
+    if wide_norm_tiles:
+        norm_mod.launch = lambda width: (max(1, 4096 // triton.next_power_of_2(width)),
+                                         triton.next_power_of_2(width), 4)
+    if in_proj_multiple != saved[0]:
         block_mod.IN_PROJ_ROW_MULTIPLE = in_proj_multiple
-        for m in model.modules():
-            if isinstance(m, block_mod.MatMamba2):
-                m._cache = {}
-    for k, v in (tail_config or {}).items():
-        setattr(tail_mod, {"num_warps": "NUM_WARPS", "num_stages": "NUM_STAGES"}.get(k, k), v)
+        clear_weight_caches()
     try:
         yield
     finally:
-        model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__ = saved[3], saved[4]
-        block_mod.block_tail_supported, block_mod.IN_PROJ_ROW_MULTIPLE = saved[0], saved[1]
-        for k, v in saved[2].items():
-            setattr(tail_mod, k, v)
-        if in_proj_multiple != saved[1]:
-            for m in model.modules():
-                if isinstance(m, block_mod.MatMamba2):
-                    m._cache = {}
+        block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton = saved[0], saved[1]
+        conv_mod.causal_conv1d_silu_triton.__defaults__, norm_mod.launch = saved[2], saved[3]
+        if in_proj_multiple != saved[0]:
+            clear_weight_caches()
 
 
-def whole_encoder(out, tail_config, conv, rounds):
+def whole_encoder(out, conv, rounds):
     model = create_model("matmamba_vision_135m").to(DEV, DT).eval()
     x = torch.randn(4, 3, 224, 224, device=DEV, dtype=DT)
     with torch.inference_mode():
         for lv in model.config.levels:
             ref = model.embed(x, level=lv, backend="torch").float()
-            with setting(model, tail=False):
-                no_tail = rel(model.embed(x, level=lv).float(), ref)
             out(check="agreement", level=lv, current_vs_torch=rel(model.embed(x, level=lv).float(), ref),
-                no_tail_vs_torch=no_tail, previous_vs_torch=rel(embed_previous(model, x, lv).float(), ref))
-    variants = [("previous", None), ("current", {}), ("current, no fused tail", dict(tail=False)),
+                previous_vs_torch=rel(embed_previous(model, x, lv).float(), ref))
+    variants = [("previous", None), ("current", {}),
                 ("current, in_proj rows to a multiple of 8", dict(in_proj_multiple=8)),
-                ("current, permuted copy for the patches", dict(patchify=False))]
-    if tail_config:
-        variants.append((f"current, tail {tail_config}", dict(tail_config=tail_config)))
+                ("current, permuted copy for the patches", dict(patchify=False)),
+                ("current, norms in 4096-value tiles, 4 warps", dict(wide_norm_tiles=True))]
     if conv:
         variants.append((f"current, conv {conv}", dict(conv=conv)))
     for res, batch, levels in ((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8))):
@@ -304,7 +258,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "tail", "encoder"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "encoder"])
     args = ap.parse_args()
     sink = open(args.out, "a") if args.out else None
     t0 = time.time()
@@ -329,12 +283,8 @@ def main() -> int:
     if "gemms" not in args.skip:
         sweep_gemms(out)
         out(at="gemms done", s=round(time.time() - t0, 1))
-    tail_config = None
-    if "tail" not in args.skip:
-        tail_config = sweep_tail(out)
-        out(at="tail done", best=tail_config, s=round(time.time() - t0, 1))
     if "encoder" not in args.skip:
-        whole_encoder(out, tail_config, conv, args.rounds)
+        whole_encoder(out, conv, args.rounds)
     out(at="done", s=round(time.time() - t0, 1))
     return 0
 
