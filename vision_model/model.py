@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .block import Block
-from .patchify import patchify_triton
 from .config import MatMambaVisionConfig
+from .patchify import patchify_triton
 
 
 class MatMambaVision(nn.Module):
