@@ -45,12 +45,8 @@ def launch(width: int) -> tuple[int, int, int]:
 
 
 def _rows(t: Tensor) -> Tensor:
-    """t as a (rows, N) view with a dense last dim (a copy only when no such view exists)."""
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+    """t as (rows, N) with a dense last dim: a view where one exists (reshape copies only otherwise)."""
+    return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1])
 
 
 def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, z: Tensor | None = None,
