@@ -102,6 +102,17 @@ def measure(call: Callable[[], Any], device: torch.device, warmup: int, repeats:
     return Timing(seconds, peak, warmup_s)
 
 
+def cuda_kernel_table(call: Callable[[], Any], row_limit: int = 16) -> str:
+    """The top CUDA kernels of one call of `call` (after one untimed call), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=60)
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
     """The device's dense matmul rate in this dtype, measured: median TFLOP/s of an n x n x n GEMM (the yardstick
     for the encoders' achieved TFLOP/s)."""

@@ -22,7 +22,7 @@ import timm
 import torch
 
 import vision_model.block as block_mod
-from benchmarks.measure import measure
+from benchmarks.measure import cuda_kernel_table, measure
 from vision_model import backends, create_model
 
 
@@ -146,20 +146,15 @@ def main() -> int:
 
     # 3. profile
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
         x = torch.randn(16, 3, 1024, 1024, device=dev, dtype=dt)
         profiled = [(name, flags, model, 1) for name, flags in (VARIANTS[0], VARIANTS[-2], VARIANTS[-1])]
         profiled += [(name, flags, model, 8) for name, flags in VARIANTS[-2:]]
         profiled += [(f"headdim {hd}", VARIANTS[-1][1], other, 1) for hd, other in others.items()]
         for name, flags, m, lv in profiled:
             with torch.inference_mode(), variant(**flags):
-                m.embed(x, level=lv)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    m.embed(x, level=lv)
-                    torch.cuda.synchronize()
+                table = cuda_kernel_table(lambda: m.embed(x, level=lv), row_limit=18)
             print(f"== profile: {name}, 1024 px, batch 16, level {lv}")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+            print(table)
 
     # 4. CUDA graphs at batch 1
     if args.graphs:

@@ -29,7 +29,7 @@ import triton
 
 import vision_model.block as block_mod
 import vision_model.conv as conv_mod
-from benchmarks.measure import measure
+from benchmarks.measure import cuda_kernel_table, measure
 from vision_model import backends, create_model
 from vision_model.rmsnorm import rms_norm_triton
 
@@ -241,17 +241,12 @@ def whole_encoder(out, conv, rounds):
                     best[i] = min(best.get(i, s), s)
         for i, (desc, _, _) in enumerate(calls):
             out(point=res, batch=batch, **desc, img_s=batch / best[i], ms=best[i] * 1e3)
-    from torch.profiler import ProfilerActivity, profile
     x = torch.randn(16, 3, 1024, 1024, device=DEV, dtype=DT)
     for lv in (1, 8):
         with torch.inference_mode():
-            model.embed(x, level=lv)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model.embed(x, level=lv)
-                torch.cuda.synchronize()
+            table = cuda_kernel_table(lambda: model.embed(x, level=lv))
         print(f"== profile: current, 1024 px, batch 16, level {lv}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+        print(table)
 
 
 def main() -> int:
