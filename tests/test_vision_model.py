@@ -72,12 +72,18 @@ import torch
 from vision_model.conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 torch.manual_seed(0)
 worst = 0.0
-for b, l, c, k, with_bias in [(2, 197, 80, 4, True), (3, 50, 300, 4, False), (1, 1, 17, 3, True), (2, 70, 130, 2, True)]:
+# the last two scale each row first (the pre-norm's rstd, folded into in_proj)
+for b, l, c, k, with_bias, scaled in [(2, 197, 80, 4, True, False), (3, 50, 300, 4, False, False),
+                                      (1, 1, 17, 3, True, False), (2, 70, 130, 2, True, False),
+                                      (2, 70, 130, 4, True, True), (1, 3, 17, 4, False, True)]:
     wide = torch.randn(b, l, c + 40)
     x = wide[..., 10:10 + c]  # a strided view, as the block's x|B|C slice of in_proj's output is
     w, bias = torch.randn(c, 1, k), (torch.randn(c) if with_bias else None)
-    y = causal_conv1d_silu_triton(x, w, bias, block_l=16, block_c=64)
-    ref = causal_conv1d_silu_ref(x, w, bias)
+    scale = torch.rand(b, l) + 0.1 if scaled else None
+    y = causal_conv1d_silu_triton(x, w, bias, scale, block_l=16, block_c=64)
+    ref = causal_conv1d_silu_ref(x, w, bias, scale)
+    if scaled:  # the reference scales by multiplying its input
+        assert torch.allclose(ref, causal_conv1d_silu_ref(x * scale[..., None], w, bias))
     assert y.shape == ref.shape and y.is_contiguous()
     worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
 print(worst)
@@ -86,7 +92,8 @@ print(worst)
 
 def test_triton_causal_conv_equals_reference_in_the_interpreter():
     """The fused conv kernel, run by Triton's CPU interpreter, against F.conv1d: strided input, several tile
-    edges (l and c not multiples of the blocks), sequences shorter than the kernel, with and without bias."""
+    edges (l and c not multiples of the blocks), sequences shorter than the kernel, with and without bias, with and
+    without a per-row input scale."""
     pytest.importorskip("triton")
     assert float(run_in_interpreter(CONV_CHECK).split()[-1]) < 1e-6
 
@@ -94,31 +101,44 @@ def test_triton_causal_conv_equals_reference_in_the_interpreter():
 NORM_CHECK = """
 import torch
 from vision_model.backends import gated_rms_norm, rms_norm
-from vision_model.rmsnorm import rms_norm_triton
+from vision_model.rmsnorm import rms_norm_triton, rms_rstd_triton
 torch.manual_seed(0)
 worst = 0.0
 # (rows, width, gated, rows per program): a ragged last tile, a width that is not a power of two, one row per
-# program, a strided gate (the block's z is a slice of in_proj's output), the default launch, fp16 as well as fp32
+# program, a strided gate (the block's z is a slice of in_proj's output), the default launch, fp16 as well as fp32;
+# "scaled": z times a per-row scale (the pre-norm's rstd, folded into in_proj)
 for shape, n, gated, rows, dtype in [((2, 37), 96, False, 4, torch.float32), ((3, 11), 200, True, 4, torch.float32),
                                      ((1, 5), 64, True, 1, torch.float32), ((2, 33), 256, True, 16, torch.float16),
-                                     ((2, 33), 1024, False, None, torch.float16)]:
+                                     ((2, 33), 1024, False, None, torch.float16),
+                                     ((3, 11), 200, "scaled", 4, torch.float32),
+                                     ((2, 33), 256, "scaled", None, torch.float16)]:
     x = torch.randn(*shape, n).to(dtype)
     w = (torch.rand(n) + 0.5).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    rstd = rms_rstd_triton(x, 1e-5)
+    assert rstd.shape == shape and rstd.dtype == torch.float32
+    ref_rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5)
+    worst = max(worst, ((rstd - ref_rstd).abs().max() / ref_rstd.abs().max()).item() / 1e-5)
     if gated:
         z = torch.randn(*shape, n + 24).to(dtype)[..., 7:7 + n]
-        y, ref = rms_norm_triton(x, w, 1e-5, z=z, rows_per_program=rows), gated_rms_norm(x, z, w, 1e-5, "torch")
+        s = torch.rand(*shape) + 0.5 if gated == "scaled" else None
+        y = rms_norm_triton(x, w, 1e-5, z=z, z_scale=s, rows_per_program=rows)
+        ref = gated_rms_norm(x, z, w, 1e-5, "torch", z_scale=s)
+        if s is not None:
+            assert torch.allclose(ref.float(), gated_rms_norm(x.float(), z.float() * s[..., None], w.float(), 1e-5,
+                                                              "torch"), rtol=tolerance, atol=tolerance)
     else:
         y, ref = rms_norm_triton(x, w, 1e-5, rows_per_program=rows), rms_norm(x.float(), w.float(), 1e-5, "torch")
     assert y.shape == x.shape and y.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     worst = max(worst, ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() / tolerance)
 print(worst)
 """
 
 
 def test_triton_rms_norm_equals_reference_in_the_interpreter():
-    """The inference RMSNorm kernel (plain and gated), run by Triton's CPU interpreter, against the PyTorch
-    definitions: ragged row tiles, widths that are not powers of two, a strided gate, fp32 and fp16."""
+    """The inference RMSNorm kernel (plain, gated, gated with a per-row scale of the gate, and rstd only), run by
+    Triton's CPU interpreter, against the PyTorch definitions: ragged row tiles, widths that are not powers of two,
+    a strided gate, fp32 and fp16."""
     pytest.importorskip("triton")
     assert float(run_in_interpreter(NORM_CHECK).split()[-1]) < 1.0  # error / tolerance of its dtype
 
@@ -163,7 +183,10 @@ for b, l, h, p, n, g, with_d, cfg in [(2, 70, 3, 16, 32, 1, True, dict(CHUNK=16,
                                       (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16)),
                                       (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=3)),
                                       (1, 100, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=4)),
-                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16, segments=8))]:
+                                      (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16, segments=8)),
+                                      (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16, dt_scale=True)),
+                                      (1, 100, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=4,
+                                                                        dt_scale=True))]:
     inner = h * p
     zxbcdt = torch.randn(b, l, 2 * inner + 2 * g * n + h)  # the block's in_proj output: x, B, C, dt are views
     x = zxbcdt[..., inner:2 * inner].unflatten(-1, (h, p))
@@ -172,7 +195,10 @@ for b, l, h, p, n, g, with_d, cfg in [(2, 70, 3, 16, 32, 1, True, dict(CHUNK=16,
     dt = zxbcdt[..., 2 * inner + 2 * g * n:] - 1
     dt_bias, A = torch.rand(h) - 3, -torch.rand(h) * 8
     D = torch.randn(h) if with_d else None
-    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=cfg)
+    # dt scaled per row (the pre-norm's rstd, folded into in_proj)
+    scale = torch.rand(b, l) + 0.5 if cfg.pop("dt_scale", False) else None
+    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale, config=cfg)
+    dt = dt if scale is None else dt * scale[..., None]
     ref = ssd_recurrent(*(t.double() for t in (x, F.softplus(dt + dt_bias), A, B, C)),
                         None if D is None else D.double())
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -197,7 +223,7 @@ def run_in_interpreter(script: str) -> str:
 def test_triton_ssd_forward_equals_recurrence_in_the_interpreter():
     """The one-kernel SSD forward (inference on CUDA), run by Triton's CPU interpreter in fp32, against the
     float64 step-by-step recurrence: strided views of one in_proj output, ragged chunk ends, split headdim,
-    grouped B/C, with and without D."""
+    grouped B/C, with and without D, with and without a per-row scale of dt."""
     pytest.importorskip("triton")
     assert float(run_in_interpreter(SSD_CHECK).split()[-1]) < 1e-5
 
@@ -244,6 +270,28 @@ def test_residual_fused_block_loop_equals_plain_blocks():
             tokens = blk(tokens, model.config.inner_of(w), "torch")  # eval: drop-path is the identity
         plain = model.norm(tokens[:, -1])
     assert rel_err(fused, plain) < 1e-6
+
+
+def test_pre_norm_folded_into_in_proj_equals_norm_then_block():
+    """At inference on the triton backend each block's pre-norm is folded into in_proj (W·diag(w), the rows' rstd
+    applied to the conv input, dt and the gate); the same algebra on the PyTorch backend equals norm-then-block at
+    every width, the folded weights are cached and follow an update of the norm's weight."""
+    model = small_model()
+    blk = model.blocks[0]
+    x = torch.randn(2, 17, model.config.d_model) * 3
+    with torch.no_grad():
+        blk.norm.weight.copy_(torch.rand_like(blk.norm.weight) + 0.5)
+        for inner in (8, 24, 64):
+            plain = blk.forward_fused(x.clone(), inner, "torch", fold_norm=False)
+            assert rel_err(blk.forward_fused(x.clone(), inner, "torch", fold_norm=True), plain) < 1e-6
+        blk.norm.weight.mul_(2.0)  # the cache sees the norm's version change
+        plain = blk.forward_fused(x.clone(), 24, "torch", fold_norm=False)
+        assert rel_err(blk.forward_fused(x.clone(), 24, "torch", fold_norm=True), plain) < 1e-6
+    # with autograd the fold runs uncached and out of place, and gradients reach the norm's weight
+    folded = blk.forward_fused(x, 24, "torch", fold_norm=True)
+    assert rel_err(folded.detach(), plain) < 1e-6
+    folded.sum().backward()
+    assert blk.norm.weight.grad is not None and blk.norm.weight.grad.abs().sum() > 0
 
 
 def test_inference_token_table_follows_parameter_updates():

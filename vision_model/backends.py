@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
-from .rmsnorm import rms_norm_triton
+from .rmsnorm import rms_norm_triton, rms_rstd_triton
 from .ssd import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -63,12 +63,16 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
-             chunk_size: int, backend: str = "auto") -> Tensor:
-    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`."""
+             chunk_size: int, backend: str = "auto", dt_scale: Tensor | None = None) -> Tensor:
+    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`. With dt_scale (b, l),
+    dt * dt_scale[..., None] takes dt's place."""
     backend = resolve_backend(backend, x.device)
     if (backend == "triton" and not _needs_grad(x, dt, A, B, C, D, dt_bias)
             and fused_forward_supported(x.shape[3], B.shape[3])):
-        return ssd_forward_triton(x, dt, A, B, C, D, dt_bias)  # forward only: the state never leaves the chip
+        # forward only: the state never leaves the chip
+        return ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=dt_scale)
+    if dt_scale is not None:
+        dt = (dt.float() * dt_scale.float().unsqueeze(-1)).to(dt.dtype)
     if backend == "triton":
         # the kernels read any layout whose last dim is dense (the split views of the conv output); others copy
         x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
@@ -77,22 +81,28 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)
 
 
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "auto") -> Tensor:
-    """silu(causal depthwise conv1d) of x (b, l, c) with weight (c, 1, k): fused Triton kernel at inference."""
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "auto",
+                       row_scale: Tensor | None = None) -> Tensor:
+    """silu(causal depthwise conv1d) of x (b, l, c) with weight (c, 1, k), or of x * row_scale[..., None]: fused
+    Triton kernel at inference."""
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and not _needs_grad(x, weight, bias):  # no backward: training takes the reference
-        return causal_conv1d_silu_triton(x, weight, bias)
-    return causal_conv1d_silu_ref(x, weight, bias)
+        return causal_conv1d_silu_triton(x, weight, bias, row_scale)
+    return causal_conv1d_silu_ref(x, weight, bias, row_scale)
 
 
-def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
-    """RMSNorm(y * silu(z)) * weight over the last (possibly nested) dim, computed in fp32, returned in y's dtype."""
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto",
+                   z_scale: Tensor | None = None) -> Tensor:
+    """RMSNorm(y * silu(z)) * weight over the last (possibly nested) dim, computed in fp32, returned in y's dtype;
+    z_scale (y.shape[:-1]) multiplies each row of z first."""
     backend = resolve_backend(backend, y.device)
     if backend == "triton" and not _needs_grad(y, z, weight):
-        return rms_norm_triton(y, weight, eps, z=z)
+        return rms_norm_triton(y, weight, eps, z=z, z_scale=z_scale)
+    if z_scale is not None:
+        z = z.float() * z_scale.float().unsqueeze(-1)
     if backend == "triton":
         rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
-        return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
+        return rmsnorm_fn(y, weight, None, z=z.to(y.dtype), eps=eps, group_size=None, norm_before_gate=False)
     dtype = y.dtype
     y = y.float() * F.silu(z.float())
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
@@ -105,3 +115,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Te
     if backend == "triton" and not _needs_grad(x, weight):
         return rms_norm_triton(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def row_rstd(x: Tensor, eps: float, backend: str = "auto") -> Tensor:
+    """1 / sqrt(mean(x²) + eps) over the last dim, fp32, shaped x.shape[:-1]: what RMSNorm divides each row by."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton" and not _needs_grad(x):
+        return rms_rstd_triton(x, eps)
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)

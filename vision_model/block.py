@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
 
-from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, ssd_scan
+from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, row_rstd, ssd_scan
 
 
 # At inference in_proj's output rows are padded to a multiple of this: at D/8 of the 135M config on the H100, 772 rows
@@ -71,18 +71,26 @@ class MatMamba2(nn.Module):
             "out_proj.weight": self.out_proj.weight[:, :inner],
         }
 
-    def _weights_for(self, inner: int) -> dict[str, Tensor]:
-        if torch.is_grad_enabled() and self.in_proj.weight.requires_grad:
-            return self.nested_weights(inner)
+    def _weights_for(self, inner: int, in_scale: Tensor | None = None) -> dict[str, Tensor]:
+        """nested_weights(inner), with in_scale (d_model,) folded into in_proj's columns (W · diag(in_scale)) when
+        given; cached at inference."""
+        if torch.is_grad_enabled() and (self.in_proj.weight.requires_grad
+                                        or (in_scale is not None and in_scale.requires_grad)):
+            weights = self.nested_weights(inner)
+            if in_scale is not None:
+                weights = {**weights, "in_proj.weight": weights["in_proj.weight"] * in_scale}
+            return weights
         # inference: slice once per width and reuse until the parameters change
-        key = (inner, self.in_proj.weight.device, self.in_proj.weight.dtype)
-        version = tuple(p._version for p in self.parameters())
+        key = (inner, self.in_proj.weight.device, self.in_proj.weight.dtype, in_scale is not None)
+        version = tuple(p._version for p in self.parameters()) + ((in_scale._version,) if in_scale is not None else ())
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
             with torch.no_grad():
                 weights = {k: v.contiguous() for k, v in self.nested_weights(inner).items()}
-                # zero rows after dt, up to a multiple of IN_PROJ_ROW_MULTIPLE (see there)
                 W, multiple = weights["in_proj.weight"], IN_PROJ_ROW_MULTIPLE
+                if in_scale is not None:
+                    W = weights["in_proj.weight"] = (W.float() * in_scale.float()).to(W.dtype)
+                # zero rows after dt, up to a multiple of IN_PROJ_ROW_MULTIPLE (see there)
                 if W.shape[0] % multiple:
                     weights["in_proj.weight"] = torch.cat([W, W.new_zeros(-W.shape[0] % multiple, W.shape[1])])
             hit = self._cache[key] = (version, weights)
@@ -101,16 +109,17 @@ class MatMamba2(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, u: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
         """u (b, l, d_model) -> (b, l, d_model), using the first `inner` channels of this block."""
-        y, z, w, backend = self._mix(u, inner, backend)
-        return F.linear(gated_rms_norm(y, z, w["norm_weight"], self.norm_eps, backend), w["out_proj.weight"])
+        y, w = self._mix(u, inner, backend)
+        return F.linear(y, w["out_proj.weight"])
 
-    def forward_residual(self, u: Tensor, residual: Tensor, inner: int | None = None,
-                         backend: str = "auto") -> Tensor:
-        """residual + forward(u), for inference, with the add inside out_proj's GEMM (the residual is its C): one
-        pass over the d_model-wide stream fewer than a separate add. Without autograd the residual is updated in
-        place (out of place, PyTorch first copies it into the output: 0.09 ms a layer at 1024 px, batch 16)."""
-        y, z, w, backend = self._mix(u, inner, backend)
-        y = gated_rms_norm(y, z, w["norm_weight"], self.norm_eps, backend)
+    def forward_residual(self, u: Tensor, residual: Tensor, inner: int | None = None, backend: str = "auto",
+                         prenorm: nn.RMSNorm | None = None) -> Tensor:
+        """residual + forward(u), or with `prenorm`, residual + forward(prenorm(u)) with the norm folded into in_proj
+        (see `_mix`); for inference, with the add inside out_proj's GEMM (the residual is its C): one pass over the
+        d_model-wide stream fewer than a separate add. u may be the residual itself. Without autograd the residual
+        is updated in place (out of place, PyTorch first copies it into the output: 0.09 ms a layer at 1024 px,
+        batch 16)."""
+        y, w = self._mix(u, inner, backend, prenorm)
         b, l, d = residual.shape
         args = (y.reshape(b * l, -1), w["out_proj.weight"].t())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, residual, w["out_proj.weight"]))
@@ -119,25 +128,33 @@ class MatMamba2(nn.Module):
         residual.view(b * l, d).addmm_(*args)
         return residual
 
-    def _mix(self, u: Tensor, inner: int | None, backend: str) -> tuple[Tensor, Tensor, dict[str, Tensor], str]:
-        """Everything up to the gated norm: the SSD output y (b, l, inner), the gate z, the weights, the backend."""
+    def _mix(self, u: Tensor, inner: int | None, backend: str,
+             prenorm: nn.RMSNorm | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Everything before out_proj: the gated norm's output (b, l, inner), and the weights.
+
+        With `prenorm` (the block's RMSNorm, weight w) u is the un-normalised stream and the norm is folded in:
+        in_proj(RMSNorm(u)) = rstd ⊙ (u @ (W·diag(w))ᵀ), one rstd per row. Only the rstd is computed (one read of
+        the stream, no normalised copy written), and it is applied where in_proj's output is read: the conv's input,
+        dt and the gate."""
         inner = self.d_inner if inner is None else inner
         if not 0 < inner <= self.d_inner or inner % self.headdim:
             raise ValueError(f"inner={inner} must be a positive multiple of headdim={self.headdim} "
                              f"and at most d_inner={self.d_inner}")
         b, l, _ = u.shape
         backend = resolve_backend(backend, u.device)
-        w = self._weights_for(inner)
+        rstd = row_rstd(u, prenorm.eps, backend) if prenorm is not None else None
+        w = self._weights_for(inner, prenorm.weight if prenorm is not None else None)
         h, N = inner // self.headdim, self.d_state
         zxbcdt = F.linear(u, w["in_proj.weight"])  # at inference it may carry zero padding rows after dt
         xbc_end = 2 * inner + 2 * N
         z, xBC, dt = zxbcdt[..., :inner], zxbcdt[..., inner:xbc_end], zxbcdt[..., xbc_end:xbc_end + h]
-        xBC = causal_conv1d_silu(xBC, w["conv1d.weight"], w["conv1d.bias"], backend)
+        xBC = causal_conv1d_silu(xBC, w["conv1d.weight"], w["conv1d.bias"], backend, row_scale=rstd)
         x, B, C = torch.split(xBC, [inner, N, N], dim=-1)
         A = -torch.exp(w["A_log"].float())
         y = ssd_scan(x.reshape(b, l, h, self.headdim), dt, A, B.reshape(b, l, 1, N), C.reshape(b, l, 1, N),
-                     w["D"], w["dt_bias"], chunk_size=self.chunk_size, backend=backend)
-        return y.reshape(b, l, inner), z, w, backend
+                     w["D"], w["dt_bias"], chunk_size=self.chunk_size, backend=backend, dt_scale=rstd)
+        y = gated_rms_norm(y.reshape(b, l, inner), z, w["norm_weight"], self.norm_eps, backend, z_scale=rstd)
+        return y, w
 
 
 class Block(nn.Module):
@@ -153,7 +170,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
         return x + self.drop_path(self.mixer(self.norm(x), inner, backend))
 
-    def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
+    def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto",
+                      fold_norm: bool | None = None) -> Tensor:
         """The same block for inference, x + mixer(norm(x)) with the add inside out_proj's GEMM; without autograd x is
-        updated in place. Drop-path has no place here, so training with it uses forward()."""
+        updated in place. Drop-path has no place here, so training with it uses forward(). The norm is folded into
+        in_proj (`MatMamba2._mix`) when fold_norm, by default on the triton backend: there it saves writing a
+        normalised copy of the stream (134 MB a layer at 1024 px, batch 16, on the 135M config)."""
+        backend = resolve_backend(backend, x.device)
+        if backend == "triton" if fold_norm is None else fold_norm:
+            return self.mixer.forward_residual(x, x, inner, backend, prenorm=self.norm)
         return self.mixer.forward_residual(rms_norm(x, self.norm.weight, self.norm.eps, backend), x, inner, backend)

@@ -1,10 +1,12 @@
 """RMSNorm over the last dim, plain or gated (RMSNorm(y * silu(z)), Mamba2's output norm): one Triton kernel for
 inference.
 
-The block's two norms move a lot of bytes and compute little: at 1024 px the pre-norm reads and writes the d_model-wide
-stream, the same 268 MB a layer at every width.  One program normalises a tile of up to 4 rows (`launch`); the math
-runs in fp32, the output has the input's dtype.  The readable definitions live in `vision_model.backends`, and the
-tests hold this kernel to them.
+The block's two norms move a lot of bytes and compute little: at 1024 px a pre-norm that reads and writes the
+d_model-wide stream moves the same 268 MB a layer at every width.  So at inference the block folds the pre-norm's
+weight into in_proj and asks this kernel only for each row's rstd (`rms_rstd_triton`: half the bytes), which the conv,
+dt and the gate apply to in_proj's output; the gated norm takes that rstd as a scale of z.  One program handles a tile
+of up to 4 rows (`launch`); the math runs in fp32, the output has the input's dtype.  The readable definitions live in
+`vision_model.backends`, and the tests hold this kernel to them.
 """
 from __future__ import annotations
 
@@ -20,19 +22,25 @@ except ImportError:  # CPU-only installs without Triton: the PyTorch definitions
 
 if triton is not None:
     @triton.jit
-    def _rms_norm_kernel(X, Z, W, Y, M, N, stride_xm, stride_zm, stride_ym, eps,
-                         HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rms_norm_kernel(X, Z, ZScale, W, Y, Rstd, M, N, stride_xm, stride_zm, stride_ym, eps,
+                         HAS_GATE: tl.constexpr, SCALE_GATE: tl.constexpr, RSTD_ONLY: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         ok = (rows < M)[:, None] & (cols < N)[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_GATE:
             z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            if SCALE_GATE:  # z came from in_proj of the un-normalised stream: its row's pre-norm rstd
+                z = z * tl.load(ZScale + rows, mask=rows < M, other=0.0)[:, None]
             x = x * z * tl.sigmoid(z)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-        y = x * rstd[:, None] * w[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+        if RSTD_ONLY:
+            tl.store(Rstd + rows, rstd, mask=rows < M)
+        else:
+            w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w[None, :]
+            tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
 def launch(width: int) -> tuple[int, int, int]:
@@ -49,23 +57,43 @@ def _rows(t: Tensor) -> Tensor:
     return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1])
 
 
-def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, z: Tensor | None = None,
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, z: Tensor | None = None, z_scale: Tensor | None = None,
                     rows_per_program: int | None = None, num_warps: int | None = None) -> Tensor:
     """RMSNorm(x) * weight, or with z, RMSNorm(x * silu(z)) * weight, over the last dim; x and z may be strided
-    views whose last dim is dense (the block's z is a slice of in_proj's output). Returns a new tensor of x's
-    shape and dtype. Under Triton's CPU interpreter (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
+    views whose last dim is dense (the block's z is a slice of in_proj's output). z_scale (x.shape[:-1], fp32)
+    multiplies each row of z first. Returns a new tensor of x's shape and dtype. Under Triton's CPU interpreter
+    (TRITON_INTERPRET=1) it runs on CPU tensors: the tests."""
     if triton is None:
         raise RuntimeError("rms_norm_triton needs Triton")
     n = x.shape[-1]
-    if weight.shape != (n,) or (z is not None and z.shape != x.shape):
+    if (weight.shape != (n,) or (z is not None and z.shape != x.shape)
+            or (z_scale is not None and (z is None or z_scale.shape != x.shape[:-1]))):
         raise ValueError(f"RMSNorm shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-                         + (f", z {tuple(z.shape)}" if z is not None else ""))
+                         + (f", z {tuple(z.shape)}" if z is not None else "")
+                         + (f", z_scale {tuple(z_scale.shape)}" if z_scale is not None else ""))
     x2 = _rows(x)
     z2 = _rows(z) if z is not None else x2
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block_m, block_n, warps = launch(n)
+    scale = z_scale.reshape(-1).float().contiguous() if z_scale is not None else y
+    _launch(x2, z2, scale, weight.contiguous(), y, y, eps, HAS_GATE=z is not None, SCALE_GATE=z_scale is not None,
+            RSTD_ONLY=False, rows_per_program=rows_per_program, num_warps=num_warps)
+    return y.view(x.shape)
+
+
+def rms_rstd_triton(x: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(mean(x²) + eps) of each row, fp32, shaped x.shape[:-1]: the pre-norm folded into in_proj reads the
+    stream once and writes no normalised copy of it (`vision_model.block`)."""
+    if triton is None:
+        raise RuntimeError("rms_rstd_triton needs Triton")
+    x2 = _rows(x)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    _launch(x2, x2, rstd, rstd, rstd, rstd, eps, HAS_GATE=False, SCALE_GATE=False, RSTD_ONLY=True)
+    return rstd.view(x.shape[:-1])
+
+
+def _launch(x2, z2, z_scale, weight, y, rstd, eps, rows_per_program=None, num_warps=None, **flags) -> None:
+    block_m, block_n, warps = launch(x2.shape[1])
     block_m, warps = rows_per_program or block_m, num_warps or warps
     grid = (triton.cdiv(x2.shape[0], block_m),)
-    _rms_norm_kernel[grid](x2, z2, weight.contiguous(), y, x2.shape[0], n, x2.stride(0), z2.stride(0), y.stride(0),
-                           eps, HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    return y.view(x.shape)
+    _rms_norm_kernel[grid](x2, z2, z_scale, weight, y, rstd, x2.shape[0], x2.shape[1], x2.stride(0), z2.stride(0),
+                           y.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)

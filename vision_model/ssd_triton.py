@@ -28,13 +28,14 @@ except ImportError:  # CPU-only installs without Triton: vision_model.ssd serves
 
 if triton is not None:
     @triton.jit
-    def _ssd_forward_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, States, Totals,
+    def _ssd_forward_kernel(X, DT, DTScale, A, Bm, Cm, Dskip, DTBias, Y, States, Totals,
                             L, P, N, heads_per_group, seg_len, n_saved,
                             stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_dth,
                             stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                             stride_yb, stride_yl, stride_yh,
                             CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HAS_D: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr):
+                            HAS_D: tl.constexpr, HAS_DT_SCALE: tl.constexpr, MODE: tl.constexpr,
+                            PRECISION: tl.constexpr):
         """One program: one (batch, head, headdim block) over the whole sequence (MODE 0) or one segment of it.
         MODE 1: only the segment's own final state (from zero) and its summed log-decay, into States / Totals.
         MODE 2: the segment's outputs, starting from the state the earlier segments hand over."""
@@ -78,7 +79,10 @@ if triton is not None:
         for start in range(seg_start, seg_end, CHUNK):
             t = start + r
             t_ok = t < seg_end
-            dt = tl.load(dt_ptr + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32) + dt_bias
+            dt = tl.load(dt_ptr + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32)
+            if HAS_DT_SCALE:  # the row's pre-norm rstd (in_proj read the un-normalised stream)
+                dt *= tl.load(DTScale + pid_b * L + t, mask=t_ok, other=0.0)
+            dt += dt_bias
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, linear where exp would overflow
             dt = tl.where(t_ok, dt, 0.0)  # past the end: no input and no decay
             cs = tl.cumsum(dt * a_head, axis=0)
@@ -170,9 +174,10 @@ def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: in
 
 
 def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
-                       config: dict | None = None, unverified: bool = False) -> Tensor:
+                       dt_scale: Tensor | None = None, config: dict | None = None, unverified: bool = False) -> Tensor:
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ssd`
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
+    With dt_scale (b, l), dt * dt_scale[..., None] takes dt's place.
 
     `config` overrides the launch ({"CHUNK", "BLOCK_P", "segments", "num_warps", "num_stages"}; default
     `launch_config`); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
@@ -187,6 +192,8 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     if dt.shape != (b, l, h) or B.shape != (b, l, g, n) or C.shape != B.shape or h % g:
         raise ValueError(f"SSD shapes do not match: x {tuple(x.shape)}, dt {tuple(dt.shape)}, "
                          f"B {tuple(B.shape)}, C {tuple(C.shape)}")
+    if dt_scale is not None and dt_scale.shape != (b, l):
+        raise ValueError(f"dt_scale {tuple(dt_scale.shape)} does not match ({b}, {l})")
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     config = dict(config or launch_config(b, h, p, n, l, x.device))
@@ -204,10 +211,11 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
         totals = torch.empty((b, h, saved), dtype=torch.float32, device=x.device)
     else:  # one segment (MODE 0) reads neither; one-element stand-ins, as some launchers refuse a null pointer
         states = totals = torch.empty(1, dtype=torch.float32, device=x.device)
-    args = (x, dt, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y, states, totals,
-            l, p, n, h // g, seg_len, saved,
+    scale = dt_scale.float().contiguous() if dt_scale is not None else dt_bias
+    args = (x, dt, scale, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y,
+            states, totals, l, p, n, h // g, seg_len, saved,
             *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
-    consts = dict(BLOCK_N=block_n, HAS_D=D is not None,
+    consts = dict(BLOCK_N=block_n, HAS_D=D is not None, HAS_DT_SCALE=dt_scale is not None,
                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 inputs: true fp32 dots, not tf32
                   **config, **launch)
     pblocks = h * triton.cdiv(p, config["BLOCK_P"])

@@ -38,17 +38,21 @@ def variant(conv: bool, gnorm: bool, norm: bool, nocopy: bool, ssd_kernel: bool 
     `backends.fused_forward_supported` would choose."""
     saved = {k: getattr(block_mod, k) for k in ("causal_conv1d_silu", "gated_rms_norm", "rms_norm", "ssd_scan")}
     saved_policy = backends.fused_forward_supported
+    saved_fold = block_mod.Block.forward_fused.__defaults__
     backends.fused_forward_supported = lambda headdim, d_state: ssd_kernel
     if not conv:
-        block_mod.causal_conv1d_silu = lambda x, w, b, backend: backends.causal_conv1d_silu(x, w, b, "torch")
+        block_mod.causal_conv1d_silu = lambda x, w, b, backend, **kw: backends.causal_conv1d_silu(x, w, b, "torch",
+                                                                                                 **kw)
     if not gnorm:
-        block_mod.gated_rms_norm = lambda y, z, w, eps, backend: backends.gated_rms_norm(y, z, w, eps, "torch")
-    if not norm:
+        block_mod.gated_rms_norm = lambda y, z, w, eps, backend, **kw: backends.gated_rms_norm(y, z, w, eps, "torch",
+                                                                                             **kw)
+    if not norm:  # the PyTorch pre-norm, not folded into in_proj
+        block_mod.Block.forward_fused.__defaults__ = (None, "auto", False)
         block_mod.rms_norm = lambda x, w, eps, backend: backends.rms_norm(x, w, eps, "torch")
     if not nocopy:
-        def copying_scan(x, dt, A, B, C, D, dt_bias, chunk_size, backend):
+        def copying_scan(x, dt, A, B, C, D, dt_bias, chunk_size, backend, dt_scale=None):
             return backends.ssd_scan(x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), D, dt_bias,
-                                     chunk_size, backend)
+                                     chunk_size, backend, dt_scale)
         block_mod.ssd_scan = copying_scan
     try:
         yield
@@ -56,6 +60,7 @@ def variant(conv: bool, gnorm: bool, norm: bool, nocopy: bool, ssd_kernel: bool 
         for k, v in saved.items():
             setattr(block_mod, k, v)
         backends.fused_forward_supported = saved_policy
+        block_mod.Block.forward_fused.__defaults__ = saved_fold
 
 
 VARIANTS = [
@@ -63,7 +68,7 @@ VARIANTS = [
     ("+no-copy", dict(conv=False, gnorm=False, norm=False, nocopy=True)),
     ("+conv", dict(conv=True, gnorm=False, norm=False, nocopy=True)),
     ("+gated-norm", dict(conv=True, gnorm=True, norm=False, nocopy=True)),
-    ("+norm kernel", dict(conv=True, gnorm=True, norm=True, nocopy=True)),
+    ("+norm kernel (pre-norm folded into in_proj)", dict(conv=True, gnorm=True, norm=True, nocopy=True)),
     ("+one-kernel SSD forward (all)", dict(conv=True, gnorm=True, norm=True, nocopy=True, ssd_kernel=True)),
 ]
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 import torch.nn.functional as F
 
 # (name, batch, seqlen, heads, headdim, d_state, timed): the 135M config (headdim 64), the 35M config and the
@@ -41,7 +42,11 @@ def run_shape(shape: str, skip: int) -> None:
     name, b, l, h, p, n, timed = next(s for s in SHAPES if s[0] == shape)
     x, dt, A, B, C, D, dt_bias = inputs(b, l, h, p, n)
     ref = ssd_chunked(*(v.double() for v in (x, F.softplus(dt.float() + dt_bias), A, B, C, D)), chunk_size=256)
-    rel = lambda y: round(((y.double() - ref).norm() / ref.norm()).item(), 6)
+    rel = lambda y, ref=ref: round(((y.double() - ref).norm() / ref.norm()).item(), 6)
+    # dt scaled per row, as the block does with the pre-norm folded into in_proj
+    scale = torch.rand(b, l, device=x.device) + 0.5
+    ref_scaled = ssd_chunked(*(v.double() for v in (x, F.softplus(dt.float() * scale[..., None] + dt_bias), A, B, C,
+                                                     D)), chunk_size=256)
     for i, config in enumerate(CONFIGS):
         cfg = dict(launch_config(b, h, p, n, l, x.device), **(config or {}))
         if i < skip or cfg["BLOCK_P"] > p or cfg["segments"] > max(1, l // 64):
@@ -57,6 +62,8 @@ def run_shape(shape: str, skip: int) -> None:
                                          "fp32": tuple(v.float() for v in (x, dt, B, C))}.items():
             row[label] = [rel(ssd_forward_triton(xv, dtv, A, Bv, Cv, D, dt_bias, config=dict(cfg), unverified=True))
                           for _ in range(REPEATS if label != "fp32" else 1)]
+        row["bf16_dt_scale"] = [rel(ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale, config=dict(cfg),
+                                                       unverified=True), ref_scaled) for _ in range(REPEATS)]
         if timed:
             row["ms_bf16"] = round(do_bench(lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(cfg),
                                                                                unverified=True),

@@ -7,11 +7,14 @@
 2. The causal conv + SiLU at D/8 and D: tile length x channels x warps.
 3. out_proj with the residual add inside the GEMM (addmm) against a GEMM then an add; in_proj output padding at D/8.
 4. Patch rows for the patch GEMM: our kernel against PyTorch's permuted copy.
-5. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
-   "previous" (the forward of the 2026-11-24 benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
+5. The pre-norm folded into in_proj: the rstd-only pass against the plain norm, and the conv and the gated norm with
+   and without the row scale they then apply, at D/8 and D.
+6. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
+   "previous" (the forward of section 11's benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
    norm, out_proj then a separate add) against the current forward, and the current forward with one piece taken
-   back or swapped (in_proj padded to 8, PyTorch's patch copy, the norms' first launch rule, the swept conv launch);
-   agreement with the PyTorch backend; a profile of the current forward at D and D/8.
+   back or swapped (the pre-norm not folded, in_proj padded to 8, PyTorch's patch copy, the norms' first launch
+   rule, the swept conv launch; `--variants` picks); agreement with the PyTorch backend; a profile of the current
+   forward at D and D/8.
 (Runs 2 and 3 of 2026-11-24 also swept a fused block tail, removed since: docs/notes.md, section 12.)
 Op timings: 20 back-to-back calls between two CUDA events (one call per event pair would time the launch too).
 """
@@ -125,6 +128,37 @@ def sweep_gemms(out):
         out(op="in_proj", rows=rows, ms=ms(lambda: F.linear(x, w)))
 
 
+def sweep_fold(out):
+    from vision_model.rmsnorm import rms_rstd_triton
+    x = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
+    w = torch.rand(1024, device=DEV, dtype=DT) + 0.5
+    rstd = rms_rstd_triton(x, 1e-5)
+    out(op="fold", part="pre-norm", impl="norm", ms=ms(lambda: rms_norm_triton(x, w, 1e-5)))
+    out(op="fold", part="pre-norm", impl="rstd only", ms=ms(lambda: rms_rstd_triton(x, 1e-5)),
+        err=rel(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5)))
+    scale = rstd.view(16, 4097)
+    for name, inner in (("D/8", 256), ("D", 2048)):
+        width = 2 * inner + 256 + inner // 64
+        width += -width % block_mod.IN_PROJ_ROW_MULTIPLE
+        zxbcdt = torch.randn(16, 4097, width, device=DEV, dtype=DT)
+        z, xbc = zxbcdt[..., :inner], zxbcdt[..., inner:2 * inner + 256]
+        c = xbc.shape[-1]
+        cw, cb = torch.randn(c, 1, 4, device=DEV, dtype=DT) * 0.3, torch.randn(c, device=DEV, dtype=DT) * 0.1
+        ref = conv_mod.causal_conv1d_silu_ref(xbc.float(), cw.float(), cb.float(), scale)
+        out(op="fold", part="conv", shape=name, impl="plain",
+            ms=ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb)))
+        out(op="fold", part="conv", shape=name, impl="row scale",
+            ms=ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb, scale)),
+            err=rel(conv_mod.causal_conv1d_silu_triton(xbc, cw, cb, scale), ref))
+        y = torch.randn(16, 4097, inner, device=DEV, dtype=DT)
+        wn = torch.rand(inner, device=DEV, dtype=DT) + 0.5
+        ref = backends.gated_rms_norm(y.float(), z.float(), wn.float(), 1e-5, "torch", z_scale=scale)
+        out(op="fold", part="gated norm", shape=name, impl="plain", ms=ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z)))
+        out(op="fold", part="gated norm", shape=name, impl="z scale",
+            ms=ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z, z_scale=scale)),
+            err=rel(rms_norm_triton(y, wn, 1e-5, z=z, z_scale=scale), ref))
+
+
 def sweep_patchify(out):
     from vision_model.patchify import patchify_triton
     for res, batch in ((1024, 16), (2048, 4), (224, 256)):
@@ -149,8 +183,8 @@ def previous_ops():
     """The block's gated norm as the last benchmark ran it (mamba-ssm's kernel)."""
     saved = block_mod.gated_rms_norm
     gated_fn = mamba("layernorm_gated", "rmsnorm_fn")
-    block_mod.gated_rms_norm = lambda y, z, w, eps, backend: gated_fn(y, w, None, z=z, eps=eps, group_size=None,
-                                                                      norm_before_gate=False)
+    block_mod.gated_rms_norm = lambda y, z, w, eps, backend, z_scale=None: gated_fn(
+        y, w, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
     try:
         yield
     finally:
@@ -174,13 +208,14 @@ def embed_previous(model, x, level):
 
 
 @contextlib.contextmanager
-def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tiles=False):
+def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tiles=False, fold_norm=True):
     """The current forward with in_proj padded to another multiple, PyTorch's permuted copy for the patches, another
-    conv launch (block_l, block_c, warps), or the norms' first launch rule (4096-value tiles, 4 warps)."""
+    conv launch (block_l, block_c, warps), the norms' first launch rule (4096-value tiles, 4 warps), or the pre-norm
+    not folded into in_proj."""
     import vision_model.model as model_mod
     import vision_model.rmsnorm as norm_mod
     saved = (block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__,
-             norm_mod.launch)
+             norm_mod.launch, block_mod.Block.forward_fused.__defaults__)
 
     def clear_weight_caches():
         for m in model.modules():
@@ -193,7 +228,9 @@ def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tile
             patches[:, :-1].view(b, H // p, W // p, c, p, p).copy_(unfolded)
         model_mod.patchify_triton = permuted_copy
     if conv:
-        conv_mod.causal_conv1d_silu_triton.__defaults__ = tuple(conv)
+        conv_mod.causal_conv1d_silu_triton.__defaults__ = (None, *conv)
+    if not fold_norm:
+        block_mod.Block.forward_fused.__defaults__ = (None, "auto", False)
     if wide_norm_tiles:
         norm_mod.launch = lambda width: (max(1, 4096 // triton.next_power_of_2(width)),
                                          triton.next_power_of_2(width), 4)
@@ -205,25 +242,32 @@ def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tile
     finally:
         block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton = saved[0], saved[1]
         conv_mod.causal_conv1d_silu_triton.__defaults__, norm_mod.launch = saved[2], saved[3]
+        block_mod.Block.forward_fused.__defaults__ = saved[4]
         if in_proj_multiple != saved[0]:
             clear_weight_caches()
 
 
-def whole_encoder(out, conv, rounds):
+VARIANTS = {"previous": None, "current": {}, "unfolded": dict(fold_norm=False), "pad8": dict(in_proj_multiple=8),
+            "permuted-copy": dict(patchify=False), "wide-norm-tiles": dict(wide_norm_tiles=True)}
+
+
+def whole_encoder(out, conv, rounds, names, graphs=False, points=((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8)))):
+    """With `graphs`, each variant is captured once as a CUDA graph and its replays are timed: GPU time without the
+    host's launch cost (eager D/8 at 1024 px was host-bound on one machine: 19 ms against 13 ms of kernels)."""
+    from vision_model.graphs import capture_cuda_graph
     model = create_model("matmamba_vision_135m").to(DEV, DT).eval()
     x = torch.randn(4, 3, 224, 224, device=DEV, dtype=DT)
     with torch.inference_mode():
         for lv in model.config.levels:
             ref = model.embed(x, level=lv, backend="torch").float()
+            with setting(model, fold_norm=False):
+                unfolded = model.embed(x, level=lv).float()
             out(check="agreement", level=lv, current_vs_torch=rel(model.embed(x, level=lv).float(), ref),
-                previous_vs_torch=rel(embed_previous(model, x, lv).float(), ref))
-    variants = [("previous", None), ("current", {}),
-                ("current, in_proj rows to a multiple of 8", dict(in_proj_multiple=8)),
-                ("current, permuted copy for the patches", dict(patchify=False)),
-                ("current, norms in 4096-value tiles, 4 warps", dict(wide_norm_tiles=True))]
+                unfolded_vs_torch=rel(unfolded, ref), previous_vs_torch=rel(embed_previous(model, x, lv).float(), ref))
+    variants = [(name, VARIANTS[name]) for name in names]
     if conv:
         variants.append((f"current, conv {conv}", dict(conv=conv)))
-    for res, batch, levels in ((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8))):
+    for res, batch, levels in points:
         x = torch.randn(batch, 3, res, res, device=DEV, dtype=DT)
         calls = []
         for lv in levels:
@@ -232,6 +276,13 @@ def whole_encoder(out, conv, rounds):
                     calls.append((dict(level=lv, variant=name), {}, lambda lv=lv: embed_previous(model, x, lv)))
                 else:
                     calls.append((dict(level=lv, variant=name), kw, lambda lv=lv: model.embed(x, level=lv)))
+        if graphs:
+            with torch.inference_mode():
+                captured = []
+                for desc, kw, call in calls:
+                    with setting(model, **kw):
+                        captured.append((dict(desc, graph=True), {}, capture_cuda_graph(lambda t, c=call: c(), x)))
+            calls = captured
         best: dict[int, float] = {}
         with torch.inference_mode():
             for rnd in range(rounds):
@@ -253,7 +304,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "encoder"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "fold", "encoder"])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--graphs", action="store_true", help="time the whole encoder as CUDA graph replays")
+    ap.add_argument("--points", nargs="*", metavar="RES:BATCH:LEVELS", help="e.g. 768:16:1,8 (default 1024 px at every "
+                                                                         "level, batch 16, and 2048 px D, D/8, batch 4)")
     args = ap.parse_args()
     sink = open(args.out, "a") if args.out else None
     t0 = time.time()
@@ -278,8 +333,13 @@ def main() -> int:
     if "gemms" not in args.skip:
         sweep_gemms(out)
         out(at="gemms done", s=round(time.time() - t0, 1))
+    if "fold" not in args.skip:
+        sweep_fold(out)
+        out(at="fold done", s=round(time.time() - t0, 1))
     if "encoder" not in args.skip:
-        whole_encoder(out, conv, args.rounds)
+        points = [(int(r), int(b), tuple(map(int, lv.split(",")))) for r, b, lv in
+                  (p.split(":") for p in args.points)] if args.points else None
+        whole_encoder(out, conv, args.rounds, args.variants, args.graphs, *([points] if points else []))
     out(at="done", s=round(time.time() - t0, 1))
     return 0
 
