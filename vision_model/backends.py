@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .addmm import addmm_residual_triton
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 from .rmsnorm import rms_norm_triton, rms_rstd_triton
 from .ssd import ssd_chunked
@@ -124,17 +123,3 @@ def row_rstd(x: Tensor, eps: float, backend: str = "auto") -> Tensor:
     if backend == "triton" and not _needs_grad(x):
         return rms_rstd_triton(x, eps)
     return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
-
-
-# Our addmm kernel takes the in-place residual GEMM up to this K (the inner width); wider products are compute-bound
-# and stay on cuBLAS.
-TRITON_ADDMM_MAX_K = 512
-
-
-def addmm_residual_(residual: Tensor, y: Tensor, weight: Tensor, backend: str = "auto") -> Tensor:
-    """residual (m, n) += y (m, k) @ weight (n, k)ᵀ in place, without autograd: out_proj with the block's residual
-    add. Our Triton kernel for short K on the triton backend, else cuBLAS/PyTorch's addmm_."""
-    backend = resolve_backend(backend, residual.device)
-    if backend == "triton" and y.shape[1] <= TRITON_ADDMM_MAX_K and residual.is_contiguous():
-        return addmm_residual_triton(residual, y, weight)
-    return residual.addmm_(y, weight.t())

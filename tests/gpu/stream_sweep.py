@@ -7,17 +7,16 @@
 2. The causal conv + SiLU at D/8 and D: tile length x channels x warps.
 3. out_proj with the residual add inside the GEMM (addmm) against a GEMM then an add; in_proj output padding at D/8.
 4. Patch rows for the patch GEMM: our kernel against PyTorch's permuted copy.
-5. out_proj's in-place residual GEMM at inner 256 / 512 / 1024 and 768 / 1024 px rows: cuBLAS's addmm_ against our
-   kernel (`vision_model.addmm`) over tiles, warps and stages, with its bf16 error and three repeats compared.
-6. The pre-norm folded into in_proj: the rstd-only pass against the plain norm, and the conv and the gated norm with
+5. The pre-norm folded into in_proj: the rstd-only pass against the plain norm, and the conv and the gated norm with
    and without the row scale they then apply, at D/8 and D.
-7. Whole encoder, eager or as CUDA graphs (`--graphs`), interleaved rounds (best round kept), by default 1024 px
-   batch 16 at every level and 2048 px batch 4 (`--points`): "previous" (the forward of section 11's benchmark:
-   tokens concatenated, mamba-ssm's add + RMSNorm and gated norm, out_proj then a separate add) against the current
-   forward, and the current forward with one piece taken back or swapped (the pre-norm not folded, cuBLAS for every
-   out_proj, in_proj padded to 8, PyTorch's patch copy, the norms' first launch rule, the swept conv launch;
-   `--variants` picks); agreement with the PyTorch backend; a profile of the current forward at D and D/8.
-(Runs 2 and 3 of 2026-11-24 also swept a fused block tail, removed since: docs/notes.md, section 12.)
+6. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
+   "previous" (the forward of section 11's benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
+   norm, out_proj then a separate add) against the current forward, and the current forward with one piece taken
+   back or swapped (the pre-norm not folded, in_proj padded to 8, PyTorch's patch copy, the norms' first launch
+   rule, the swept conv launch; `--variants` picks); agreement with the PyTorch backend; a profile of the current
+   forward at D and D/8.
+(Runs 2 and 3 of 2026-11-24 also swept a fused block tail, removed since: docs/notes.md, section 12; section 13's
+run swept a Triton kernel for out_proj's in-place residual GEMM against cuBLAS, removed since: commit da25363.)
 Op timings: 20 back-to-back calls between two CUDA events (one call per event pair would time the launch too).
 """
 from __future__ import annotations
@@ -130,46 +129,6 @@ def sweep_gemms(out):
         out(op="in_proj", rows=rows, ms=ms(lambda: F.linear(x, w)))
 
 
-ADDMM_CONFIGS = [(128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 4, 2),
-                 (64, 256, 64, 4, 3), (128, 64, 64, 4, 4), (256, 64, 64, 4, 3), (64, 128, 64, 4, 4),
-                 (128, 128, 64, 8, 3), (128, 128, 256, 8, 1)]
-
-
-def sweep_addmm(out):
-    """Returns the fastest exact launch per inner width over both row counts: {inner: config}."""
-    from vision_model.addmm import addmm_residual_triton
-    total: dict[tuple, float] = {}
-    for rows, res in ((16 * 4097, 1024), (16 * 2305, 768)):
-        for inner in (256, 512, 1024):
-            y = torch.randn(rows, inner, device=DEV, dtype=DT)
-            w = torch.randn(1024, inner, device=DEV, dtype=DT) * 0.02
-            base = torch.randn(rows, 1024, device=DEV, dtype=DT)
-            want = torch.addmm(base.float(), y.float(), w.float().t())
-            r = base.clone()
-            out(op="addmm", res=res, inner=inner, impl="cublas addmm_", ms=ms(lambda: r.addmm_(y, w.t())),
-                err=rel(base.clone().addmm_(y, w.t()), want))
-            for bm, bn, bk, warps, stages in ADDMM_CONFIGS:
-                if bk > inner:
-                    continue
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-                try:
-                    t = ms(lambda: addmm_residual_triton(r, y, w, config=cfg))
-                    results = [addmm_residual_triton(base.clone(), y, w, config=cfg) for _ in range(3)]
-                    same = all(torch.equal(results[0], o) for o in results[1:])
-                    out(op="addmm", res=res, inner=inner, impl="ours", tile=[bm, bn, bk], warps=warps, stages=stages,
-                        ms=t, err=rel(results[0], want), repeats_equal=same)
-                    if same:
-                        key = (inner, bm, bn, bk, warps, stages)
-                        total[key] = total.get(key, 0.0) + t
-                except Exception as exc:  # noqa: BLE001 - out of shared memory, say: record and go on
-                    out(op="addmm", res=res, inner=inner, impl="ours", tile=[bm, bn, bk], warps=warps, stages=stages,
-                        failed=f"{type(exc).__name__}: {str(exc)[:120]}")
-    best = {}
-    for (inner, bm, bn, bk, warps, stages), t in sorted(total.items(), key=lambda kv: kv[1]):
-        best.setdefault(inner, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages))
-    return best
-
-
 def sweep_fold(out):
     from vision_model.rmsnorm import rms_rstd_triton
     x = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
@@ -250,20 +209,14 @@ def embed_previous(model, x, level):
 
 
 @contextlib.contextmanager
-def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tiles=False, fold_norm=True,
-            cublas_addmm=False, addmm_launch=None):
+def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tiles=False, fold_norm=True):
     """The current forward with in_proj padded to another multiple, PyTorch's permuted copy for the patches, another
     conv launch (block_l, block_c, warps), the norms' first launch rule (4096-value tiles, 4 warps), or the pre-norm
-    not folded into in_proj, cuBLAS's addmm_ for every out_proj, or our addmm kernel with other tiles ({K: config})."""
-    import vision_model.addmm as addmm_mod
+    not folded into in_proj."""
     import vision_model.model as model_mod
     import vision_model.rmsnorm as norm_mod
     saved = (block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__,
-             norm_mod.launch, block_mod.Block.forward_fused.__defaults__, backends.TRITON_ADDMM_MAX_K, addmm_mod.launch)
-    if addmm_launch:
-        addmm_mod.launch = lambda k: addmm_launch.get(k) or saved[6](k)
-    if cublas_addmm:
-        backends.TRITON_ADDMM_MAX_K = 0
+             norm_mod.launch, block_mod.Block.forward_fused.__defaults__)
 
     def clear_weight_caches():
         for m in model.modules():
@@ -290,18 +243,16 @@ def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tile
     finally:
         block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton = saved[0], saved[1]
         conv_mod.causal_conv1d_silu_triton.__defaults__, norm_mod.launch = saved[2], saved[3]
-        block_mod.Block.forward_fused.__defaults__, backends.TRITON_ADDMM_MAX_K = saved[4], saved[5]
-        addmm_mod.launch = saved[6]
+        block_mod.Block.forward_fused.__defaults__ = saved[4]
         if in_proj_multiple != saved[0]:
             clear_weight_caches()
 
 
-VARIANTS = {"previous": None, "current": {}, "unfolded": dict(fold_norm=False), "cublas-addmm": dict(cublas_addmm=True),
-            "pad8": dict(in_proj_multiple=8),
+VARIANTS = {"previous": None, "current": {}, "unfolded": dict(fold_norm=False), "pad8": dict(in_proj_multiple=8),
             "permuted-copy": dict(patchify=False), "wide-norm-tiles": dict(wide_norm_tiles=True)}
 
 
-def whole_encoder(out, conv, addmm, rounds, names, graphs=False, points=((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8)))):
+def whole_encoder(out, conv, rounds, names, graphs=False, points=((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8)))):
     """With `graphs`, each variant is captured once as a CUDA graph and its replays are timed: GPU time without the
     host's launch cost (eager D/8 at 1024 px was host-bound on one machine: 19 ms against 13 ms of kernels)."""
     from vision_model.graphs import capture_cuda_graph
@@ -317,8 +268,6 @@ def whole_encoder(out, conv, addmm, rounds, names, graphs=False, points=((1024, 
     variants = [(name, VARIANTS[name]) for name in names]
     if conv:
         variants.append((f"current, conv {conv}", dict(conv=conv)))
-    if addmm:
-        variants.append((f"current, addmm {addmm}", dict(addmm_launch=addmm)))
     for res, batch, levels in points:
         x = torch.randn(batch, 3, res, res, device=DEV, dtype=DT)
         calls = []
@@ -356,12 +305,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="also append every JSON line to this file")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["norms", "conv", "gemms", "patchify", "addmm", "fold", "encoder"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "fold", "encoder"])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--graphs", action="store_true", help="time the whole encoder as CUDA graph replays")
-    ap.add_argument("--points", nargs="*", metavar="RES:BATCH:LEVELS",
-                    help="e.g. 768:16:1,8 (default 1024 px at every level, batch 16, and 2048 px D, D/8, batch 4)")
+    ap.add_argument("--points", nargs="*", metavar="RES:BATCH:LEVELS", help="e.g. 768:16:1,8 (default 1024 px at every "
+                                                                         "level, batch 16, and 2048 px D, D/8, batch 4)")
     args = ap.parse_args()
     sink = open(args.out, "a") if args.out else None
     t0 = time.time()
@@ -386,17 +334,13 @@ def main() -> int:
     if "gemms" not in args.skip:
         sweep_gemms(out)
         out(at="gemms done", s=round(time.time() - t0, 1))
-    addmm = None
-    if "addmm" not in args.skip:
-        addmm = sweep_addmm(out)
-        out(at="addmm done", best=addmm, s=round(time.time() - t0, 1))
     if "fold" not in args.skip:
         sweep_fold(out)
         out(at="fold done", s=round(time.time() - t0, 1))
     if "encoder" not in args.skip:
         points = [(int(r), int(b), tuple(map(int, lv.split(",")))) for r, b, lv in
                   (p.split(":") for p in args.points)] if args.points else None
-        whole_encoder(out, conv, addmm, args.rounds, args.variants, args.graphs, *([points] if points else []))
+        whole_encoder(out, conv, args.rounds, args.variants, args.graphs, *([points] if points else []))
     out(at="done", s=round(time.time() - t0, 1))
     return 0
 
