@@ -145,9 +145,15 @@ def test_triton_rms_norm_equals_reference_in_the_interpreter():
 
 PATCHIFY_CHECK = """
 import torch
-from vision_model.patchify import patchify_triton
+from vision_model.patchify import add_token_table_triton, patchify_triton
 torch.manual_seed(0)
 worst = 0.0
+# the token table added to every image's tokens: widths below, at and above one program's 4096 values, ragged rows
+for b, t, d in [(3, 17, 96), (2, 5, 1024), (1, 3, 5000), (4, 50, 192)]:
+    tokens, table = torch.randn(b, t, d), torch.randn(t, d)
+    want = tokens + table
+    assert add_token_table_triton(tokens, table) is tokens
+    worst = max(worst, (tokens - want).abs().max().item())
 # 320 px at patch 16: two column blocks of 256, the second ragged
 for b, c, h, w, p in [(2, 3, 32, 48, 16), (1, 1, 12, 8, 4), (3, 2, 16, 40, 8), (1, 2, 16, 320, 16)]:
     x = torch.randn(b, c, h, w)
@@ -162,7 +168,8 @@ print(worst)
 
 def test_triton_patchify_equals_permuted_copy_in_the_interpreter():
     """The patch-rows kernel, run by Triton's CPU interpreter, against PyTorch's permuted copy: several channels,
-    non-square images, a ragged second column block, the CLS row untouched."""
+    non-square images, a ragged second column block, the CLS row untouched; and the token-table add against
+    PyTorch's broadcast add."""
     pytest.importorskip("triton")
     assert float(run_in_interpreter(PATCHIFY_CHECK).split()[-1]) == 0.0
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from .backends import resolve_backend
 from .block import Block
 from .config import MatMambaVisionConfig
-from .patchify import patchify_triton
+from .patchify import add_token_table_triton, patchify_triton
 
 
 class MatMambaVision(nn.Module):
@@ -119,15 +119,19 @@ class MatMambaVision(nn.Module):
         # embedding, the patch bias and the CLS token: no concatenation pass over the tokens (0.3 ms at 1024 px,
         # batch 16, on the H100).
         b, c, H, W = x.shape
+        proj = self.patch_embed.proj
+        kernels = backend == "triton" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, proj.weight, proj.bias, self.pos_embed, self.cls_token)))
         patches = x.new_empty(b, grid[0] * grid[1] + 1, c * p * p)
-        if backend == "triton" and not p & (p - 1) and not (torch.is_grad_enabled() and x.requires_grad):
+        if kernels and not p & (p - 1):
             patchify_triton(x, p, patches)
         else:
             unfolded = x.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
             patches[:, :-1].view(b, *grid, c, p, p).copy_(unfolded)
         patches[:, -1].zero_()
-        proj = self.patch_embed.proj
-        return F.linear(patches, proj.weight.reshape(proj.out_channels, -1)).add_(self._token_table(grid, x.dtype))
+        tokens = F.linear(patches, proj.weight.reshape(proj.out_channels, -1))
+        table = self._token_table(grid, x.dtype)
+        return add_token_table_triton(tokens, table[0]) if kernels else tokens.add_(table)
 
     def _token_table(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """(1, tokens, d_model): what `_tokens` adds to the patch GEMM's output. Cached at inference (one per grid and
