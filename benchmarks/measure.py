@@ -102,6 +102,19 @@ def measure(call: Callable[[], Any], device: torch.device, warmup: int, repeats:
     return Timing(seconds, peak, warmup_s)
 
 
+def interleaved_best(calls: list[tuple[Callable[[], Any], Callable[[], Any]]], device: torch.device, rounds: int,
+                     repeats: int = 8) -> list[float]:
+    """Median seconds per call of each (context, call) pair, timed in `rounds` interleaved rounds, the best round
+    kept: clock or thermal drift hits every call alike. Each call runs inside `context()` (a variant's settings);
+    the first round warms up twice (compilation, autotuning), later ones once."""
+    best = [float("inf")] * len(calls)
+    for rnd in range(rounds):
+        for i, (context, call) in enumerate(calls):
+            with context():
+                best[i] = min(best[i], measure(call, device, warmup=2 if rnd == 0 else 1, repeats=repeats).median_s)
+    return best
+
+
 def cuda_kernel_table(call: Callable[[], Any], row_limit: int = 16) -> str:
     """The top CUDA kernels of one call of `call` (after one untimed call), as torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import benchmarks.resolution as bench
 from benchmarks import report
-from benchmarks.measure import Timing, is_out_of_memory, run_unless_oom
+from benchmarks.measure import Timing, interleaved_best, is_out_of_memory, run_unless_oom
 from benchmarks.models import (MNM_PRESETS, ModelSpec, Setting, build_model, flops_per_image, parse_model_spec,
                                FULL, settings_for, vit_flops)
 from retrieval.cli import main as matsearch
@@ -361,3 +361,22 @@ def test_model_specs_settings_and_batch_caps():
                       seconds_per_point=None, cuda_graphs=False, compile=False, ssd_backend="torch", deadline=None)
     assert [bench.batch_cap(plan, (r // 16) ** 2) for r in (224, 384, 512, 768, 1024, 1536, 2048)] == \
         [256, 64, 64, 16, 16, 4, 4]
+
+
+def test_interleaved_best_times_each_call_inside_its_context_every_round():
+    """The GPU diagnostics' A/B timing: every call runs inside its own context in every round (rounds interleave the
+    variants), and the best round is kept."""
+    import contextlib
+    import time
+    entered = []
+
+    def context(name):
+        @contextlib.contextmanager
+        def enter():
+            entered.append(name)
+            yield
+        return enter
+    calls = [(context("fast"), lambda: None), (context("slow"), lambda: time.sleep(0.01))]
+    best = interleaved_best(calls, torch.device("cpu"), rounds=3, repeats=2)
+    assert entered == ["fast", "slow"] * 3
+    assert best[0] < 0.005 and 0.01 <= best[1] < 0.1

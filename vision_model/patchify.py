@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .rmsnorm import launch as row_launch
+
 try:
     import triton
     import triton.language as tl
@@ -74,9 +76,7 @@ def add_token_table_triton(tokens: Tensor, table: Tensor) -> Tensor:
     if tokens.ndim != 3 or table.shape != tokens.shape[1:] or not tokens.is_contiguous():
         raise ValueError(f"token table {tuple(table.shape)} does not fit contiguous tokens {tuple(tokens.shape)}")
     b, t, d = tokens.shape
-    block_n = triton.next_power_of_2(d)
-    block_m = max(1, min(4, 4096 // block_n))  # as the RMSNorm kernel: up to 4 rows and 4096 values a program
+    block_m, block_n, warps = row_launch(d)  # the RMSNorm kernel's tiles: a row-wise pass over the same rows
     _add_table_kernel[(triton.cdiv(b * t, block_m),)](tokens, table.contiguous(), b * t, t, d,
-                                                      BLOCK_M=block_m, BLOCK_N=block_n,
-                                                      num_warps=max(1, min(4, block_m * block_n // 512)))
+                                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return tokens

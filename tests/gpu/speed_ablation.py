@@ -22,7 +22,7 @@ import timm
 import torch
 
 import vision_model.block as block_mod
-from benchmarks.measure import cuda_kernel_table, measure
+from benchmarks.measure import cuda_kernel_table, interleaved_best, measure
 from vision_model import backends, create_model
 
 
@@ -134,14 +134,11 @@ def main() -> int:
                     for chunk in args.chunks:
                         calls.append((dict(model=f"135m headdim {hd}", level=lv, variant=f"all, chunk {chunk}",
                                            chunk=chunk), lambda lv=lv, other=other: other.embed(x, level=lv)))
-            best: dict[int, float] = {}
-            for rnd in range(args.rounds):  # interleaved: clock or thermal drift hits every variant alike
-                for i, (desc, call) in enumerate(calls):
-                    for m in [model, *others.values()]:
-                        set_chunk(m, desc.get("chunk", model.config.chunk_size))
-                    with variant(**desc.get("flags", VARIANTS[-1][1])):
-                        s = measure(call, dev, warmup=2 if rnd == 0 else 1, repeats=8).median_s
-                    best[i] = min(best.get(i, s), s)
+            def context(desc):
+                for m in [model, *others.values()]:
+                    set_chunk(m, desc.get("chunk", model.config.chunk_size))
+                return variant(**desc.get("flags", VARIANTS[-1][1]))
+            best = interleaved_best([(lambda desc=desc: context(desc), call) for desc, call in calls], dev, args.rounds)
             for m in [model, *others.values()]:
                 set_chunk(m, model.config.chunk_size)
             for i, (desc, _) in enumerate(calls):

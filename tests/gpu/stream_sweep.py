@@ -33,7 +33,7 @@ import triton
 
 import vision_model.block as block_mod
 import vision_model.conv as conv_mod
-from benchmarks.measure import cuda_kernel_table, measure
+from benchmarks.measure import cuda_kernel_table, interleaved_best
 from vision_model import backends, create_model
 from vision_model.rmsnorm import rms_norm_triton
 
@@ -284,13 +284,8 @@ def whole_encoder(out, conv, rounds, names, graphs=False, points=((1024, 16, (1,
                     with setting(model, **kw):
                         captured.append((dict(desc, graph=True), {}, capture_cuda_graph(lambda t, c=call: c(), x)))
             calls = captured
-        best: dict[int, float] = {}
         with torch.inference_mode():
-            for rnd in range(rounds):
-                for i, (_, kw, call) in enumerate(calls):
-                    with setting(model, **kw):
-                        s = measure(call, DEV, warmup=2 if rnd == 0 else 1, repeats=8).median_s
-                    best[i] = min(best.get(i, s), s)
+            best = interleaved_best([(lambda kw=kw: setting(model, **kw), call) for _, kw, call in calls], DEV, rounds)
         for i, (desc, _, _) in enumerate(calls):
             out(point=res, batch=batch, **desc, img_s=batch / best[i], ms=best[i] * 1e3)
     x = torch.randn(16, 3, 1024, 1024, device=DEV, dtype=DT)
