@@ -279,6 +279,24 @@ def test_residual_fused_block_loop_equals_plain_blocks():
     assert rel_err(fused, plain) < 1e-6
 
 
+def test_inference_under_autocast_keeps_the_plain_blocks_numbers():
+    """Under autocast (the trainer's in-training evaluation on GPU runs in bf16 autocast) the inference block loop
+    cannot add into the fp32 stream inside a bf16 GEMM; it must give the plain blocks' result at every width, and
+    the stream stays fp32 as with the conv stem."""
+    model = small_model()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model.embed(x, widths=[64, 8, 24], backend="torch")
+        tokens = model._tokens(x)
+        assert tokens.dtype == torch.float32
+        for blk, w in zip(model.blocks, [64, 8, 24]):
+            tokens = blk(tokens, model.config.inner_of(w), "torch")
+        plain = model.norm(tokens[:, -1])
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+    with torch.no_grad():
+        assert rel_err(fused.float(), model.embed(x, widths=[64, 8, 24], backend="torch")) < 0.05
+
+
 def test_pre_norm_folded_into_in_proj_equals_norm_then_block():
     """At inference on the triton backend each block's pre-norm is folded into in_proj (W·diag(w), the rows' rstd
     applied to the conv input, dt and the gate); the same algebra on the PyTorch backend equals norm-then-block at

@@ -124,6 +124,8 @@ class MatMamba2(nn.Module):
         y, w = self._mix(u, inner, backend, prenorm)
         b, l, d = residual.shape
         y, out_w = y.reshape(b * l, -1), w["out_proj.weight"]
+        if not residual.dtype == y.dtype == out_w.dtype:  # autocast: out_proj in its dtype, the add promotes
+            return residual + F.linear(y, out_w).view(b, l, d)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, residual, out_w))
         if grad or not residual.is_contiguous():
             return torch.addmm(residual.reshape(b * l, d), y, out_w.t()).view(b, l, d)

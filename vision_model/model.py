@@ -131,6 +131,8 @@ class MatMambaVision(nn.Module):
         patches[:, -1].zero_()
         tokens = F.linear(patches, proj.weight.reshape(proj.out_channels, -1))
         table = self._token_table(grid, x.dtype)
+        if tokens.dtype != table.dtype:  # autocast: the stream keeps the input's dtype, as with the conv stem
+            return tokens + table
         return add_token_table_triton(tokens, table[0]) if kernels else tokens.add_(table)
 
     def _token_table(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
