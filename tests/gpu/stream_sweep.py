@@ -9,8 +9,8 @@
 4. Patch rows for the patch GEMM: our kernel against PyTorch's permuted copy.
 5. The pre-norm folded into in_proj: the rstd-only pass against the plain norm, and the conv and the gated norm with
    and without the row scale they then apply, at D/8 and D.
-6. Whole encoder, eager, interleaved rounds (best round kept), 1024 px batch 16 at every level and 2048 px batch 4:
-   "previous" (the forward of section 11's benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
+6. Whole encoder, eager or as CUDA graph replays (`--graphs`), interleaved rounds (best round kept), by default
+   1024 px batch 16 at every level and 2048 px batch 4 (`--points`): "previous" (the forward of section 11's benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
    norm, out_proj then a separate add) against the current forward, and the current forward with one piece taken
    back or swapped (the pre-norm not folded, in_proj padded to 8, PyTorch's patch copy, the norms' first launch
    rule, the swept conv launch; `--variants` picks); agreement with the PyTorch backend; a profile of the current
@@ -303,8 +303,8 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["norms", "conv", "gemms", "patchify", "fold", "encoder"])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--graphs", action="store_true", help="time the whole encoder as CUDA graph replays")
-    ap.add_argument("--points", nargs="*", metavar="RES:BATCH:LEVELS", help="e.g. 768:16:1,8 (default 1024 px at every "
-                                                                         "level, batch 16, and 2048 px D, D/8, batch 4)")
+    ap.add_argument("--points", nargs="*", metavar="RES:BATCH:LEVELS",
+                    help="e.g. 768:16:1,8 (default 1024 px at every level, batch 16, and 2048 px D, D/8, batch 4)")
     args = ap.parse_args()
     sink = open(args.out, "a") if args.out else None
     t0 = time.time()
