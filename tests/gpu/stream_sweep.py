@@ -10,11 +10,11 @@
 5. The pre-norm folded into in_proj: the rstd-only pass against the plain norm, and the conv and the gated norm with
    and without the row scale they then apply, at D/8 and D.
 6. Whole encoder, eager or as CUDA graph replays (`--graphs`), interleaved rounds (best round kept), by default
-   1024 px batch 16 at every level and 2048 px batch 4 (`--points`): "previous" (the forward of section 11's benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated
-   norm, out_proj then a separate add) against the current forward, and the current forward with one piece taken
-   back or swapped (the pre-norm not folded, in_proj padded to 8, PyTorch's patch copy, the norms' first launch
-   rule, the swept conv launch; `--variants` picks); agreement with the PyTorch backend; a profile of the current
-   forward at D and D/8.
+   1024 px batch 16 at every level and 2048 px batch 4 (`--points`): "previous" (the forward of section 11's
+   benchmark: tokens concatenated, mamba-ssm's add + RMSNorm and gated norm, out_proj then a separate add) against
+   the current forward, and the current forward with one piece taken back or swapped (the pre-norm not folded,
+   in_proj padded to 8, PyTorch's patch copy, the norms' first launch rule, the swept conv launch; `--variants`
+   picks); agreement with the PyTorch backend; a profile of the current forward at D and D/8.
 (Runs 2 and 3 of 2026-11-24 also swept a fused block tail, removed since: docs/notes.md, section 12; section 13's
 run swept a Triton kernel for out_proj's in-place residual GEMM against cuBLAS, removed since: commit da25363.)
 Op timings: 20 back-to-back calls between two CUDA events (one call per event pair would time the launch too).
