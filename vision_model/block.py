@@ -17,6 +17,7 @@ from timm.layers import DropPath
 from torch import Tensor
 
 from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, row_rstd, ssd_scan
+from .cache import DerivedTensorCache
 
 
 # At inference in_proj's output rows are padded to a multiple of this: at D/8 of the 135M config on the H100, 772 rows
@@ -25,7 +26,7 @@ from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_n
 IN_PROJ_ROW_MULTIPLE = 64
 
 
-class MatMamba2(nn.Module):
+class MatMamba2(DerivedTensorCache):
     def __init__(self, d_model: int, d_inner: int, d_state: int = 128, d_conv: int = 4, headdim: int = 64,
                  chunk_size: int = 256, dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
@@ -46,7 +47,6 @@ class MatMamba2(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.norm_eps = 1e-5
-        self._cache: dict = {}
 
     # -- nested weight views ------------------------------------------------------------------------------------
     def _in_rows(self, inner: int) -> list[tuple[int, int]]:
@@ -82,31 +82,18 @@ class MatMamba2(nn.Module):
                 weights["in_proj.weight"] = weights["in_proj.weight"] * in_scale
             return weights
         # inference: slice once per width and reuse until the parameters change
+        def build() -> dict[str, Tensor]:
+            weights = {k: v.contiguous() for k, v in self.nested_weights(inner).items()}
+            weights["A"] = -torch.exp(weights["A_log"].float())
+            W, multiple = weights["in_proj.weight"], IN_PROJ_ROW_MULTIPLE
+            if in_scale is not None:
+                W = weights["in_proj.weight"] = (W.float() * in_scale.float()).to(W.dtype)
+            # zero rows after dt, up to a multiple of IN_PROJ_ROW_MULTIPLE (see there)
+            if W.shape[0] % multiple:
+                weights["in_proj.weight"] = torch.cat([W, W.new_zeros(-W.shape[0] % multiple, W.shape[1])])
+            return weights
         key = (inner, self.in_proj.weight.device, self.in_proj.weight.dtype, in_scale is not None)
-        version = tuple(p._version for p in self.parameters()) + ((in_scale._version,) if in_scale is not None else ())
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != version:
-            with torch.no_grad():
-                weights = {k: v.contiguous() for k, v in self.nested_weights(inner).items()}
-                weights["A"] = -torch.exp(weights["A_log"].float())
-                W, multiple = weights["in_proj.weight"], IN_PROJ_ROW_MULTIPLE
-                if in_scale is not None:
-                    W = weights["in_proj.weight"] = (W.float() * in_scale.float()).to(W.dtype)
-                # zero rows after dt, up to a multiple of IN_PROJ_ROW_MULTIPLE (see there)
-                if W.shape[0] % multiple:
-                    weights["in_proj.weight"] = torch.cat([W, W.new_zeros(-W.shape[0] % multiple, W.shape[1])])
-            hit = self._cache[key] = (version, weights)
-        return hit[1]
-
-    # Fused optimizers update parameters without bumping their version counters, so the cache is also dropped on
-    # every train()/eval() switch and device or dtype move, not only when a version changes.
-    def _apply(self, fn, recurse=True):
-        self._cache = {}
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        self._cache = {}
-        return super().train(mode)
+        return self.derived(key, (*self.parameters(), *(() if in_scale is None else (in_scale,))), build)
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, u: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:

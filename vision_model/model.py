@@ -18,17 +18,17 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .block import Block
+from .cache import DerivedTensorCache
 from .config import MatMambaVisionConfig
 from .patchify import add_token_table_triton, patchify_triton
 
 
-class MatMambaVision(nn.Module):
+class MatMambaVision(DerivedTensorCache):
     def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto"):
         super().__init__()
         self.config = cfg = config
         self.ssd_backend = ssd_backend
         self._reorder_cache: dict = {}
-        self._table_cache: dict = {}
         if cfg.stem == "conv":
             chans = (cfg.in_chans, *cfg.stem_channels)
             self.stem = nn.Sequential(
@@ -147,23 +147,7 @@ class MatMambaVision(nn.Module):
 
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return build()
-        key = (grid, dtype, self.pos_embed.device)
-        version = tuple(t._version for t in params)
-        hit = self._table_cache.get(key)
-        if hit is None or hit[0] != version:
-            with torch.no_grad():
-                hit = self._table_cache[key] = (version, build())
-        return hit[1]
-
-    # like the blocks' weight caches: dropped on every train()/eval() switch and device or dtype move, as fused
-    # optimizers update parameters without bumping their version counters
-    def _apply(self, fn, recurse=True):
-        self._table_cache = {}
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        self._table_cache = {}
-        return super().train(mode)
+        return self.derived((grid, dtype, self.pos_embed.device), params, build)
 
     def _reorders(self, grid: tuple[int, int], device: torch.device) -> list[Tensor | None]:
         """Per block, the gather that takes the tokens from the previous block's scan order into its own (None: same

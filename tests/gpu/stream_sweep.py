@@ -221,7 +221,7 @@ def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tile
     def clear_weight_caches():
         for m in model.modules():
             if isinstance(m, block_mod.MatMamba2):
-                m._cache = {}
+                m.clear_derived()
     if not patchify:
         def permuted_copy(x, p, patches):
             b, c, H, W = x.shape
