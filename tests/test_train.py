@@ -264,3 +264,43 @@ def test_mix_n_match_sampling_draws_trained_widths_per_layer_reproducibly():
     assert draws[7] == train_module.mnm_widths(config, tc, 3, 1)  # a function of (seed, step, k) alone
     with pytest.raises(ValueError, match="needs --schedule all"):
         train_module.train(train_module.TrainConfig(mnm_samples=1, schedule="cycle"))
+
+
+@pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+def test_ema_mixing_and_cosine_head_resume_bit_identical_and_save_the_average(tmp_path, monkeypatch, capsys):
+    args = ["--limit", "256", "--epochs", "2", "--batch-size", "64", "--ckpt-every", "3", "--ema-decay", "0.9",
+            "--mix-prob", "0.5", "--set", "head=cosine", *TINY]
+    targets = []
+    real_losses = train_module.level_losses
+
+    def level_losses(model, x, y, *rest, **kw):
+        targets.append(bool((y.amax(-1) < 0.91 - 1e-4).all()))  # 0.91: a label smoothed by 0.1, unmixed
+        return real_losses(model, x, y, *rest, **kw)
+
+    monkeypatch.setattr(train_module, "level_losses", level_losses)
+    assert _train(tmp_path / "whole", *args) == 0
+    assert 0 < sum(targets) < len(targets) == 8  # some steps mixed (soft targets), some not
+    _kill_at(monkeypatch, 5)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "resumed", *args)
+    monkeypatch.undo()
+    assert _train(tmp_path / "resumed", *args) == 0
+    _assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(whole["ema"][k], resumed["ema"][k]) for k in whole["ema"])
+
+    saved = vision_model.load_model(tmp_path / "resumed" / "model")  # the average, not the last step's weights
+    assert saved.config.head == "cosine"
+    ema_w, raw_w = whole["ema"]["head.weight"], whole["model"]["head.weight"]
+    assert not torch.equal(ema_w, raw_w)
+    torch.testing.assert_close(saved.head.weight, ema_w.to(torch.bfloat16).float())
+    result = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert set(result["test_top1"]) == set(result["test_top1_raw"]) == {"D", "D/2", "D/4", "D/8"}
+
+    state = {k: v for k, v in whole.items() if k != "ema"}  # a checkpoint trained without an EMA cannot grow one
+    (tmp_path / "noema").mkdir()
+    torch.save(state, tmp_path / "noema" / "checkpoint.pt")
+    assert _train(tmp_path / "noema", *args) == 1
+    assert "was trained without --ema-decay" in capsys.readouterr().err

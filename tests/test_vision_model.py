@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import vision_model
@@ -576,6 +577,25 @@ def test_cost_model_params_equal_numel_of_touched_weights(widths):
     widths = widths or [64] * 3
     touched = sum(t.numel() for t in model.submodel_state_dict(widths=widths).values())
     assert submodel_cost(model.config, widths=widths).params == touched
+
+
+def test_cosine_head_depends_on_the_embedding_direction_only(tmp_path):
+    model = small_model(head="cosine")
+    emb = torch.randn(4, 64)
+    with torch.no_grad():
+        logits = model.head(emb)
+        assert torch.allclose(model.head(3.7 * emb), logits, atol=1e-5)
+        assert logits.abs().max() <= model.config.head_scale + 1e-4
+        assert logits.argmax(-1).tolist() == (F.normalize(emb, dim=-1) @ F.normalize(model.head.weight, dim=-1).T
+                                             ).argmax(-1).tolist()
+    touched = sum(t.numel() for t in model.submodel_state_dict(level=2).values())
+    assert submodel_cost(model.config, level=2).params == touched  # no bias
+    vision_model.save_pretrained(model, tmp_path, dtype=None)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(vision_model.load_model(tmp_path)(x), model(x))
+    with pytest.raises(ValueError, match="head must be"):
+        get_config("matmamba_vision_fmnist", head="arcface")
 
 
 def test_conv_stem_tokens_cost_and_round_trip(tmp_path):

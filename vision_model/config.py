@@ -29,6 +29,10 @@ class MatMambaVisionConfig:
     chunk_size: int = 256
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
+    # "linear": affine class logits; "cosine": head_scale * cos(embedding, class weight), which trains the
+    # embedding's angles, the quantity cosine retrieval ranks by
+    head: str = "linear"
+    head_scale: float = 10.0
     # the order each block scans the patch grid in, cycled over the layers: "row" (row-major), "row_rev", "col"
     # (column-major), "col_rev"; the CLS token stays last in every order.  A causal scan shows each patch only the
     # patches before it; alternating orders let every patch see the whole image after a few blocks
@@ -56,6 +60,8 @@ class MatMambaVisionConfig:
             object.__setattr__(self, "scan_orders", tuple(self.scan_orders))
         if not self.scan_orders or set(self.scan_orders) - set(SCAN_ORDERS) or isinstance(self.scan_orders, str):
             raise ValueError(f"scan_orders must be a non-empty sequence of {SCAN_ORDERS}, got {self.scan_orders!r}")
+        if self.head not in ("linear", "cosine"):
+            raise ValueError(f"head must be 'linear' or 'cosine', got {self.head!r}")
         if self.crop not in ("center", "pad"):
             raise ValueError(f"crop must be 'center' or 'pad', got {self.crop!r}")
 

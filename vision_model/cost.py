@@ -79,6 +79,6 @@ def submodel_cost(cfg: MatMambaVisionConfig, level: int | None = None, widths: S
               + d)  # final norm
     flops = stem.flops + sum(_layer_flops(cfg, i, seqlen) for i in inners)
     if include_head:
-        params += d * cfg.num_classes + cfg.num_classes
+        params += d * cfg.num_classes + (cfg.num_classes if cfg.head == "linear" else 0)  # cosine: no bias
         flops += 2 * d * cfg.num_classes
     return Cost(params=params, flops=flops)

@@ -23,6 +23,19 @@ from .config import MatMambaVisionConfig
 from .patchify import add_token_table_triton, patchify_triton
 
 
+class CosineClassifier(nn.Module):
+    """Logits = scale * cos(x, w_c): the class decision depends on the embedding's direction only."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
 class MatMambaVision(DerivedTensorCache):
     def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto"):
         super().__init__()
@@ -44,7 +57,8 @@ class MatMambaVision(DerivedTensorCache):
             Block(cfg.d_model, cfg.inner_dim, cfg.d_state, cfg.d_conv, cfg.headdim, cfg.chunk_size, rate, cfg.norm_eps)
             for rate in rates)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.num_classes)
+        self.head = (CosineClassifier(cfg.d_model, cfg.num_classes, cfg.head_scale) if cfg.head == "cosine"
+                     else nn.Linear(cfg.d_model, cfg.num_classes))
         self._init_weights()
 
     def _init_weights(self):

@@ -4,7 +4,8 @@ One optimizer step sees every trained granularity (D, D/2, D/4, D/8):
   --schedule all    each micro-batch is run at every level; the level losses are averaged
   --schedule cycle  the step's micro-batches cycle through the levels, one level each, loss / len(levels)
 Recipe: AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping, label smoothing, drop-path,
-bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs.
+bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs,
+Mixup/CutMix and an EMA of the weights.
 Resumable (atomic checkpoints every N steps, with the RNG state), seeded, DDP under torchrun.
 
 Data (`--data`), each behind a "batches of epoch e from batch i on" iterator that the one optimisation loop reads:
@@ -34,9 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
@@ -74,6 +78,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     drop_path: float | None = None  # None: the model config's
     erase_prob: float = 0.25
+    mix_prob: float = 0.0  # fraction of steps whose batch is mixed by Mixup or CutMix (timm.data.Mixup)
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; it is what gets evaluated and saved
     seed: int = 0
     ckpt_every: int = 500
     eval_every: int = 1  # epochs
@@ -290,7 +296,8 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
     for level, kwargs in passes:
         with amp_ctx:
             logits, emb = model(x, **kwargs, return_embedding=True)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+            # soft targets (Mixup/CutMix) come smoothed already
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.0 if y.is_floating_point() else tc.label_smoothing)
             if tc.distill > 0 and level != 1 and teacher is not None:
                 T = tc.distill_temperature
                 kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(teacher / T, -1),
@@ -338,7 +345,7 @@ def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_li
 # -- checkpoints -----------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: TrainConfig,
-                    unreadable: dict[str, str] | None = None, train_seconds: float = 0.0) -> None:
+                    unreadable: dict[str, str] | None = None, train_seconds: float = 0.0, ema=None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     device = next(model.parameters()).device
     # the global RNG draws the drop-path masks: saved so that a resumed run draws what an uninterrupted one would
@@ -347,7 +354,8 @@ def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: Tra
         rng["cuda"] = torch.cuda.get_rng_state(device)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total_steps,
                 "train_config": asdict(tc), "class_names": list(model.config.class_names), "rng": rng,
-                "unreadable": dict(unreadable or {}), "train_seconds": train_seconds}, tmp)
+                "unreadable": dict(unreadable or {}), "train_seconds": train_seconds,
+                **({"ema": ema.module.state_dict()} if ema is not None else {})}, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
@@ -400,6 +408,11 @@ def train(tc: TrainConfig) -> dict:
     total_steps = steps_per_epoch * tc.epochs
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
+    # the EMA ramps up (decay 1 - (1 + step)^(-2/3), capped at ema_decay) so that early weights fade quickly
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    final_model = ema.module if ema is not None else model  # evaluated and saved
+    mixup = (Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=tc.mix_prob, label_smoothing=tc.label_smoothing,
+                   num_classes=config.num_classes) if tc.mix_prob > 0 else None)
     ckpt_path = out / "checkpoint.pt"
     step, planned = 0, False  # planned: total_steps already fitted to --max-minutes
     earlier_seconds = 0.0  # training time of the runs this one resumes
@@ -410,6 +423,10 @@ def train(tc: TrainConfig) -> dict:
                              f"{list(config.class_names)}: use a new --out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{ckpt_path} was trained without --ema-decay: resume it without, or use a new --out")
+            ema.module.load_state_dict(state["ema"])
         step = state["step"]
         if "rng" in state:
             torch.set_rng_state(state["rng"]["cpu"].cpu())
@@ -440,6 +457,10 @@ def train(tc: TrainConfig) -> dict:
             lr = lr_at(step, total_steps, int(tc.warmup_epochs * steps_per_epoch), tc.lr, tc.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if mixup is not None and len(xb) % 2 == 0:  # (it pairs image i with image b-1-i)
+                # timm's Mixup draws from numpy's global RNG: seeded by the step, for resuming
+                np.random.seed((tc.seed * 1_000_003 + step * world + rank) % 2 ** 32)
+                xb, yb = mixup(xb, yb)
             if tc.schedule == "all":
                 mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
                 losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm)
@@ -453,6 +474,8 @@ def train(tc: TrainConfig) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             images_seen += len(xb) * world
             wall += time.time() - t0
             if tc.max_minutes is not None and step == first_step + 30 and not planned:
@@ -477,7 +500,7 @@ def train(tc: TrainConfig) -> dict:
                     metrics_file.flush()
                 if step % tc.ckpt_every == 0 or step == total_steps:
                     save_checkpoint(ckpt_path, model, opt, step, total_steps, tc, data.unreadable(),
-                                    earlier_seconds + wall)
+                                    earlier_seconds + wall, ema)
             if step % steps_per_epoch == 0 or step == total_steps or out_of_time():
                 break
             t0 = time.time()
@@ -487,9 +510,11 @@ def train(tc: TrainConfig) -> dict:
             break
         finished_epoch = step % steps_per_epoch == 0 or step == total_steps
         if _is_main() and finished_epoch and ((epoch + 1) % tc.eval_every == 0 or step == total_steps):
-            acc = data.evaluate(model, eval_levels, amp_ctx)
+            acc = data.evaluate(final_model, eval_levels, amp_ctx)
             if acc is not None:
                 rec = {"step": step, "epoch": epoch + 1, data.eval_key: acc, "train_seconds": wall}
+                if ema is not None:
+                    rec[data.eval_key + "_raw"] = data.evaluate(model, eval_levels, amp_ctx)
                 if isinstance(data, ImageFolderBatches):
                     rec["unreadable_images"] = len(data.unreadable())
                 metrics_file.write(json.dumps(rec) + "\n")
@@ -504,19 +529,21 @@ def train(tc: TrainConfig) -> dict:
         unreadable = {path: reason for found in gathered for path, reason in found.items()}
     result = {}
     if _is_main():
-        acc = data.evaluate(model, eval_levels, amp_ctx)
+        acc = data.evaluate(final_model, eval_levels, amp_ctx)
         result = {data.eval_key: acc, "train_seconds_this_run": time.time() - t_start,
                   "train_seconds_total": earlier_seconds + wall, "steps": step,
                   "total_steps": total_steps, "epochs_done": step / steps_per_epoch,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                   "torch": torch.__version__, "world_size": world}
+        if ema is not None:
+            result[data.eval_key + "_raw"] = data.evaluate(model, eval_levels, amp_ctx)
         if isinstance(data, ImageFolderBatches):
             result["num_classes"] = config.num_classes
             result["unreadable_images"] = [{"path": p, "reason": r} for p, r in sorted(unreadable.items())]
             if unreadable:
                 bar.write(f"skipped {len(unreadable)} unreadable image(s) (listed in {out / 'result.json'})",
                           file=sys.stderr)
-        save_pretrained(model, out / "model", dtype=torch.bfloat16,
+        save_pretrained(final_model, out / "model", dtype=torch.bfloat16,
                         extra={"train_config": asdict(tc), "result": result})
         (out / "result.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
@@ -555,6 +582,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "erase_prob"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--mix-prob", type=float, default=d.mix_prob,
+                   help="probability that a step's batch is mixed (Mixup, or CutMix half the time; 0: off)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="keep an EMA of the weights with this decay (e.g. 0.998) and evaluate and save it (0: off)")
     p.add_argument("--drop-path", type=float, default=None)
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-amp", dest="amp", action="store_false")
@@ -582,7 +613,7 @@ def run(args) -> int:
                      batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                      clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
-                     erase_prob=args.erase_prob, seed=args.seed, ckpt_every=args.ckpt_every,
+                     erase_prob=args.erase_prob, mix_prob=args.mix_prob, ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
                      backend=args.backend, max_minutes=args.max_minutes)
     train(tc)
