@@ -79,7 +79,9 @@ class TrainConfig:
     drop_path: float | None = None  # None: the model config's
     erase_prob: float = 0.25
     mix_prob: float = 0.0  # fraction of steps whose batch is mixed by Mixup or CutMix (timm.data.Mixup)
-    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; it is what gets evaluated and saved
+    mixup_alpha: float = 0.8  # Beta(alpha, alpha) mixing weights; 0: CutMix only
+    cutmix_alpha: float = 1.0  # 0: Mixup only; both > 0: a mixed batch is either, half the time each
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights, evaluated and saved
     seed: int = 0
     ckpt_every: int = 500
     eval_every: int = 1  # epochs
@@ -297,7 +299,8 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
         with amp_ctx:
             logits, emb = model(x, **kwargs, return_embedding=True)
             # soft targets (Mixup/CutMix) come smoothed already
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.0 if y.is_floating_point() else tc.label_smoothing)
+            smoothing = 0.0 if y.is_floating_point() else tc.label_smoothing
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
             if tc.distill > 0 and level != 1 and teacher is not None:
                 T = tc.distill_temperature
                 kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(teacher / T, -1),
@@ -411,8 +414,8 @@ def train(tc: TrainConfig) -> dict:
     # the EMA ramps up (decay 1 - (1 + step)^(-2/3), capped at ema_decay) so that early weights fade quickly
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     final_model = ema.module if ema is not None else model  # evaluated and saved
-    mixup = (Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=tc.mix_prob, label_smoothing=tc.label_smoothing,
-                   num_classes=config.num_classes) if tc.mix_prob > 0 else None)
+    mixup = (Mixup(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob,
+                   label_smoothing=tc.label_smoothing, num_classes=config.num_classes) if tc.mix_prob > 0 else None)
     ckpt_path = out / "checkpoint.pt"
     step, planned = 0, False  # planned: total_steps already fitted to --max-minutes
     earlier_seconds = 0.0  # training time of the runs this one resumes
@@ -583,7 +586,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad", "label_smoothing", "erase_prob"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--mix-prob", type=float, default=d.mix_prob,
-                   help="probability that a step's batch is mixed (Mixup, or CutMix half the time; 0: off)")
+                   help="probability that a step's batch is mixed by Mixup or CutMix (0: off)")
+    p.add_argument("--mixup-alpha", type=float, default=d.mixup_alpha, help="Mixup's Beta parameter (0: CutMix only)")
+    p.add_argument("--cutmix-alpha", type=float, default=d.cutmix_alpha,
+                   help="CutMix's Beta parameter (0: Mixup only; both > 0: either, half the time each)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help="keep an EMA of the weights with this decay (e.g. 0.998) and evaluate and save it (0: off)")
     p.add_argument("--drop-path", type=float, default=None)
@@ -613,7 +619,9 @@ def run(args) -> int:
                      batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                      clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
-                     erase_prob=args.erase_prob, mix_prob=args.mix_prob, ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
+                     erase_prob=args.erase_prob, mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha,
+                     cutmix_alpha=args.cutmix_alpha, ema_decay=args.ema_decay, seed=args.seed,
+                     ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
                      backend=args.backend, max_minutes=args.max_minutes)
     train(tc)
