@@ -17,6 +17,7 @@ from retrieval.cli import main as matsearch
 from vision_model import create_model, submodel_cost
 from vision_model.block import IN_PROJ_ROW_MULTIPLE
 from vision_model.cost import ssd_flops
+from vision_model.data import fashion_mnist_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 META_KEYS = {"device", "date", "torch", "triton", "timm", "mamba_ssm"}
@@ -380,3 +381,24 @@ def test_interleaved_best_times_each_call_inside_its_context_every_round():
     best = interleaved_best(calls, torch.device("cpu"), rounds=3, repeats=2)
     assert entered == ["fast", "slow"] * 3
     assert best[0] < 0.005 and 0.01 <= best[1] < 0.1
+
+
+@pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+def test_knn_gap_finds_planted_mislabelled_database_images(monkeypatch, tmp_path):
+    """Relabel a tenth of the database images: the shipped classifier disputes them, and they become the
+    neighbours that cost 1-NN queries the classifier gets right."""
+    from benchmarks import knn_gap
+    from retrieval import datasets
+    images, labels = datasets.fashion_mnist("train")
+    planted = labels.copy()
+    planted[:400:10] = (planted[:400:10] + 1) % 10
+    monkeypatch.setitem(datasets._cache, "train", (images, planted))
+    assert knn_gap.main(["--limit-db", "400", "--limit-queries", "150", "--json", str(tmp_path / "gap.json")]) == 0
+    r = json.loads((tmp_path / "gap.json").read_text())
+    assert r["database"] == 400 and r["queries"] == 150
+    assert 10 <= r["disputed_database_images"] <= 14  # the 10% planted, plus the few the model misreads
+    assert r["disputed_among_misleading_neighbours"] >= 60
+    assert r["nn1_top1_without_disputed_neighbours"] > r["nn1_top1"]
+    assert r["nn1_top1"] == pytest.approx(
+        r["classifier_top1"] - r["classifier_right_nn1_wrong"] + r["classifier_wrong_nn1_right"], abs=0.02)
