@@ -95,6 +95,17 @@ def _kill_at(monkeypatch, step: int):
     monkeypatch.setattr(train_module, "lr_at", lr_at)
 
 
+def _resume_after_kill_matches_whole(tmp_path, monkeypatch, args, kill_at: int = 5):
+    """Train tmp_path/resumed with `args`, killed before step `kill_at` and rerun: its weights must equal those of
+    the uninterrupted run in tmp_path/whole. Undoes every monkeypatch."""
+    _kill_at(monkeypatch, kill_at)
+    with pytest.raises(_Killed):
+        _train(tmp_path / "resumed", *args)
+    monkeypatch.undo()
+    assert _train(tmp_path / "resumed", *args) == 0
+    _assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
 # -- data ------------------------------------------------------------------------------------------------------
 
 def test_labels_and_classes_are_torchvision_imagefolders(tree):
@@ -235,13 +246,7 @@ def test_fashion_mnist_resume_is_bit_identical(tmp_path, monkeypatch):
     # checkpointed), each step's Mix'n'Match widths come from its step number, and the conv stem's BatchNorm
     # statistics are part of the checkpoint
     assert _train(tmp_path / "whole", *args) == 0
-    _kill_at(monkeypatch, 5)
-    with pytest.raises(_Killed):
-        _train(tmp_path / "resumed", *args)
-    monkeypatch.undo()
-    assert _train(tmp_path / "resumed", *args) == 0
-
-    _assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+    _resume_after_kill_matches_whole(tmp_path, monkeypatch, args)
     result = json.loads((tmp_path / "resumed" / "result.json").read_text())
     assert result["steps"] == 8 and set(result["test_top1"]) == {"D", "D/2", "D/4", "D/8"}
     assert vision_model.load_model(tmp_path / "resumed" / "model").config.num_classes == 10
@@ -281,12 +286,7 @@ def test_ema_mixing_and_cosine_head_resume_bit_identical_and_save_the_average(tm
     monkeypatch.setattr(train_module, "level_losses", level_losses)
     assert _train(tmp_path / "whole", *args) == 0
     assert 0 < sum(targets) < len(targets) == 8  # some steps mixed (soft targets), some not
-    _kill_at(monkeypatch, 5)
-    with pytest.raises(_Killed):
-        _train(tmp_path / "resumed", *args)
-    monkeypatch.undo()
-    assert _train(tmp_path / "resumed", *args) == 0
-    _assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+    _resume_after_kill_matches_whole(tmp_path, monkeypatch, args)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(whole["ema"][k], resumed["ema"][k]) for k in whole["ema"])
