@@ -51,6 +51,8 @@ def save_pretrained(model: MatMambaVision, directory: str | os.PathLike, dtype: 
         Path(tmp).unlink(missing_ok=True)
         raise
     doc = {"config": model.config.to_dict(), "meta": extra or {}}
+    if getattr(model, "arch", None):  # a distillation teacher: its network, on the encoder's data config
+        doc["arch"] = model.arch
     atomic_write_bytes(directory / CONFIG_FILE, json.dumps(doc, indent=2).encode())
     return directory
 
@@ -60,6 +62,9 @@ def read_config(directory: str | os.PathLike) -> tuple[MatMambaVisionConfig, dic
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     doc = json.loads(path.read_text())
+    if "arch" in doc:
+        raise ValueError(f"{Path(directory)} holds a {doc['arch'].get('name')} distillation teacher, not a "
+                         f"MatMamba-Vision encoder: pass it to `matsearch train --teacher`, or pick an encoder folder")
     return MatMambaVisionConfig.from_dict(doc["config"]), doc.get("meta", {})
 
 

@@ -51,6 +51,23 @@ def config_differences(independent, nested) -> dict:
     return {k: [a[k], b[k]] for k in a if k not in ("d_inner", "name") and a[k] != b.get(k)}
 
 
+def _teacher_text(meta: dict) -> str:
+    teacher = meta.get("result", {}).get("teacher")
+    return f"ResNet teacher ({teacher['test_top1']:.2f}%)" if teacher else "none"
+
+
+def recipe_differences(independent_meta: dict, nested_meta: dict) -> dict:
+    """Training settings (besides the levels that define a nested run) where the two runs differ, the distillation
+    teacher included: {setting: [independent, nested]}."""
+    a, b = independent_meta.get("train_config", {}), nested_meta.get("train_config", {})
+    out = {k: [a.get(k), b.get(k)] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
+                                               "erase_prob", "mix_prob", "ema_decay", "seed")
+           if a.get(k) != b.get(k)}
+    if _teacher_text(independent_meta) != _teacher_text(nested_meta):
+        out["distillation"] = [_teacher_text(independent_meta), _teacher_text(nested_meta)]
+    return out
+
+
 def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") -> dict:
     model = from_pretrained(model_dir, device=device)
     # loaded before the long evaluation, so a wrong folder fails at once
@@ -84,7 +101,8 @@ def build_card(model_dir: Path, independent: list[Path], device: str = "cpu") ->
                       "params_m": c.params / 1e6, "nested_top1": nested["top1"],
                       "nested_minus_independent": nested["top1"] - a,
                       "train": m.meta.get("result", {}), "epochs": m.meta.get("result", {}).get("epochs_done"),
-                      "config_differences": config_differences(m.config, cfg)})
+                      "config_differences": config_differences(m.config, cfg),
+                      "recipe_differences": recipe_differences(m.meta, model.meta)})
     return {"model_dir": str(model_dir), "weights_sha256": weights_hash(model_dir), "rows": rows,
             "independent": indep, "eval_seconds": time.time() - t0, "eval_device": device,
             "eval_machine": (f"{platform.machine()} CPU x{torch.get_num_threads()} threads" if device == "cpu"
@@ -118,7 +136,7 @@ def plot(card: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _extras(tc: dict) -> str:
+def _extras(tc: dict, res: dict) -> str:
     """The optional training losses a run used, as recipe text."""
     parts = []
     if tc.get("mnm_samples"):
@@ -127,17 +145,28 @@ def _extras(tc: dict) -> str:
         parts.append(f"self-distillation weight {tc['distill']} (T={tc.get('distill_temperature')})")
     if tc.get("align"):
         parts.append(f"embedding alignment weight {tc['align']}")
+    if tc.get("teacher"):
+        teacher = res.get("teacher", {})
+        parts.append(f"every pass distilled from a convolutional teacher (`matsearch train --arch resnet`, "
+                     f"{teacher.get('test_top1', float('nan')):.2f}% test top-1, weights sha256 "
+                     f"`{teacher.get('weights_sha256', '?')[:12]}…`): loss = {1 - tc['teacher_weight']:g} × "
+                     f"cross-entropy + {tc['teacher_weight']:g} × KL at T={tc.get('distill_temperature')}")
     return "".join("; " + p for p in parts)
 
 
 def _command(tc: dict) -> str:
     """The `matsearch train` command line that reproduces a run from its saved train config."""
-    args = ["matsearch train", f"--epochs {tc.get('epochs')}", f"--batch-size {tc.get('batch_size')}",
+    args = ["matsearch train"]
+    if tc.get("arch", "matmamba") != "matmamba":
+        args += [f"--arch {tc['arch']}", "--levels " + ",".join(map(str, tc.get("levels", [1])))]
+    args += [f"--epochs {tc.get('epochs')}", f"--batch-size {tc.get('batch_size')}",
             f"--lr {tc.get('lr')}", f"--warmup-epochs {tc.get('warmup_epochs')}", f"--backend {tc.get('backend')}",
             f"--schedule {tc.get('schedule')}"]
-    for key in ("mnm_samples", "distill", "align", "max_minutes"):
+    for key in ("mnm_samples", "distill", "align", "max_minutes", "teacher"):
         if tc.get(key):
             args.append(f"--{key.replace('_', '-')} {tc[key]}")
+    if tc.get("teacher"):
+        args.append(f"--teacher-weight {tc['teacher_weight']}")
     args += [f"--set {k}={json.dumps(v)}" for k, v in (tc.get("overrides") or {}).items()]
     return " ".join(args)
 
@@ -158,12 +187,14 @@ def markdown(card: dict, config: dict, meta: dict) -> str:
               f"gradient clipping {tc.get('clip_grad')}, label smoothing {tc.get('label_smoothing')}, drop-path "
               f"{config['drop_path_rate']}, bf16 autocast, random shift (±3 px) + horizontal flip + random erasing "
               f"(p={tc.get('erase_prob')}); schedule `{tc.get('schedule')}` (each batch at every granularity, "
-              f"losses averaged, one optimizer step){_extras(tc)}, seed {tc.get('seed')}.", "",
+              f"losses averaged, one optimizer step){_extras(tc, res)}, seed {tc.get('seed')}.", "",
               f"Trained {res.get('epochs_done', 0):.1f} epochs ({res.get('steps')} steps) in "
               f"{res.get('train_seconds_total', res.get('train_seconds_this_run', 0)) / 60:.1f} min on one "
               f"{res.get('device')} (torch {res.get('torch')}, {tc.get('backend', 'auto')} SSD backend)"
               + (f"; the run was planned to fit a {tc['max_minutes']:g}-minute budget" if tc.get("max_minutes") else "")
-              + f". Reproduce: `{_command(tc)}`.", "",
+              + ". Reproduce: " + (f"`{_command(res['teacher']['train_config'])} --out {Path(tc['teacher']).parent}`, "
+                                    "then " if res.get("teacher", {}).get("train_config") else "")
+              + f"`{_command(tc)}`.", "",
               f"## Test accuracy (Fashion-MNIST test, 10,000 images; evaluated in fp32 on {card['eval_machine']})", "",
               "| granularity | params (M) | MFLOPs | top-1 (%) |", "|---|---|---|---|"]
     for r in rows:
@@ -172,11 +203,13 @@ def markdown(card: dict, config: dict, meta: dict) -> str:
     if card["independent"]:
         lines += ["", "## Nested vs independently trained (epochs as each run reached; config as the nested model's "
                   "unless listed)", "",
-                  "| size | independent top-1 | epochs | config differences (independent / nested) | nested top-1 | "
+                  "| size | independent top-1 | epochs | config and recipe differences (independent / nested) | "
+                  "nested top-1 | "
                   "nested − independent |", "|---|---|---|---|---|---|"]
         for r in sorted(card["independent"], key=lambda r: -r["mflops"]):
             ep = f"{r['epochs']:.1f}" if r["epochs"] else "?"
-            diff = ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in r.get("config_differences", {}).items()) or "none"
+            diff = ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in {**r.get("config_differences", {}),
+                                                                 **r.get("recipe_differences", {})}.items()) or "none"
             lines.append(f"| {r['size']} | {r['top1']:.2f} | {ep} | {diff} | {r['nested_top1']:.2f} | "
                          f"{r['nested_minus_independent']:+.2f} |")
     lines += ["", "## Mix'n'Match (per-layer widths, never trained explicitly)", "",

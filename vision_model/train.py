@@ -5,6 +5,7 @@ One optimizer step sees every trained granularity (D, D/2, D/4, D/8):
   --schedule cycle  the step's micro-batches cycle through the levels, one level each, loss / len(levels)
 Recipe: AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping, label smoothing, drop-path,
 bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs,
+distillation of every level from a convolutional teacher (`--arch resnet` trains one, `--teacher DIR` uses it),
 Mixup/CutMix and an EMA of the weights.
 Resumable (atomic checkpoints every N steps, with the RNG state), seeded, DDP under torchrun.
 
@@ -48,14 +49,15 @@ from tqdm import tqdm
 from .config import get_config
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    load_fashion_mnist, sample_seed, scan_imagefolder)
-from .hub import save_pretrained
-from .model import MatMambaVision
+from .hub import save_pretrained, weights_hash
 from .preprocess import normalize_uint8
+from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
 
 
 @dataclass
 class TrainConfig:
     model: str = "matmamba_vision_fmnist"
+    arch: str = "matmamba"  # "resnet": a convolutional distillation teacher on the same data config (one level)
     overrides: dict = field(default_factory=dict)  # config fields, e.g. {"d_inner": 48} for an independent model
     data: str = "fashion-mnist"  # or "imagefolder:DIR"
     val_data: str | None = None  # imagefolder:DIR2 to evaluate on (ImageFolder training); None: hold out val_fraction
@@ -65,7 +67,9 @@ class TrainConfig:
     levels: tuple[int, ...] = (1, 2, 4, 8)
     schedule: str = "all"  # "all" | "cycle"
     distill: float = 0.0  # weight of the KL to the full level's soft outputs (0: off)
-    distill_temperature: float = 2.0
+    distill_temperature: float = 2.0  # of every soft-target KL (self-distillation and teacher)
+    teacher: str | None = None  # model/ folder of a `--arch resnet` run: every pass also matches its soft outputs
+    teacher_weight: float = 0.5  # loss = (1 - w) * cross-entropy + w * KL to the teacher
     align: float = 0.0  # weight of 1 - cos(level embedding, full-level embedding): keeps the retrieval space shared
     mnm_samples: int = 0  # extra passes per step at random per-layer widths ("all" schedule), for Mix'n'Match
     epochs: int = 40
@@ -266,11 +270,12 @@ class ImageFolderBatches:
 
 # -- optimisation ----------------------------------------------------------------------------------------------
 
-def param_groups(model: MatMambaVision, weight_decay: float):
+def param_groups(model, weight_decay: float):
     skip = model.no_weight_decay()
+    ndims = getattr(model, "weight_decay_ndims", (2,))  # the encoder: 2-D weights only
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim == 2 and name not in skip else no_decay).append(p)
+        (decay if p.ndim in ndims and name not in skip else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -288,12 +293,24 @@ def mnm_widths(config, tc: TrainConfig, step: int, k: int) -> list[int]:
     return [config.d_model // rng.choice(tc.levels) for _ in range(config.depth)]
 
 
+def soft_target_kl(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton's distillation term: KL(softmax(target / T) || softmax(logits / T)) * T^2."""
+    T = temperature
+    return F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(target_logits.float() / T, -1),
+                    reduction="batchmean") * T * T
+
+
 def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
-                 mnm: Sequence[Sequence[int]] = ()) -> dict:
+                 mnm: Sequence[Sequence[int]] = (), teacher: torch.nn.Module | None = None) -> dict:
     """Forward+backward at `levels`, then at each Mix'n'Match `mnm` widths, on one micro-batch (gradients
-    accumulate); returns each level's loss (and the mean loss of the Mix'n'Match passes under "mnm")."""
-    losses, teacher, teacher_emb = {}, None, None
+    accumulate); returns each level's loss (and the mean loss of the Mix'n'Match passes under "mnm").
+    With a `teacher` network, every pass is distilled from its soft outputs on the same (augmented) images."""
+    losses, full_logits, full_emb = {}, None, None
     scale = 1.0 / (len(tc.levels) + tc.mnm_samples)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad(), amp_ctx:
+            teacher_logits = teacher(x).float()
     passes = [(level, dict(level=level)) for level in levels] + [("mnm", dict(widths=list(w))) for w in mnm]
     for level, kwargs in passes:
         with amp_ctx:
@@ -301,15 +318,15 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
             # soft targets (Mixup/CutMix) come smoothed already
             smoothing = 0.0 if y.is_floating_point() else tc.label_smoothing
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-            if tc.distill > 0 and level != 1 and teacher is not None:
-                T = tc.distill_temperature
-                kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(teacher / T, -1),
-                              reduction="batchmean") * T * T
-                loss = loss + tc.distill * kl
-            if tc.align > 0 and level != 1 and teacher_emb is not None:
-                loss = loss + tc.align * (1 - F.cosine_similarity(emb.float(), teacher_emb, dim=-1)).mean()
+            if teacher_logits is not None:
+                loss = ((1 - tc.teacher_weight) * loss
+                        + tc.teacher_weight * soft_target_kl(logits, teacher_logits, tc.distill_temperature))
+            if tc.distill > 0 and level != 1 and full_logits is not None:
+                loss = loss + tc.distill * soft_target_kl(logits, full_logits, tc.distill_temperature)
+            if tc.align > 0 and level != 1 and full_emb is not None:
+                loss = loss + tc.align * (1 - F.cosine_similarity(emb.float(), full_emb, dim=-1)).mean()
         if level == 1:
-            teacher, teacher_emb = logits.detach().float(), emb.detach().float()
+            full_logits, full_emb = logits.detach().float(), emb.detach().float()
         (loss * scale).backward()
         if level == "mnm":
             losses["mnm"] = losses.get("mnm", 0.0) + loss.item() / len(mnm)
@@ -369,6 +386,12 @@ def _is_main() -> bool:
 def train(tc: TrainConfig) -> dict:
     if tc.mnm_samples and tc.schedule != "all":
         raise ValueError("--mnm-samples needs --schedule all (each Mix'n'Match pass runs on the whole micro-batch)")
+    if tc.arch != "matmamba" and (tuple(tc.levels) != (1,) or tc.mnm_samples or tc.distill or tc.align
+                                  or tc.teacher):
+        raise ValueError(f"--arch {tc.arch} trains one network of one width: use --levels 1, without "
+                         "--mnm-samples, --distill, --align or --teacher")
+    if not 0 <= tc.teacher_weight <= 1:
+        raise ValueError(f"--teacher-weight must lie in [0, 1], got {tc.teacher_weight}")
     ddp = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -395,9 +418,13 @@ def train(tc: TrainConfig) -> dict:
     elif tc.val_data:
         raise ValueError("--val-data is for ImageFolder training; Fashion-MNIST is evaluated on its test split")
     config = get_config(tc.model, **overrides)
-    model = MatMambaVision(config, ssd_backend=tc.backend).to(device)
+    model = build_network(tc.arch, config, ssd_backend=tc.backend).to(device)
     for lv in tc.levels:
         config.resolve_widths(level=lv)  # fail early on a level this config cannot run
+    teacher = None
+    if tc.teacher:
+        teacher = load_teacher(tc.teacher, device)
+        check_teacher_fits(teacher, config, tc.teacher)
     warn = lambda msg: tqdm.write(msg if world == 1 else f"[rank {rank}] {msg}", file=sys.stderr)
     if tc.data.startswith(IMAGEFOLDER_PREFIX):
         data = ImageFolderBatches(tc, config, device, rank, world, train_samples, val_samples, warn)
@@ -466,11 +493,11 @@ def train(tc: TrainConfig) -> dict:
                 xb, yb = mixup(xb, yb)
             if tc.schedule == "all":
                 mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
-                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm)
+                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm, teacher)
             elif tc.schedule == "cycle":  # micro-batch j runs only level j
                 losses = {}
                 for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
-                    losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx))
+                    losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx, teacher=teacher))
             else:
                 raise ValueError(f"unknown schedule {tc.schedule!r}")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad).item()
@@ -540,6 +567,10 @@ def train(tc: TrainConfig) -> dict:
                   "torch": torch.__version__, "world_size": world}
         if ema is not None:
             result[data.eval_key + "_raw"] = data.evaluate(model, eval_levels, amp_ctx)
+        if teacher is not None:  # which teacher, exactly, and how good it was on the same evaluation
+            result["teacher"] = {"path": str(tc.teacher), "weights_sha256": weights_hash(tc.teacher),
+                                 data.eval_key: data.evaluate(teacher, [1], amp_ctx)["D"],
+                                 "train_config": teacher.meta.get("train_config", {})}
         if isinstance(data, ImageFolderBatches):
             result["num_classes"] = config.num_classes
             result["unreadable_images"] = [{"path": p, "reason": r} for p, r in sorted(unreadable.items())]
@@ -561,6 +592,8 @@ def train(tc: TrainConfig) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="config name (see vision_model.CONFIGS)")
+    p.add_argument("--arch", choices=ARCHS, default=d.arch,
+                   help="'resnet': train a convolutional distillation teacher on the config's data (with --levels 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set d_inner=48 (repeatable)")
     p.add_argument("--data", default=d.data,
@@ -576,6 +609,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="granularities trained jointly")
     p.add_argument("--schedule", choices=["all", "cycle"], default=d.schedule)
     p.add_argument("--distill", type=float, default=d.distill, help="self-distillation weight (0: off)")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
+                   help="softmax temperature of the distillation terms (self and teacher)")
+    p.add_argument("--teacher", default=None, metavar="DIR",
+                   help="model/ folder of a `--arch resnet` run on the same data: distil every pass from it")
+    p.add_argument("--teacher-weight", type=float, default=d.teacher_weight,
+                   help="with --teacher: loss = (1 - w) * cross-entropy + w * KL to the teacher's soft outputs")
     p.add_argument("--align", type=float, default=d.align,
                    help="weight of the cosine loss pulling each level's embedding to the full level's (0: off)")
     p.add_argument("--mnm-samples", type=int, default=d.mnm_samples,
@@ -612,10 +651,11 @@ def _parse_override(item: str):
 
 
 def run(args) -> int:
-    tc = TrainConfig(model=args.model, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
+    tc = TrainConfig(model=args.model, arch=args.arch, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
                      val_data=args.val_data, val_fraction=args.val_fraction, workers=args.workers,
                      out=args.out, levels=tuple(int(v) for v in args.levels.split(",")), schedule=args.schedule,
-                     distill=args.distill, align=args.align, mnm_samples=args.mnm_samples, epochs=args.epochs,
+                     distill=args.distill, distill_temperature=args.distill_temperature,
+                     teacher=args.teacher, teacher_weight=args.teacher_weight, align=args.align, mnm_samples=args.mnm_samples, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                      clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
