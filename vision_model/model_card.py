@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from .cost import submodel_cost
 from .data import load_fashion_mnist
 from .hub import atomic_write_bytes, from_pretrained, read_config, weights_hash
-from .train import evaluate
+from .train import TrainConfig, evaluate
 
 
 def mix_n_match_configs(depth: int, trained: list[int]) -> list[list[int]]:
@@ -59,7 +60,9 @@ def _teacher_text(meta: dict) -> str:
 def recipe_differences(independent_meta: dict, nested_meta: dict) -> dict:
     """Training settings (besides the levels that define a nested run) where the two runs differ, the distillation
     teacher included: {setting: [independent, nested]}."""
-    a, b = independent_meta.get("train_config", {}), nested_meta.get("train_config", {})
+    defaults = asdict(TrainConfig())  # settings newer than a run read as their defaults, which it trained with
+    a = {**defaults, **independent_meta.get("train_config", {})}
+    b = {**defaults, **nested_meta.get("train_config", {})}
     out = {k: [a.get(k), b.get(k)] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
                                                "erase_prob", "mix_prob", "ema_decay", "seed")
            if a.get(k) != b.get(k)}
