@@ -13,8 +13,8 @@ A gate looks at the small submodel's results for a query and says "uncertain: es
   The vote needs database labels: on a database without any it raises ValueError.
 
 On the shipped model (60k train images, D/8 -> D) the margin barely separates right from wrong D/8 answers, while
-the vote does: at T=0.8, k=10, 6.4% of the test queries escalate and the funnel beats D alone (93.47 against 93.15
-1-NN top-1) at a quarter of its cost (docs/notes.md, section 10).
+the vote does: at T=0.8, k=10, 6.2% of the test queries escalate and the funnel beats D alone (93.66 against 93.36
+1-NN top-1) at a quarter of its cost (docs/notes.md, sections 10 and 16).
 
 Thresholds come from held-out queries, never the test set: `held_out_margins` / `held_out_votes` give the gate's
 statistic on queries drawn from the database itself (their own row left out) or unseen ones, and
