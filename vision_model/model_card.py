@@ -174,6 +174,13 @@ def _command(tc: dict) -> str:
     return " ".join(args)
 
 
+def _reproduce(tc: dict, res: dict) -> str:
+    """The command lines that retrain a run: its distillation teacher's first, where it had one."""
+    teacher_tc = res.get("teacher", {}).get("train_config")
+    first = f"`{_command(teacher_tc)} --out {Path(tc['teacher']).parent}`, then " if teacher_tc else ""
+    return first + f"`{_command(tc)}`"
+
+
 def markdown(card: dict, config: dict, meta: dict) -> str:
     tc, res = meta.get("train_config", {}), meta.get("result", {})
     rows = card["rows"]
@@ -195,9 +202,7 @@ def markdown(card: dict, config: dict, meta: dict) -> str:
               f"{res.get('train_seconds_total', res.get('train_seconds_this_run', 0)) / 60:.1f} min on one "
               f"{res.get('device')} (torch {res.get('torch')}, {tc.get('backend', 'auto')} SSD backend)"
               + (f"; the run was planned to fit a {tc['max_minutes']:g}-minute budget" if tc.get("max_minutes") else "")
-              + ". Reproduce: " + (f"`{_command(res['teacher']['train_config'])} --out {Path(tc['teacher']).parent}`, "
-                                    "then " if res.get("teacher", {}).get("train_config") else "")
-              + f"`{_command(tc)}`.", "",
+              + f". Reproduce: {_reproduce(tc, res)}.", "",
               f"## Test accuracy (Fashion-MNIST test, 10,000 images; evaluated in fp32 on {card['eval_machine']})", "",
               "| granularity | params (M) | MFLOPs | top-1 (%) |", "|---|---|---|---|"]
     for r in rows:
