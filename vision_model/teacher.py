@@ -19,12 +19,14 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor
 
 from .config import MatMambaVisionConfig
+from .hub import CONFIG_FILE, WEIGHTS_FILE
+from .model import MatMambaVision
 
 ARCHS = ("matmamba", "resnet")
 
 
 class ResNetTeacher(nn.Module):
-    # conv weights are 4-D: they are decayed too (the encoder decays its 2-D weights only)
+    # conv weights are 4-D: they are decayed too (the encoder decays its 2-D weights only); norms and biases are not
     weight_decay_ndims = (2, 4)
 
     def __init__(self, config: MatMambaVisionConfig, channels: Sequence[int] = (64, 64, 128, 256),
@@ -40,7 +42,7 @@ class ResNetTeacher(nn.Module):
             self.net.maxpool = nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.ndim < 2}
+        return set()  # weight_decay_ndims already leaves out every 1-D norm weight and bias
 
     def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
                 backend: str | None = None, return_embedding: bool = False):
@@ -55,7 +57,6 @@ class ResNetTeacher(nn.Module):
 def build_network(arch: str, config: MatMambaVisionConfig, ssd_backend: str = "auto") -> nn.Module:
     """The network `matsearch train --arch` trains on `config`'s data."""
     if arch == "matmamba":
-        from .model import MatMambaVision
         return MatMambaVision(config, ssd_backend=ssd_backend)
     if arch == "resnet":
         return ResNetTeacher(config, drop_path_rate=config.drop_path_rate)
@@ -64,7 +65,6 @@ def build_network(arch: str, config: MatMambaVisionConfig, ssd_backend: str = "a
 
 def load_teacher(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ResNetTeacher:
     """A teacher saved by `matsearch train --arch resnet` (its run's model/ folder), in eval mode."""
-    from .hub import CONFIG_FILE, WEIGHTS_FILE
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
