@@ -402,3 +402,38 @@ def test_knn_gap_finds_planted_mislabelled_database_images(monkeypatch, tmp_path
     assert r["nn1_top1_without_disputed_neighbours"] > r["nn1_top1"]
     assert r["nn1_top1"] == pytest.approx(
         r["classifier_top1"] - r["classifier_right_nn1_wrong"] + r["classifier_wrong_nn1_right"], abs=0.02)
+
+
+def test_views_move_content_and_mirror():
+    from benchmarks.view_averaging import VIEW_SETS, view
+    dot = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
+    dot[..., 2, 1] = 255
+    assert view(dot, 1, 0, False)[0, 0, 3, 1] == 255  # down one row
+    assert view(dot, 0, -1, False)[0, 0, 2, 0] == 255  # left one column
+    assert view(dot, 0, 2, True)[0, 0, 2, 1] == 255  # right to column 3, then mirrored to column 1
+    assert view(dot, 0, -2, False).sum() == 0  # pushed out: the border that comes in is black
+    assert [len(VIEW_SETS[s]) for s in ("1", "flip", "shift1", "shift2")] == [1, 2, 10, 18]
+    assert len(set(VIEW_SETS["shift2"])) == 18
+
+
+@pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+def test_view_averaging_single_view_matches_plain_retrieval(tmp_path):
+    """One view is plain retrieval (the same numbers as the accuracy-vs-resolution study at 28 px); more query views
+    cost that many times the level's MFLOPs."""
+    from benchmarks import accuracy_resolution, view_averaging
+    limits = dict(limit_db=300, limit_queries=60)
+    records = view_averaging.measure(None, ["1", "flip"], ["1", "flip"], [8], torch.device("cpu"), log=lambda s: None,
+                                     **limits)
+    assert [(r["queries_from"], r["db_views"], r["query_views"]) for r in records] == [
+        ("held-out", d, q) for d in ("1", "flip") for q in ("1", "flip")] + [
+        ("test", d, q) for d in ("1", "flip") for q in ("1", "flip")]
+    held_out, test = records[:4], records[4:]
+    assert {(r["queries"], r["database"]) for r in held_out} == {(50, 250)}
+    assert {(r["queries"], r["database"], r["setting"]) for r in test} == {(60, 300, "D/8")}
+    plain = accuracy_resolution.measure(None, [28], [8], torch.device("cpu"), log=lambda s: None, **limits)[0]
+    assert test[0]["top1"] == pytest.approx(plain["top1"])
+    assert test[1]["query_mflops"] == pytest.approx(2 * plain["query_mflops"])
+    assert all(0 <= r["top1"] <= 100 and 0 <= r["vote10_top1"] <= 100 for r in records)
+    with pytest.raises(ValueError, match="unknown view sets"):
+        view_averaging.measure(None, ["mirror"], ["1"], [8], torch.device("cpu"), log=lambda s: None, **limits)
