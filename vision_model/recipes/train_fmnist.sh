@@ -10,9 +10,8 @@
 #   INDEPENDENT=1 bash vision_model/recipes/train_fmnist.sh OUT_DIR
 #                                                                the same recipe (the same teacher) at the D/2, D/4,
 #                                                                D/8 inner sizes, one after another: the model card's
-#                                                                nested-vs-independent rows (those shipped now were
-#                                                                trained before distillation, without a teacher:
-#                                                                323 / 421 / 577 s on a shared H100)
+#                                                                nested-vs-independent rows (run three side by side
+#                                                                on one H100: 697 / 614 / 531 s each)
 #   CONTROLS=1 bash vision_model/recipes/train_fmnist.sh OUT_DIR [MINUTES]
 #                                                                the schedule/distillation variants and independently
 #                                                                trained D/2, D/4, D/8 sizes, side by side, each to a
