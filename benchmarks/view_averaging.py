@@ -31,9 +31,8 @@ import torch.nn.functional as F
 import vision_model
 from retrieval import metrics
 from vision_model.data import load_fashion_mnist
-from vision_model.preprocess import normalize_uint8
 
-from .accuracy_resolution import nearest
+from .accuracy_resolution import embed, nearest
 
 
 def _views(max_shift: int) -> list[tuple[int, int, bool]]:
@@ -54,16 +53,9 @@ def view(images: torch.Tensor, dy: int, dx: int, mirrored: bool) -> torch.Tensor
     return images.flip(-1) if mirrored else images
 
 
-@torch.inference_mode()
-def embed_views(model, images: torch.Tensor, level: int, views, device: torch.device,
-                batch_size: int = 2048) -> dict[tuple, torch.Tensor]:
+def embed_views(model, images: torch.Tensor, level: int, views, device: torch.device) -> dict[tuple, torch.Tensor]:
     """Unit embeddings (n, d) float32 on the device of every view of every image."""
-    out = {}
-    for v in views:
-        chunks = [model.embed(normalize_uint8(model.config, view(images[s:s + batch_size], *v)).to(device),
-                              level=level) for s in range(0, len(images), batch_size)]
-        out[v] = F.normalize(torch.cat(chunks).float(), dim=-1)
-    return out
+    return {v: embed(model, view(images, *v), model.config.img_size, level, device)[0] for v in views}
 
 
 def averaged(per_view: dict[tuple, torch.Tensor], view_set: str) -> torch.Tensor:
