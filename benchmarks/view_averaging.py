@@ -5,12 +5,8 @@ copies lift 1-NN retrieval, on the database side (paid once, at indexing) or the
                                         [--levels 1 2 4 8] [--device cuda] [--limit-db N] [--limit-queries N]
                                         [--out DIR]
 
-View sets (each embedding is the normalised sum of the unit embeddings of its views; shifts pad with black, as the
-training augmentation does):
-    1       the image alone
-    flip    the image and its mirror (2 views)
-    shift1  those two, and the four 1-px shifts of each (10 views)
-    shift2  shift1 plus the four 2-px shifts of each (18 views)
+View sets: `vision_model.views` (each embedding is the normalised sum of the unit embeddings of its views; `1`, `flip`
+(2 views), `shift1` (10), `shift2` (18)). `matsearch index build --views` builds a database this way.
 
 Fashion-MNIST: the database is train embedded at D with each --db-views set; queries are test at each --levels level
 with each --query-views set. A query costs its level's MFLOPs times its number of views. "held-out" rows query the
@@ -31,29 +27,12 @@ import torch.nn.functional as F
 import vision_model
 from retrieval import metrics
 from vision_model.data import load_fashion_mnist
+from vision_model.views import VIEW_SETS, view
 
 from .accuracy_resolution import embed, nearest
 
 
-def _views(max_shift: int) -> list[tuple[int, int, bool]]:
-    """(dy, dx, mirrored) of the image, its mirror and their shifts by 1..max_shift px along each axis."""
-    shifts = [(0, 0)] + [s for r in range(1, max_shift + 1) for s in ((r, 0), (-r, 0), (0, r), (0, -r))]
-    return [(dy, dx, mirrored) for dy, dx in shifts for mirrored in (False, True)]
-
-
-VIEW_SETS = {"1": [(0, 0, False)], "flip": _views(0), "shift1": _views(1), "shift2": _views(2)}
-
-
-def view(images: torch.Tensor, dy: int, dx: int, mirrored: bool) -> torch.Tensor:
-    """A uint8 batch (b, c, h, w) moved by (dy, dx) px, the uncovered border black, then mirrored if asked."""
-    pad = max(abs(dy), abs(dx))
-    if pad:
-        h, w = images.shape[-2:]
-        images = F.pad(images, (pad, pad, pad, pad))[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
-    return images.flip(-1) if mirrored else images
-
-
-def embed_views(model, images: torch.Tensor, level: int, views, device: torch.device) -> dict[tuple, torch.Tensor]:
+def embed_each_view(model, images: torch.Tensor, level: int, views, device: torch.device) -> dict[tuple, torch.Tensor]:
     """Unit embeddings (n, d) float32 on the device of every view of every image."""
     return {v: embed(model, view(images, *v), model.config.img_size, level, device)[0] for v in views}
 
@@ -85,7 +64,7 @@ def measure(model_dir: Path | None, db_sets: list[str], query_sets: list[str], l
     db_images, db_labels = db_images[:limit_db], db_labels[:limit_db].numpy()
     q_images, q_labels = q_images[:limit_queries], q_labels[:limit_queries].numpy()
     needed = list(dict.fromkeys(v for s in db_sets + query_sets for v in VIEW_SETS[s]))
-    db_views = embed_views(model, db_images, 1, needed, device)
+    db_views = embed_each_view(model, db_images, 1, needed, device)
     split = len(db_labels) - len(db_labels) // 6
     records = []
 
@@ -107,7 +86,7 @@ def measure(model_dir: Path | None, db_sets: list[str], query_sets: list[str], l
                                                         db_labels[:split], cfg.num_classes),
                 len(db_labels) - split, split)
     for level in levels:
-        q_views = embed_views(model, q_images, level, needed, device)
+        q_views = embed_each_view(model, q_images, level, needed, device)
         for db_set in db_sets:
             database = averaged(db_views, db_set)
             for query_set in query_sets:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from vision_model import load_model, weights_hash
 from vision_model.preprocess import normalize_uint8, preprocess_image
+from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
 
 from . import store
 from .index_types import add_vectors, choose_index, default_search_params, train_and_fill
@@ -87,7 +88,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 workers: int | None = None, add: bool = False,
                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, progress: bool = True,
                 limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                max_image_pixels: int | None = None,
+                max_image_pixels: int | None = None, views: str | None = None,
                 on_shard: Callable[[int, int], None] | None = None) -> BuildResult:
     """Index the images of SOURCE (see sources.py) into the index folder `out_dir`.
 
@@ -99,6 +100,9 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         index's own (same weights sha256). Without `add`, the index is rebuilt from SOURCE alone.
     limit: only the first `limit` items of SOURCE. max_image_pixels: larger images are skipped as possible
         decompression bombs (default and upper bound: Pillow's Image.MAX_IMAGE_PIXELS).
+    views: each image embedded as the normalised sum of the embeddings of these views (vision_model.views: 1, flip,
+        shift1, shift2). None means "1" for a new index; with `add`, the index's own, and another set is refused
+        (the stored vectors would mix two embeddings).
     on_shard(shards_done, shards_total): called after each shard this run writes.
     """
     if batch_size < 1 or shard_size < 1:
@@ -124,6 +128,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 f"{base['weights_sha256'][:16]}…), but the model given is {model.source_dir} (weights sha256 "
                 f"{model_sha[:16]}…). Embeddings of different models are not comparable: add with the index's "
                 "own model, or build a new index without --add")
+        views = _check_views(views, base, root)
 
         src = open_source(source, limit)
         if not src.items:
@@ -132,7 +137,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             choose_index(index_type, (base["count"] if base else 0) + len(src), model.config.d_model,
                          memory_budget_mb)
         known = _indexed_contents(previous_dir) if base is not None else frozenset()
-        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base)
+        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base, views)
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
@@ -140,7 +145,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             # Pillow only warns about images between its pixel limit and twice that: make it an error to skip
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             encoded = _encode_in_shards(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
-                                        workers, max_image_pixels, progress, on_shard)
+                                        workers, max_image_pixels, progress, on_shard, views)
 
         stats = {
             "mode": "add" if base is not None else "build",
@@ -167,10 +172,21 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
 
         version_dir = root / store.version_name(_next_version_number(root))
         manifest = _assemble(version_dir, src, model, model_sha, encoded, base, previous_dir, index_type,
-                             memory_budget_mb, stats, started)
+                             memory_budget_mb, stats, started, views)
         _publish(root, version_dir)
         shutil.rmtree(root / SHARDS_DIR, ignore_errors=True)
         return BuildResult(root, version_dir, manifest, encoded.indexed, encoded.skipped)
+
+
+def _check_views(views: str | None, base: dict | None, root: Path) -> str:
+    base_views = base.get("views", DEFAULT_VIEWS) if base is not None else None
+    views = views or base_views or DEFAULT_VIEWS
+    views_of(views)  # a clear error for an unknown set
+    if base is not None and views != base_views:
+        raise ValueError(f"refusing to add to {root}: its images were embedded with the view set {base_views!r}, "
+                         f"not {views!r}; add with --views {base_views} (or leave --views out), or build a new index "
+                         "without --add")
+    return views
 
 
 def _load_encoder(model_dir, base: dict | None, device: torch.device):
@@ -261,12 +277,14 @@ def _indexed_contents(version_dir: Path) -> frozenset[tuple[str, str]]:
 
 
 def _plan_id(src: ImageSource, model, model_sha: str, shard_size: int, max_pixels: int | None,
-             base: dict | None) -> str:
+             base: dict | None, views: str) -> str:
     """Fingerprint of everything a shard's content depends on: shards of another plan are never reused."""
     keys = hashlib.sha256("\n".join(item.key for item in src.items).encode()).hexdigest()
     plan = {"format": store.FORMAT_VERSION, "weights": model_sha, "config": model.config.to_dict(),
             "source": src.spec, "keys": keys, "shard_size": shard_size, "max_pixels": max_pixels,
             "base": None if base is None else [base["version"], base["count"]]}
+    if views != DEFAULT_VIEWS:  # absent for one view: plans (and resumable shards) of earlier builds stay valid
+        plan["views"] = views
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -343,7 +361,7 @@ def _write_shard(path: Path, embeddings: np.ndarray, meta: dict) -> None:
 
 def _encode_in_shards(src: ImageSource, model, device: torch.device, known: frozenset, shard_dir: Path, plan: str,
                       shard_size: int, batch_size: int, workers: int, max_pixels: int | None, progress: bool,
-                      on_shard: Callable[[int, int], None] | None) -> _Encoded:
+                      on_shard: Callable[[int, int], None] | None, views: str) -> _Encoded:
     shards = [list(src.items[start:start + shard_size]) for start in range(0, len(src.items), shard_size)]
     result = _Encoded([_shard_path(shard_dir, i) for i in range(len(shards))], shards_total=len(shards))
     todo = [number for number, items in enumerate(shards)
@@ -361,7 +379,7 @@ def _encode_in_shards(src: ImageSource, model, device: torch.device, known: froz
                               (item for number in todo for item in shards[number]), pool,
                               lookahead=max(2 * batch_size, 4 * workers))
         for done, number in enumerate(todo, start=1):
-            embeddings, meta = _encode_shard(model, device, shards[number], stream, batch_size, bar)
+            embeddings, meta = _encode_shard(model, device, shards[number], stream, batch_size, bar, views)
             meta.update(plan=plan, shard=number, count=len(shards[number]))
             _write_shard(result.shard_files[number], embeddings, meta)
             skipped_so_far += len(meta["skipped"])
@@ -383,13 +401,13 @@ def _encode_in_shards(src: ImageSource, model, device: torch.device, known: froz
 
 
 def _encode_shard(model, device: torch.device, items: list[SourceItem], stream: Iterator[_Prepared],
-                  batch_size: int, bar) -> tuple[np.ndarray, dict]:
+                  batch_size: int, bar, views: str) -> tuple[np.ndarray, dict]:
     """Encode one shard's items, pulled in order from the decode stream, in batches cut the same way each run."""
     indexed, skipped, already, chunks, batch = [], [], 0, [], []
 
     def flush():
         if batch:
-            chunks.append(_embed(model, device, torch.stack([p.pixels for p in batch])))
+            chunks.append(_embed(model, device, torch.stack([p.pixels for p in batch]), views))
             batch.clear()
 
     for _ in items:
@@ -413,10 +431,13 @@ def _encode_shard(model, device: torch.device, items: list[SourceItem], stream: 
     return embeddings, {"indexed": indexed, "skipped": skipped, "already_indexed": already}
 
 
-def _embed(model, device: torch.device, pixels: torch.Tensor) -> np.ndarray:
+def _embed(model, device: torch.device, pixels: torch.Tensor, views: str) -> np.ndarray:
+    def one_view(x: torch.Tensor) -> np.ndarray:
+        return F.normalize(model.embed(x, level=LEVEL).float(), dim=-1).cpu().numpy()
+
     with torch.inference_mode():
-        embeddings = model.embed(pixels.to(device, non_blocking=True), level=LEVEL)
-        return F.normalize(embeddings.float(), dim=-1).cpu().numpy()
+        pixels = pixels.to(device, non_blocking=True)
+        return embed_views(one_view, pixels, views, black(model.config).to(pixels))
 
 
 # -- assembly ------------------------------------------------------------------------------------------------------
@@ -437,7 +458,7 @@ CREATE INDEX items_key ON items (key);
 
 def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encoded: _Encoded, base: dict | None,
               base_dir: Path | None, index_type: str | None, memory_budget_mb: float, stats: dict,
-              started: float) -> dict:
+              started: float, views: str) -> dict:
     """Write a complete version folder (not yet live)."""
     version_dir.mkdir()
     d = model.config.d_model
@@ -513,6 +534,8 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "granularity": f"level {LEVEL}",
         "level": LEVEL,
         "normalization": "l2",
+        "views": views,
+        "view_count": len(views_of(views)),
         "metric": "inner_product",
         "dtype": "float32",
         "index_type": kind,

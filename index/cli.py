@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vision_model.views import DEFAULT_VIEWS, VIEW_SETS
+
 from .index_types import NAMED_TYPES
 
 MAX_SKIPPED_SHOWN = 10
@@ -37,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--shard-size", type=int, default=2048, help="images per resumable shard (default 2048)")
     build.add_argument("--max-image-pixels", type=int,
                        help="skip larger images as possible decompression bombs (default: Pillow's limit)")
+    build.add_argument("--views", choices=list(VIEW_SETS), metavar="SET",
+                       help="embed each image as the average of these views: 1 (default), flip, shift1 (10 views), "
+                            "shift2 (18): more build compute for better 1-NN at every query level (docs/notes.md "
+                            "section 17); with --add: the index's own")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -61,13 +67,18 @@ def _build(args: argparse.Namespace) -> int:
     result = build_index(args.source, args.out, model_dir=args.model, index_type=args.index_type,
                          batch_size=args.batch_size, device=args.device, workers=args.workers, add=args.add,
                          memory_budget_mb=args.memory_budget_mb, progress=not args.no_progress, limit=args.limit,
-                         shard_size=args.shard_size, max_image_pixels=args.max_image_pixels)
+                         shard_size=args.shard_size, max_image_pixels=args.max_image_pixels, views=args.views)
     manifest = result.manifest
     verb = "added" if args.add else "indexed"
     print(f"{verb} {result.added} images from {args.source}: {manifest['count']} in {result.version_dir} "
           f"({manifest['index_factory']}, dim {manifest['embedding_dim']})")
     _print_skipped(result.skipped)
     return 0
+
+
+def _views_note(manifest: dict) -> str:
+    views = manifest.get("views", DEFAULT_VIEWS)
+    return "" if views == DEFAULT_VIEWS else f", average of {manifest['view_count']} views ({views})"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -86,7 +97,7 @@ def _info(args: argparse.Namespace) -> int:
         ("index", f"{version_dir} (version {m['version']})"),
         ("items", f"{m['count']}{labels}"),
         ("embedding", f"dim {m['embedding_dim']}, {m['granularity']}, {m['normalization']}-normalised, "
-                      f"{m['metric']}"),
+                      f"{m['metric']}{_views_note(m)}"),
         ("faiss", f"{m['index_factory']} ({m['index_type']}: {m['index_choice']}); search {params}"),
         ("model", f"{m['model_name']} in {m['model_dir']} (weights sha256 {m['weights_sha256'][:16]}…)"),
         ("sources", ", ".join(m["sources"])),

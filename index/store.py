@@ -255,6 +255,11 @@ class IndexStore:
         return list(self.manifest.get("label_names", []))
 
     @property
+    def views(self) -> str:
+        """The view set each stored vector averages (vision_model.views); indexes from before views: one view."""
+        return self.manifest.get("views", "1")
+
+    @property
     def weights_sha256(self) -> str:
         """sha256 of the weights the index was built with: compare with vision_model.weights_hash(model_dir)."""
         return self.manifest["weights_sha256"]

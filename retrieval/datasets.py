@@ -7,6 +7,7 @@ from PIL import Image
 
 from vision_model.data import load_fashion_mnist
 from vision_model.preprocess import normalize_uint8
+from vision_model.views import DEFAULT_VIEWS, black, embed_views
 
 from .encoder import QueryEncoder
 from .knn import InMemoryDatabase
@@ -38,6 +39,9 @@ def fashion_mnist_rows(model, split: str, rows: slice | np.ndarray) -> tuple[tor
     return to_model_input(model, images[torch.from_numpy(rows)]), labels[rows]
 
 
-def encode_database(encoder: QueryEncoder, pixels: torch.Tensor, labels: np.ndarray) -> InMemoryDatabase:
-    """A full-model (level 1) database of these images, as an index build would store it."""
-    return InMemoryDatabase(encoder.embed(pixels, Submodel(level=1)), labels)
+def encode_database(encoder: QueryEncoder, pixels: torch.Tensor, labels: np.ndarray,
+                    views: str = DEFAULT_VIEWS) -> InMemoryDatabase:
+    """A full-model (level 1) database of these images, as an index build with these views would store it."""
+    full = Submodel(level=1)
+    return InMemoryDatabase(embed_views(lambda x: encoder.embed(x, full), pixels, views, black(encoder.config)),
+                            labels)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import vision_model
+from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, views_of
 
 from . import knn, metrics
 from .adaptive import Adaptive, adaptive_search
@@ -145,9 +146,10 @@ class Database:
     db: knn.VectorDatabase
     train_rows: np.ndarray  # the Fashion-MNIST train row of each database id
     description: str
+    views: str  # the view set each database image was embedded with (vision_model.views)
 
 
-def _open_or_build_index(index_dir: Path, model_dir: Path, limit_db: int | None, device: str,
+def _open_or_build_index(index_dir: Path, model_dir: Path, limit_db: int | None, views: str | None, device: str,
                          log: Callable[[str], None]) -> Database:
     from index import IndexStore, build_index
     from index.store import current_version
@@ -155,8 +157,11 @@ def _open_or_build_index(index_dir: Path, model_dir: Path, limit_db: int | None,
     if current_version(index_dir) is None:
         log(f"building a Fashion-MNIST train index in {index_dir} (full model) ...")
         build_index("fashion-mnist:train", index_dir, model_dir=model_dir, limit=limit_db, device=device,
-                    progress=False)
+                    progress=False, views=views)
     store = IndexStore.open(index_dir, device=device)
+    if views is not None and views != store.views:
+        raise ValueError(f"the index {index_dir} holds embeddings of the view set {store.views!r}, not {views!r}: "
+                         "give another --index folder, or leave --db-views out to evaluate it as it is")
     if limit_db is not None and limit_db != len(store):
         log(f"note: reusing {index_dir} as it is, with {len(store)} images (--limit-db {limit_db} applies to a new "
             "index only)")
@@ -169,14 +174,18 @@ def _open_or_build_index(index_dir: Path, model_dir: Path, limit_db: int | None,
     if not all(key.startswith(prefix) for key in rows):
         raise ValueError(f"the index {index_dir} holds images other than fashion-mnist:train: eval needs one built "
                          "from fashion-mnist:train")
-    return Database(store, np.array([int(key[len(prefix):]) for key in rows]), f"index {store.directory}")
+    return Database(store, np.array([int(key[len(prefix):]) for key in rows]), f"index {store.directory}",
+                    store.views)
 
 
-def _encode_in_memory(encoder: QueryEncoder, limit_db: int | None, log: Callable[[str], None]) -> Database:
+def _encode_in_memory(encoder: QueryEncoder, limit_db: int | None, views: str | None,
+                      log: Callable[[str], None]) -> Database:
     n = len(fashion_mnist("train")[1]) if limit_db is None else limit_db
-    log(f"encoding {n} Fashion-MNIST train images with the full model ...")
+    views = views or DEFAULT_VIEWS
+    log(f"encoding {n} Fashion-MNIST train images with the full model ({len(views_of(views))} view(s): {views}) ...")
     pixels, labels = fashion_mnist_rows(encoder.model, "train", slice(0, n))
-    return Database(encode_database(encoder, pixels, labels), np.arange(len(labels)), "in memory (faiss flat)")
+    return Database(encode_database(encoder, pixels, labels, views), np.arange(len(labels)),
+                    "in memory (faiss flat)", views)
 
 
 def _calibration_queries(model, database: Database) -> tuple[torch.Tensor, np.ndarray]:
@@ -224,6 +233,7 @@ def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_
         "submodels": [s.name for s in staged.submodels],
         "queries": n,
         "database": len(database.db),
+        "database_views": database.views,
         **setting.gate_record(),
     }
     return record, staged.ids
@@ -232,8 +242,10 @@ def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_
 def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None = None, limit_db: int | None = None,
              limit_queries: int | None = None, control_models: list[str | Path] = (),
              escalation_rates: tuple[float, ...] = ESCALATION_RATES, shortlist: int = 100, latency_queries: int = 50,
-             batch_size: int = 256, device: str = "cpu", log: Callable[[str], None] = print) -> list[dict]:
-    """Every setting's record (see the module docstring), the full model first."""
+             batch_size: int = 256, device: str = "cpu", db_views: str | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Every setting's record (see the module docstring), the full model first. db_views: the view set of the
+    database embeddings (vision_model.views; default "1", or the --index folder's own)."""
     model_dir = Path(model_dir) if model_dir is not None else vision_model.DEFAULT_MODEL_DIR
     model = vision_model.load_model(model_dir, device=device)
     config = model.config
@@ -244,8 +256,8 @@ def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None =
             raise ValueError(f"control model {control_dir} embeds into {control.config.d_model} dimensions, the "
                              f"database into {config.d_model}: it cannot even be searched with")
     encoder = QueryEncoder(model, batch_size=batch_size)
-    database = _open_or_build_index(Path(index_dir), model_dir, limit_db, device, log) if index_dir is not None \
-        else _encode_in_memory(encoder, limit_db, log)
+    database = _open_or_build_index(Path(index_dir), model_dir, limit_db, db_views, device, log) \
+        if index_dir is not None else _encode_in_memory(encoder, limit_db, db_views, log)
     n_test = len(fashion_mnist("test")[1])
     query_pixels, query_labels = fashion_mnist_rows(model, "test", slice(0, limit_queries or n_test))
     n_relevant = metrics.relevant_counts(database.db.labels, query_labels)
@@ -382,18 +394,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-queries", type=int, default=50, help="queries timed one by one per setting")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--db-views", choices=list(VIEW_SETS), metavar="SET",
+                        help="embed each database image as the average of these views (vision_model.views: 1, flip, "
+                             "shift1, shift2; default 1, or the --index folder's own)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     records = evaluate(args.model, args.index, args.limit_db, args.limit_queries, args.control_model,
-                       args.escalation_rates, args.shortlist, args.latency_queries, args.batch_size, args.device)
+                       args.escalation_rates, args.shortlist, args.latency_queries, args.batch_size, args.device,
+                       args.db_views)
     Path(args.json).write_text(json.dumps(records, indent=2))
     outputs = [args.json]
     model_name = Path(args.model or vision_model.DEFAULT_MODEL_DIR).name
+    views = records[0]["database_views"]
     title = (f"{model_name}: {records[0]['queries']} Fashion-MNIST test queries against a full-model index of "
-             f"{records[0]['database']} train images")
+             f"{records[0]['database']} train images"
+             + ("" if views == DEFAULT_VIEWS else f", each the average of {len(views_of(views))} views ({views})"))
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(records, f"**{title}**"))
         outputs.append(args.markdown)

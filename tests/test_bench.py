@@ -404,18 +404,6 @@ def test_knn_gap_finds_planted_mislabelled_database_images(monkeypatch, tmp_path
         r["classifier_top1"] - r["classifier_right_nn1_wrong"] + r["classifier_wrong_nn1_right"], abs=0.02)
 
 
-def test_views_move_content_and_mirror():
-    from benchmarks.view_averaging import VIEW_SETS, view
-    dot = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
-    dot[..., 2, 1] = 255
-    assert view(dot, 1, 0, False)[0, 0, 3, 1] == 255  # down one row
-    assert view(dot, 0, -1, False)[0, 0, 2, 0] == 255  # left one column
-    assert view(dot, 0, 2, True)[0, 0, 2, 1] == 255  # right to column 3, then mirrored to column 1
-    assert view(dot, 0, -2, False).sum() == 0  # pushed out: the border that comes in is black
-    assert [len(VIEW_SETS[s]) for s in ("1", "flip", "shift1", "shift2")] == [1, 2, 10, 18]
-    assert len(set(VIEW_SETS["shift2"])) == 18
-
-
 @pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
 def test_view_averaging_single_view_matches_plain_retrieval(tmp_path):

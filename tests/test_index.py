@@ -282,6 +282,48 @@ def test_add_with_a_different_model_is_refused(image_folder, tmp_path, model_dir
     assert len(_open(out)) == len(GOOD) + len(ODD)  # untouched
 
 
+# -- multi-view database embeddings ---------------------------------------------------------------------------------
+def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path, model_dir):
+    """--views flip: each vector is the mean of the image's and its mirror's unit embeddings, renormalised; the
+    manifest says so; --add keeps the index's views and refuses others; a killed build resumes to the same vectors."""
+    out = tmp_path / "index"
+    result = _build("fashion-mnist:test", out, model_dir, limit=40, batch_size=16, views="flip")
+    assert (result.manifest["views"], result.manifest["view_count"]) == ("flip", 2)
+    store = _open(out)
+    assert store.views == "flip"
+    model = vision_model.from_pretrained(model_dir)
+    images, _ = load_fashion_mnist("test")
+    pixels = normalize_uint8(model.config, images[:40])
+    both = _embed(model, pixels) + _embed(model, pixels.flip(-1))
+    expected = both / np.linalg.norm(both, axis=1, keepdims=True)
+    np.testing.assert_allclose(store.vectors, expected, atol=1e-5)
+    assert not np.allclose(store.vectors, _embed(model, pixels), atol=1e-3)  # the views did change the vectors
+
+    grown = _build("fashion-mnist:test", out, model_dir, limit=50, add=True)  # no --views: the index's own
+    assert grown.added == 10 and grown.manifest["views"] == "flip"
+    with pytest.raises(ValueError, match="view set 'flip', not 'shift1'"):
+        _build("fashion-mnist:test", out, model_dir, limit=60, add=True, views="shift1")
+    with pytest.raises(ValueError, match="unknown view set 'mirror'"):
+        _build("fashion-mnist:test", tmp_path / "other", model_dir, limit=10, views="mirror")
+
+    def kill_after_one_shard(done: int, total: int) -> None:
+        raise SimulatedKill
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(SimulatedKill):
+        _build("fashion-mnist:test", resumed, model_dir, limit=40, shard_size=16, views="shift1",
+               on_shard=kill_after_one_shard)
+    with pytest.raises(SimulatedKill):  # another view set is another plan: the finished shard is not reused
+        _build("fashion-mnist:test", resumed, model_dir, limit=40, shard_size=16, views="flip",
+               on_shard=kill_after_one_shard)
+    finished = _build("fashion-mnist:test", resumed, model_dir, limit=40, shard_size=16, views="shift1")
+    assert finished.manifest["build"]["resumed_shards"] == 1
+    uninterrupted = _build("fashion-mnist:test", tmp_path / "reference", model_dir, limit=40, shard_size=16,
+                           views="shift1")
+    assert np.array_equal(_open(resumed).vectors, _open(tmp_path / "reference").vectors)
+    assert uninterrupted.manifest["view_count"] == 10
+
+
 # -- index types ---------------------------------------------------------------------------------------------------
 def test_index_types_agree_on_top1_for_small_data(tmp_path, model_dir):
     stores = {}

@@ -609,6 +609,24 @@ def test_eval_refuses_a_wrong_control_folder_before_encoding_anything(model_dir,
     assert not (tmp_path / "r.json").exists()
 
 
+def test_eval_with_a_multi_view_database(index_dir, model_dir, tmp_path, capsys):
+    """--db-views: an in-memory database of view-averaged embeddings, named in every record and the title; an index
+    folder of another view set is refused rather than silently evaluated."""
+    args = ["eval", "--model", str(model_dir), "--limit-db", "150", "--limit-queries", "30", "--latency-queries", "1",
+            "--escalation-rates", "0.25"]
+    rc = main(args + ["--json", str(tmp_path / "v.json"), "--markdown", str(tmp_path / "v.md"), "--db-views", "flip"])
+    assert rc == 0, capsys.readouterr().err
+    records = json.loads((tmp_path / "v.json").read_text())
+    assert {r["database_views"] for r in records} == {"flip"} and records[0]["database"] == 150
+    assert "each the average of 2 views (flip)" in (tmp_path / "v.md").read_text()
+    assert main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    one_view = json.loads((tmp_path / "one.json").read_text())
+    assert {r["database_views"] for r in one_view} == {"1"}
+    rc = main(args + ["--json", str(tmp_path / "x.json"), "--index", str(index_dir), "--db-views", "shift1"])
+    assert rc != 0 and "view set '1', not 'shift1'" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_demo_runs_on_a_small_index(model_dir, tmp_path, capsys):
     rc = main(["demo", "--model", str(model_dir), "--index", str(tmp_path / "idx"), "--limit", "120",
                "--queries", "30", "--examples", "1", "--k", "3"])

@@ -14,7 +14,9 @@ from PIL import Image
 import vision_model
 from vision_model import create_model, get_config, submodel_cost
 from vision_model.block import MatMamba2
+from vision_model.preprocess import normalize_uint8
 from vision_model.ssd import ssd_chunked, ssd_recurrent
+from vision_model.views import VIEW_SETS, black, view, views_of
 
 # a small config that still has every moving part: several heads per level, more than one chunk
 SMALL = dict(d_model=64, depth=3, d_state=16, headdim=8, chunk_size=8, img_size=16, patch_size=4,
@@ -663,3 +665,22 @@ def test_preprocess_rgb_center_crop():
     x = model.preprocess(Image.new("RGB", (640, 480), (255, 0, 0)))
     assert x.shape == (1, 3, 224, 224)
     assert x[0, 0].mean() > 2 and x[0, 1].mean() < -1  # red survives normalisation
+
+
+# -- multi-view embeddings ------------------------------------------------------------------------------------------
+def test_views_move_content_and_mirror():
+    dot = torch.zeros(1, 1, 5, 5, dtype=torch.uint8)
+    dot[..., 2, 1] = 255
+    assert view(dot, 1, 0, False)[0, 0, 3, 1] == 255  # down one row
+    assert view(dot, 0, -1, False)[0, 0, 2, 0] == 255  # left one column
+    assert view(dot, 0, 2, True)[0, 0, 2, 1] == 255  # right to column 3, then mirrored to column 1
+    assert view(dot, 0, -2, False).sum() == 0  # pushed out: the border that comes in is black
+    assert [len(VIEW_SETS[s]) for s in ("1", "flip", "shift1", "shift2")] == [1, 2, 10, 18]
+    config = get_config("matmamba_vision_fmnist")  # model input: the border comes in as black
+    white = normalize_uint8(config, torch.full((1, 1, 5, 5), 255, dtype=torch.uint8))
+    moved = view(white, 0, 2, False, background=black(config))
+    assert torch.allclose(moved[..., :2], black(config)) and torch.allclose(moved[..., 2:], white[..., :3])
+    assert len(set(VIEW_SETS["shift2"])) == 18
+    with pytest.raises(ValueError, match="unknown view set 'mirror'; choose from 1, flip, shift1, shift2"):
+        views_of("mirror")
+
