@@ -19,6 +19,7 @@ import streamlit as st  # noqa: E402
 
 from app import engine  # noqa: E402
 from app.settings import Settings, from_argv  # noqa: E402
+from vision_model.views import describe  # noqa: E402
 
 GALLERY_SIZE = 16
 GALLERY_COLUMNS = 8
@@ -230,10 +231,11 @@ def header(searcher, settings: Settings) -> None:
     manifest = store.manifest
     source = manifest.get("build", {}).get("source") or (store.metadata([0])[0] or {}).get("source", "")
     st.title("MatMamba search")
+    views = f" (each image {describe(store.views)})" if describe(store.views) else ""
     st.caption(f"{len(store):,} images from `{source}` · index `{settings.index_dir}` "
                f"({manifest.get('index_factory', '?')}, {store.dim}-d) · encoder `{searcher.model_dir.name}` "
                f"({searcher.config.depth} layers, d_model {searcher.config.d_model}). The database was embedded "
-               "once by the full model; each query is encoded by the submodel you choose.")
+               f"once by the full model{views}; each query is encoded by the submodel you choose.")
 
 
 def query_inputs(searcher, settings: Settings) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vision_model.views import DEFAULT_VIEWS, VIEW_SETS
+from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe
 
 from .index_types import NAMED_TYPES
 
@@ -76,11 +76,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _views_note(manifest: dict) -> str:
-    views = manifest.get("views", DEFAULT_VIEWS)
-    return "" if views == DEFAULT_VIEWS else f", average of {manifest['view_count']} views ({views})"
-
-
 def _info(args: argparse.Namespace) -> int:
     from .store import read_manifest, resolve_version_dir
 
@@ -93,11 +88,13 @@ def _info(args: argparse.Namespace) -> int:
     labels = f", {len(m['label_names'])} label names" if m.get("label_names") else ", unlabelled"
     params = ", ".join(f"{k}={v}" for k, v in m.get("search_params", {}).items()) or "none"
     rate = f", {build['images_per_second']} img/s" if build.get("images_per_second") else ""
+    views = describe(m.get("views", DEFAULT_VIEWS))
+    views = f", {views}" if views else ""
     lines = [
         ("index", f"{version_dir} (version {m['version']})"),
         ("items", f"{m['count']}{labels}"),
         ("embedding", f"dim {m['embedding_dim']}, {m['granularity']}, {m['normalization']}-normalised, "
-                      f"{m['metric']}{_views_note(m)}"),
+                      f"{m['metric']}{views}"),
         ("faiss", f"{m['index_factory']} ({m['index_type']}: {m['index_choice']}); search {params}"),
         ("model", f"{m['model_name']} in {m['model_dir']} (weights sha256 {m['weights_sha256'][:16]}…)"),
         ("sources", ", ".join(m["sources"])),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import vision_model
-from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, views_of
+from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe, views_of
 
 from . import knn, metrics
 from .adaptive import Adaptive, adaptive_search
@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     views = records[0]["database_views"]
     title = (f"{model_name}: {records[0]['queries']} Fashion-MNIST test queries against a full-model index of "
              f"{records[0]['database']} train images"
-             + ("" if views == DEFAULT_VIEWS else f", each the average of {len(views_of(views))} views ({views})"))
+             + (f", each {describe(views)}" if describe(views) else ""))
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(records, f"**{title}**"))
         outputs.append(args.markdown)

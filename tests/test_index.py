@@ -283,7 +283,7 @@ def test_add_with_a_different_model_is_refused(image_folder, tmp_path, model_dir
 
 
 # -- multi-view database embeddings ---------------------------------------------------------------------------------
-def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path, model_dir):
+def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path, model_dir, capsys):
     """--views flip: each vector is the mean of the image's and its mirror's unit embeddings, renormalised; the
     manifest says so; --add keeps the index's views and refuses others; a killed build resumes to the same vectors."""
     out = tmp_path / "index"
@@ -301,6 +301,9 @@ def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path
 
     grown = _build("fashion-mnist:test", out, model_dir, limit=50, add=True)  # no --views: the index's own
     assert grown.added == 10 and grown.manifest["views"] == "flip"
+    from retrieval.cli import main
+    assert main(["index", "info", str(out)]) == 0
+    assert "l2-normalised, inner_product, the average of 2 views (flip)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="view set 'flip', not 'shift1'"):
         _build("fashion-mnist:test", out, model_dir, limit=60, add=True, views="shift1")
     with pytest.raises(ValueError, match="unknown view set 'mirror'"):

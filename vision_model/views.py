@@ -43,6 +43,11 @@ def views_of(view_set: str) -> list[View]:
         raise ValueError(f"unknown view set {view_set!r}; choose from {', '.join(VIEW_SETS)}") from None
 
 
+def describe(view_set: str) -> str:
+    """'' for one view, else e.g. 'the average of 18 views (shift2)': for titles, captions and `index info`."""
+    return "" if view_set == DEFAULT_VIEWS else f"the average of {len(views_of(view_set))} views ({view_set})"
+
+
 def view(images: Tensor, dy: int, dx: int, mirrored: bool, background: Tensor | None = None) -> Tensor:
     """A batch (b, c, h, w) moved down dy and right dx pixels, then mirrored if asked. The border that comes in
     takes the value `background` (per channel, (c, 1, 1)), or 0 without it: black for uint8 images."""
