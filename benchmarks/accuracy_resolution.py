@@ -55,6 +55,29 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, chunk: int = 
     return torch.cat([(q @ database.T).topk(k, dim=1).indices for q in queries.split(chunk)])
 
 
+def database_and_queries(limit_db: int | None, limit_queries: int | None):
+    """Fashion-MNIST uint8 images and numpy labels: the first `limit_db` train images (the database) and the first
+    `limit_queries` test images (the queries), as (db_images, db_labels, q_images, q_labels)."""
+    db_images, db_labels = load_fashion_mnist("train")
+    q_images, q_labels = load_fashion_mnist("test")
+    return (db_images[:limit_db], db_labels[:limit_db].numpy(), q_images[:limit_queries],
+            q_labels[:limit_queries].numpy())
+
+
+def add_study_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The options every Fashion-MNIST retrieval study here takes: model, levels, device, subsets, output folder."""
+    p.add_argument("--model", type=Path, help="Fashion-MNIST model folder (default: the shipped model)")
+    p.add_argument("--levels", type=int, nargs="+", help="trained levels (default: all of the model's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--limit-db", type=int, help="first N train images as the database")
+    p.add_argument("--limit-queries", type=int, help="first N test images as queries")
+    p.add_argument("--out", type=Path, default=Path(out))
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def measure(model_dir: Path | None, resolutions: list[int], levels: list[int] | None, device: torch.device,
             limit_db: int | None, limit_queries: int | None, log=print) -> list[dict]:
     model = vision_model.load_model(model_dir, device=device).eval()
@@ -63,10 +86,7 @@ def measure(model_dir: Path | None, resolutions: list[int], levels: list[int] | 
     if bad:
         raise ValueError(f"resolutions {bad} are not multiples of the model's patch size {cfg.patch_size}")
     levels = levels or list(cfg.levels)
-    db_images, db_labels = load_fashion_mnist("train")
-    q_images, q_labels = load_fashion_mnist("test")
-    db_images, db_labels = db_images[:limit_db], db_labels[:limit_db].numpy()
-    q_images, q_labels = q_images[:limit_queries], q_labels[:limit_queries].numpy()
+    db_images, db_labels, q_images, q_labels = database_and_queries(limit_db, limit_queries)
     records = []
     for res in resolutions:
         database, _ = embed(model, db_images, res, 1, device)
@@ -120,20 +140,15 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy_resolution", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="Fashion-MNIST model folder (default: the shipped model)")
     p.add_argument("--resolutions", type=int, nargs="+", default=[28, 40, 56, 84, 112])
-    p.add_argument("--levels", type=int, nargs="+", help="trained levels (default: all of the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--limit-db", type=int, help="first N train images as the database")
-    p.add_argument("--limit-queries", type=int, help="first N test images as queries")
-    p.add_argument("--out", type=Path, default=Path("runs/accuracy_resolution"))
+    add_study_arguments(p, "runs/accuracy_resolution")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
     records = measure(args.model, args.resolutions, args.levels, device, args.limit_db, args.limit_queries)
     args.out.mkdir(parents=True, exist_ok=True)
     name = (args.model or vision_model.DEFAULT_MODEL_DIR).name
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    where = device_name(device)
     title = (f"{name}: {records[0]['queries']} test queries, {records[0]['database']} train images embedded at D, "
              f"both resized to each resolution ({where}, fp32)")
     (args.out / "accuracy_resolution.json").write_text(json.dumps({"title": title, "records": records}, indent=1))

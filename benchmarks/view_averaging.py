@@ -1,5 +1,7 @@
-"""Multi-view embeddings (test-time augmentation): does averaging an image's embeddings over flipped and shifted
-copies lift 1-NN retrieval, on the database side (paid once, at indexing) or the query side (paid per query)?
+"""Multi-view embeddings (test-time augmentation) for 1-NN retrieval, on the database side and the query side.
+
+Does averaging an image's embeddings over flipped and shifted copies lift 1-NN retrieval, on the database side (paid
+once, at indexing) or the query side (paid per query)?
 
     python -m benchmarks.view_averaging [--model DIR] [--db-views 1 flip shift1 shift2] [--query-views 1 flip shift1]
                                         [--levels 1 2 4 8] [--device cuda] [--limit-db N] [--limit-queries N]
@@ -26,10 +28,9 @@ import torch.nn.functional as F
 
 import vision_model
 from retrieval import metrics
-from vision_model.data import load_fashion_mnist
 from vision_model.views import VIEW_SETS, view
 
-from .accuracy_resolution import embed, nearest
+from .accuracy_resolution import add_study_arguments, database_and_queries, device_name, embed, nearest
 
 
 def embed_each_view(model, images: torch.Tensor, level: int, views, device: torch.device) -> dict[tuple, torch.Tensor]:
@@ -59,10 +60,7 @@ def measure(model_dir: Path | None, db_sets: list[str], query_sets: list[str], l
     levels = levels or list(cfg.levels)
     if limit_db is not None and limit_db < 60:
         raise ValueError(f"--limit-db {limit_db}: at least 60 database images are needed (10 neighbours per query)")
-    db_images, db_labels = load_fashion_mnist("train")
-    q_images, q_labels = load_fashion_mnist("test")
-    db_images, db_labels = db_images[:limit_db], db_labels[:limit_db].numpy()
-    q_images, q_labels = q_images[:limit_queries], q_labels[:limit_queries].numpy()
+    db_images, db_labels, q_images, q_labels = database_and_queries(limit_db, limit_queries)
     needed = list(dict.fromkeys(v for s in db_sets + query_sets for v in VIEW_SETS[s]))
     db_views = embed_each_view(model, db_images, 1, needed, device)
     split = len(db_labels) - len(db_labels) // 6
@@ -108,21 +106,16 @@ def markdown(records: list[dict], title: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="Fashion-MNIST model folder (default: the shipped model)")
     p.add_argument("--db-views", nargs="+", default=["1", "flip", "shift1", "shift2"])
     p.add_argument("--query-views", nargs="+", default=["1", "flip", "shift1"])
-    p.add_argument("--levels", type=int, nargs="+", help="trained levels (default: all of the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--limit-db", type=int, help="first N train images as the database")
-    p.add_argument("--limit-queries", type=int, help="first N test images as queries")
-    p.add_argument("--out", type=Path, default=Path("runs/view_averaging"))
+    add_study_arguments(p, "runs/view_averaging")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     t0 = time.perf_counter()
     records = measure(args.model, args.db_views, args.query_views, args.levels, device, args.limit_db,
                       args.limit_queries)
     seconds = time.perf_counter() - t0
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    machine = device_name(device)
     title = (f"**{args.model or 'shipped model'}: {records[-1]['queries']} test queries, {records[-1]['database']} "
              f"train images embedded at D ({machine}, fp32, {seconds:.0f} s)**")
     args.out.mkdir(parents=True, exist_ok=True)
