@@ -651,17 +651,16 @@ def _parse_override(item: str):
 
 
 def run(args) -> int:
-    tc = TrainConfig(model=args.model, arch=args.arch, overrides=dict(_parse_override(s) for s in args.overrides), data=args.data,
-                     val_data=args.val_data, val_fraction=args.val_fraction, workers=args.workers,
+    tc = TrainConfig(model=args.model, arch=args.arch, overrides=dict(_parse_override(s) for s in args.overrides),
+                     data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, workers=args.workers,
                      out=args.out, levels=tuple(int(v) for v in args.levels.split(",")), schedule=args.schedule,
-                     distill=args.distill, distill_temperature=args.distill_temperature,
-                     teacher=args.teacher, teacher_weight=args.teacher_weight, align=args.align, mnm_samples=args.mnm_samples, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr,
-                     min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                     clip_grad=args.clip_grad, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
-                     erase_prob=args.erase_prob, mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha,
-                     cutmix_alpha=args.cutmix_alpha, ema_decay=args.ema_decay, seed=args.seed,
-                     ckpt_every=args.ckpt_every,
+                     distill=args.distill, distill_temperature=args.distill_temperature, teacher=args.teacher,
+                     teacher_weight=args.teacher_weight, align=args.align, mnm_samples=args.mnm_samples,
+                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                     weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad,
+                     label_smoothing=args.label_smoothing, drop_path=args.drop_path, erase_prob=args.erase_prob,
+                     mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
+                     ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
                      backend=args.backend, max_minutes=args.max_minutes)
     train(tc)
