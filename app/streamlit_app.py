@@ -73,7 +73,7 @@ def get_frontier(key: str, _searcher):
         return None, f"The budget frontier beside the model cannot be used: {e}"
     if frontier is None or not frontier.points:
         return None, (f"No Mix'n'Match budget frontier for this model (no `pareto.json` in {_searcher.model_dir}). "
-                      f"Compute it with `python -m retrieval.budget --model {_searcher.model_dir}`; until then "
+                      f"Compute it with `python -m evaluation.frontier --model {_searcher.model_dir}`; until then "
                       "the granularity below is used.")
     return frontier, None
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import vision_model
-from vision_model.data import load_fashion_mnist
-from retrieval import metrics  # numpy only: no FAISS needed
+from vision_model.datasets import load_fashion_mnist
+from evaluation import metrics  # numpy only: no FAISS needed
 from vision_model.preprocess import normalize_uint8
 
 from .measure import synchronize

@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
 def _ssd_backend_used(plan: Plan) -> str | None:
     if not any(spec.is_matmamba for spec in plan.models):
         return None
-    from vision_model.backends import resolve_backend
+    from vision_model.ops.backends import resolve_backend
     return resolve_backend(plan.ssd_backend, plan.device)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import vision_model
-from retrieval import metrics
+from evaluation import metrics
 from vision_model.views import VIEW_SETS, view
 
 from .accuracy_resolution import add_study_arguments, database_and_queries, device_name, embed, nearest

@@ -79,7 +79,7 @@ def open_source(spec: str, limit: int | None = None) -> ImageSource:
 
 @functools.lru_cache(maxsize=2)
 def _fashion_mnist_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from vision_model.data import SPLITS, load_fashion_mnist
+    from vision_model.datasets import SPLITS, load_fashion_mnist
 
     if split not in SPLITS:
         raise ValueError(f"unknown Fashion-MNIST split {split!r}: use fashion-mnist:train or fashion-mnist:test")

@@ -1,4 +1,4 @@
-"""Query encoding with nested submodels, search, funnel, budget selection and evaluation.
+"""Query time: encoding with nested submodels, search, funnel / adaptive cascades and budget selection.
 
     from retrieval import Searcher, Submodel, Funnel, Adaptive
     searcher = Searcher("indexes/fashion-mnist-train")          # the index and the model that built it
@@ -19,8 +19,7 @@ _EXPORTS = {
     "Submodel": "submodel", "QueryEncoder": "encoder", "EncodedQueries": "encoder", "UnreadableQuery": "encoder",
     "Funnel": "funnel", "Adaptive": "adaptive", "Gate": "gate", "calibrate_margin": "gate",
     "calibrate_vote": "gate", "held_out_margins": "gate", "held_out_votes": "gate",
-    "Frontier": "budget", "FrontierPoint": "budget", "build_frontier": "budget",
-    "evaluate": "evaluate",
+    "Frontier": "budget", "FrontierPoint": "budget",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 import vision_model
 from index import IndexStore, build_index
-from vision_model.data import load_fashion_mnist
+from vision_model.datasets import load_fashion_mnist
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -56,7 +56,7 @@ def _mflops(config, **submodel) -> float:
 
 @pytest.fixture(scope="session")
 def app_data(tmp_path_factory) -> SimpleNamespace:
-    from retrieval.budget import Frontier, FrontierPoint
+    from evaluation.frontier import Frontier, FrontierPoint
     from retrieval.submodel import Submodel
 
     root = tmp_path_factory.mktemp("app")
@@ -359,7 +359,7 @@ def test_budget_without_a_frontier_says_so(app_env, monkeypatch):
     at = _open_app()
     at.radio(key="encoder_mode").set_value("Budget (Mix'n'Match)").run()
     assert not at.exception
-    assert any("No Mix'n'Match budget frontier" in i.value and "retrieval.budget" in i.value for i in at.info)
+    assert any("No Mix'n'Match budget frontier" in i.value and "evaluation.frontier" in i.value for i in at.info)
     assert not at.radio(key="granularity").disabled  # the granularity is used instead
     _pick(at)
     assert len(_hits(at)) == DEFAULT_K
@@ -472,7 +472,7 @@ def test_ten_threads_share_one_searcher_safely(app_env):
 # -- the launcher -----------------------------------------------------------------------------------------------------
 def test_launcher_passes_options_to_the_page(tmp_path):
     from app import launch, settings
-    from retrieval.cli import build_parser
+    from app.cli import build_parser
 
     args = build_parser("app").parse_args(["app", "--index", str(tmp_path / "idx"), "--model", "m", "--limit", "500",
                                            "--port", "8642", "--eval-json", "e.json", "--max-upload-mb", "3"])
@@ -510,7 +510,7 @@ def server(app_data):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     log = open(app_data.root / "server.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "app", "--index", str(app_data.index_dir), "--model",
+        [sys.executable, "-m", "app.cli", "app", "--index", str(app_data.index_dir), "--model",
          str(app_data.model_dir), "--port", str(port), "--host", "127.0.0.1"],
         cwd=app_data.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

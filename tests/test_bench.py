@@ -13,11 +13,11 @@ from benchmarks import report
 from benchmarks.measure import Timing, interleaved_best, is_out_of_memory, run_unless_oom
 from benchmarks.models import (MNM_PRESETS, ModelSpec, Setting, build_model, flops_per_image, parse_model_spec,
                                FULL, settings_for, vit_flops)
-from retrieval.cli import main as matsearch
+from app.cli import main as matsearch
 from vision_model import create_model, submodel_cost
 from vision_model.block import IN_PROJ_ROW_MULTIPLE
 from vision_model.cost import ssd_flops
-from vision_model.data import fashion_mnist_dir
+from vision_model.datasets import fashion_mnist_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 META_KEYS = {"device", "date", "torch", "triton", "timm", "mamba_ssm"}

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import vision_model
-import vision_model.train as train_module
-from vision_model.data import fashion_mnist_dir
-from vision_model.model_card import _command, recipe_differences
-from vision_model.teacher import ResNetTeacher, load_teacher
+import training.train as train_module
+from vision_model.datasets import fashion_mnist_dir
+from training.model_card import _command, recipe_differences
+from training.teacher import ResNetTeacher, load_teacher
 from test_train import TINY, _resume_after_kill_matches_whole, _train
 
 needs_fmnist = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),

@@ -23,7 +23,7 @@ from index import CorruptIndexError, IndexStore, build_index, open_source
 from index import build as build_module
 from retrieval import knn
 from vision_model.config import FASHION_MNIST_CLASSES
-from vision_model.data import load_fashion_mnist
+from vision_model.datasets import load_fashion_mnist
 from vision_model.preprocess import normalize_uint8
 
 PIXEL_LIMIT = 50_000  # lowered limit for the tests: big.png (300 x 300) is over it, every other image under
@@ -301,7 +301,7 @@ def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path
 
     grown = _build("fashion-mnist:test", out, model_dir, limit=50, add=True)  # no --views: the index's own
     assert grown.added == 10 and grown.manifest["views"] == "flip"
-    from retrieval.cli import main
+    from app.cli import main
     assert main(["index", "info", str(out)]) == 0
     assert "l2-normalised, inner_product, the average of 2 views (flip)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="view set 'flip', not 'shift1'"):
@@ -453,7 +453,7 @@ def test_missing_or_damaged_index_folders_give_clear_errors(image_folder, tmp_pa
 
 # -- the command line ----------------------------------------------------------------------------------------------
 def test_cli_build_add_and_info(image_folder, tmp_path, model_dir, other_model_dir, capsys):
-    from retrieval.cli import main
+    from app.cli import main
 
     out = tmp_path / "index"
     common = ["--model", str(model_dir), "--no-progress", "--workers", "2", "--max-image-pixels", str(PIXEL_LIMIT)]

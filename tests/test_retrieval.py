@@ -14,11 +14,13 @@ from PIL import Image
 import vision_model
 from conftest import save_small_model
 from index import build_index
-from retrieval import knn, metrics
+from retrieval import knn
+from evaluation import metrics
 from retrieval.adaptive import Adaptive, adaptive_search, calibrate_margin, held_out_margins
-from retrieval.budget import Frontier, FrontierPoint, compute_frontier, pareto_front, search_frontier, seed_configs
-from retrieval.cli import main
-from retrieval.datasets import fashion_mnist, fashion_mnist_rows
+from evaluation.frontier import compute_frontier, search_frontier, seed_configs
+from retrieval.budget import Frontier, FrontierPoint, pareto_front
+from app.cli import main
+from evaluation.datasets import fashion_mnist, fashion_mnist_rows
 from retrieval.encoder import UnreadableQuery
 from retrieval.funnel import Funnel, funnel_search
 from retrieval.gate import Gate, calibrate_vote, held_out_votes, vote_fractions

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import vision_model
-import vision_model.train as train_module
-from retrieval.cli import main as cli
-from vision_model.data import (ImageFolderDataset, collate_skipping, fashion_mnist_dir, holdout_split,
+import training.train as train_module
+from app.cli import main as cli
+from training.data import (ImageFolderDataset, collate_skipping, fashion_mnist_dir, holdout_split,
                                read_image, scan_imagefolder)
 from vision_model.preprocess import preprocess_image
 

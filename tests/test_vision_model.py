@@ -15,7 +15,7 @@ import vision_model
 from vision_model import create_model, get_config, submodel_cost
 from vision_model.block import MatMamba2
 from vision_model.preprocess import normalize_uint8
-from vision_model.ssd import ssd_chunked, ssd_recurrent
+from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 from vision_model.views import VIEW_SETS, black, view, views_of
 
 # a small config that still has every moving part: several heads per level, more than one chunk
@@ -72,7 +72,7 @@ def test_chunked_ssd_gradients_equal_recurrence_float64():
 
 CONV_CHECK = """
 import torch
-from vision_model.conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
+from vision_model.ops.conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 torch.manual_seed(0)
 worst = 0.0
 # the last two scale each row first (the pre-norm's rstd, folded into in_proj)
@@ -103,8 +103,8 @@ def test_triton_causal_conv_equals_reference_in_the_interpreter():
 
 NORM_CHECK = """
 import torch
-from vision_model.backends import gated_rms_norm, rms_norm
-from vision_model.rmsnorm import rms_norm_triton, rms_rstd_triton
+from vision_model.ops.backends import gated_rms_norm, rms_norm
+from vision_model.ops.rmsnorm import rms_norm_triton, rms_rstd_triton
 torch.manual_seed(0)
 worst = 0.0
 # (rows, width, gated, rows per program): a ragged last tile, a width that is not a power of two, one row per
@@ -148,7 +148,7 @@ def test_triton_rms_norm_equals_reference_in_the_interpreter():
 
 PATCHIFY_CHECK = """
 import torch
-from vision_model.patchify import add_token_table_triton, patchify_triton
+from vision_model.ops.patchify import add_token_table_triton, patchify_triton
 torch.manual_seed(0)
 worst = 0.0
 # the token table added to every image's tokens: widths below, at and above one program's 4096 values, ragged rows
@@ -180,8 +180,8 @@ def test_triton_patchify_equals_permuted_copy_in_the_interpreter():
 SSD_CHECK = """
 import torch
 import torch.nn.functional as F
-from vision_model.ssd import ssd_recurrent
-from vision_model.ssd_triton import ssd_forward_triton
+from vision_model.ops.ssd_minimal import ssd_recurrent
+from vision_model.ops.ssd_triton import ssd_forward_triton
 torch.manual_seed(0)
 worst = 0.0
 # (batch, length, heads, headdim, d_state, groups, with D, launch): several chunks with a ragged end, a sequence
@@ -244,7 +244,7 @@ def test_ssd_forward_launch_policy():
     ran right on the H100 (whole headdim in one block, 64-long chunks, 4 warps, one stage) and leaves other head
     shapes to mamba-ssm."""
     pytest.importorskip("triton")
-    from vision_model.ssd_triton import check_cuda_launch, fused_forward_supported, launch_config, segments_for
+    from vision_model.ops.ssd_triton import check_cuda_launch, fused_forward_supported, launch_config, segments_for
     assert segments_for(programs=16 * 32, seqlen=4097, chunk=64, sms=132) == 1  # 135M, 1024 px, D: GPU full
     assert segments_for(programs=16 * 16, seqlen=4097, chunk=64, sms=132) == 1  # D/2: 256 programs, ~2 per SM
     assert segments_for(programs=16 * 8, seqlen=4097, chunk=64, sms=132) == 2  # D/4: 128 -> 256 programs

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
 
-from .backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, row_rstd, ssd_scan
+from .ops.backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, row_rstd, ssd_scan
 from .cache import DerivedTensorCache
 
 

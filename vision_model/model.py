@@ -16,11 +16,11 @@ from PIL import Image
 from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
-from .backends import resolve_backend
+from .ops.backends import resolve_backend
 from .block import Block
 from .cache import DerivedTensorCache
 from .config import MatMambaVisionConfig
-from .patchify import add_token_table_triton, patchify_triton
+from .ops.patchify import add_token_table_triton, patchify_triton
 
 
 class CosineClassifier(nn.Module):

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor
 
-from .config import MatMambaVisionConfig
-from .hub import CONFIG_FILE, WEIGHTS_FILE
-from .model import MatMambaVision
+from vision_model.config import MatMambaVisionConfig
+from vision_model.hub import CONFIG_FILE, WEIGHTS_FILE
+from vision_model.model import MatMambaVision
 
 ARCHS = ("matmamba", "resnet")
 

@@ -1,6 +1,6 @@
 """GPU diagnostic (not part of CI): the d_model-wide stream and the small kernels around the SSD, on the 135M config.
 
-    python tests/gpu/stream_sweep.py [--out FILE] [--skip ...]      # needs CUDA and mamba-ssm
+    python benchmarks/gpu/stream_sweep.py [--out FILE] [--skip ...]      # needs CUDA and mamba-ssm
 
 1. Norms at 1024 px, batch 16 (65552 rows): our RMSNorm kernel (tile sizes x warps) against mamba-ssm's kernels
    (plain, add + norm, gated) and F.rms_norm; bf16 error against the fp32 PyTorch definition.
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 import triton
 
 import vision_model.block as block_mod
-import vision_model.conv as conv_mod
+import vision_model.ops.conv as conv_mod
 from benchmarks.measure import cuda_kernel_table, interleaved_best
 from vision_model import backends, create_model
-from vision_model.rmsnorm import rms_norm_triton
+from vision_model.ops.rmsnorm import rms_norm_triton
 
 DEV, DT = torch.device("cuda"), torch.bfloat16
 ROWS = 16 * 4097
@@ -130,7 +130,7 @@ def sweep_gemms(out):
 
 
 def sweep_fold(out):
-    from vision_model.rmsnorm import rms_rstd_triton
+    from vision_model.ops.rmsnorm import rms_rstd_triton
     x = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
     w = torch.rand(1024, device=DEV, dtype=DT) + 0.5
     rstd = rms_rstd_triton(x, 1e-5)
@@ -161,7 +161,7 @@ def sweep_fold(out):
 
 
 def sweep_patchify(out):
-    from vision_model.patchify import patchify_triton
+    from vision_model.ops.patchify import patchify_triton
     for res, batch in ((1024, 16), (2048, 4), (224, 256)):
         x = torch.randn(batch, 3, res, res, device=DEV, dtype=DT)
         g = res // 16
@@ -214,7 +214,7 @@ def setting(model, in_proj_multiple=64, patchify=True, conv=None, wide_norm_tile
     conv launch (block_l, block_c, warps), the norms' first launch rule (4096-value tiles, 4 warps), or the pre-norm
     not folded into in_proj."""
     import vision_model.model as model_mod
-    import vision_model.rmsnorm as norm_mod
+    import vision_model.ops.rmsnorm as norm_mod
     saved = (block_mod.IN_PROJ_ROW_MULTIPLE, model_mod.patchify_triton, conv_mod.causal_conv1d_silu_triton.__defaults__,
              norm_mod.launch, block_mod.Block.forward_fused.__defaults__)
 

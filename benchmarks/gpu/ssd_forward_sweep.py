@@ -1,8 +1,8 @@
-"""GPU sweep (not part of CI): the one-kernel SSD forward (`vision_model.ssd_triton`) against mamba-ssm's chunked
+"""GPU sweep (not part of CI): the one-kernel SSD forward (`vision_model.ops.ssd_triton`) against mamba-ssm's chunked
 scan, on the encoders' real shapes, over launch configs (headdim block, segments per sequence); and both against the
 float64 recurrence.
 
-    python tests/gpu/ssd_forward_sweep.py [--quick] > sweep.jsonl     # needs CUDA and mamba-ssm
+    python benchmarks/gpu/ssd_forward_sweep.py [--quick] > sweep.jsonl     # needs CUDA and mamba-ssm
 
 Inputs are laid out as in the block (x, B, C and dt are strided views of one in_proj output), bf16.
 One JSON line per (shape, config): median kernel milliseconds; then one summary line per shape.
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from vision_model.backends import triton_chunk_scan
-from vision_model.ssd import ssd_chunked
-from vision_model.ssd_triton import fused_forward_supported, launch_config, ssd_forward_triton
+from vision_model.ops.backends import triton_chunk_scan
+from vision_model.ops.ssd_minimal import ssd_chunked
+from vision_model.ops.ssd_triton import fused_forward_supported, launch_config, ssd_forward_triton
 
 # (name, batch, seqlen, heads, headdim, d_state): the 135M config (headdim 64) at 1024 px (throughput batch 16) and
 # 224 px, the 35M config (headdim 16), the Fashion-MNIST model

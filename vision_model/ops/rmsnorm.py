@@ -6,7 +6,7 @@ d_model-wide stream moves the same 268 MB a layer at every width.  So at inferen
 weight into in_proj and asks this kernel only for each row's rstd (`rms_rstd_triton`: half the bytes), which the conv,
 dt and the gate apply to in_proj's output; the gated norm takes that rstd as a scale of z.  One program handles a tile
 of up to 4 rows (`launch`); the math runs in fp32, the output has the input's dtype.  The readable definitions live in
-`vision_model.backends`, and the tests hold this kernel to them.
+`vision_model.ops.backends`, and the tests hold this kernel to them.
 """
 from __future__ import annotations
 

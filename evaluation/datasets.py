@@ -5,13 +5,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vision_model.data import load_fashion_mnist
+from vision_model.datasets import load_fashion_mnist
 from vision_model.preprocess import normalize_uint8
 from vision_model.views import DEFAULT_VIEWS, black, embed_views
 
-from .encoder import QueryEncoder
-from .knn import InMemoryDatabase
-from .submodel import Submodel
+from retrieval.encoder import QueryEncoder
+from retrieval.knn import InMemoryDatabase
+from retrieval.submodel import Submodel
 
 _cache: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
 

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     import vision_model
     from vision_model.config import FASHION_MNIST_CLASSES
 
-    from .datasets import fashion_mnist
-    from .funnel import Funnel
-    from .search import Searcher
-    from .submodel import trained_levels
+    from evaluation.datasets import fashion_mnist
+    from retrieval.funnel import Funnel
+    from retrieval.search import Searcher
+    from retrieval.submodel import trained_levels
 
     model_dir = Path(args.model) if args.model else vision_model.DEFAULT_MODEL_DIR
     vision_model.load_model(model_dir)  # a clear error now if the weights are missing

@@ -11,14 +11,14 @@ import sys
 
 SUBCOMMANDS = {
     # name: (module, one-line help)
-    "train": ("vision_model.train", "train a nested MatMamba-Vision encoder (Fashion-MNIST or an ImageFolder)"),
-    "index": ("index.cli", "build or extend a FAISS index of full-model embeddings"),
-    "search": ("retrieval.search_cli", "search an index with query images at any granularity"),
-    "budget": ("retrieval.budget", "measure the Pareto frontier of Mix'n'Match submodels (accuracy vs cost) for a model"),
-    "eval": ("retrieval.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
+    "train": ("training.train", "train a nested MatMamba-Vision encoder (Fashion-MNIST or an ImageFolder)"),
+    "index": ("app.index_cli", "build or extend a FAISS index of full-model embeddings"),
+    "search": ("app.search_cli", "search an index with query images at any granularity"),
+    "budget": ("evaluation.frontier", "measure the Pareto frontier of Mix'n'Match submodels (accuracy vs cost) for a model"),
+    "eval": ("evaluation.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
     "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT)"),
     "app": ("app.launch", "start the Streamlit search UI"),
-    "demo": ("retrieval.demo", "the main job: index Fashion-MNIST with the shipped model, query it at every granularity"),
+    "demo": ("app.demo", "the main job: index Fashion-MNIST with the shipped model, query it at every granularity"),
 }
 
 

@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from vision_model.backends import triton_chunk_scan
-from vision_model.ssd import ssd_chunked, ssd_recurrent
+from vision_model.ops.backends import triton_chunk_scan
+from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 
 scan = triton_chunk_scan()
 torch.manual_seed(0)

@@ -1,9 +1,9 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
 backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference for head shapes our kernel has no
-verified launch for) or our one-kernel SSD forward from `vision_model.ssd_triton` (other inference); mamba-ssm's gated
-RMSNorm (training) or our RMSNorm kernel from `vision_model.rmsnorm` (inference, gated and plain); and at inference
-our fused causal conv + SiLU from `vision_model.conv`. backend="torch" runs the readable PyTorch definitions of all
+verified launch for) or our one-kernel SSD forward from `vision_model.ops.ssd_triton` (other inference); mamba-ssm's gated
+RMSNorm (training) or our RMSNorm kernel from `vision_model.ops.rmsnorm` (inference, gated and plain); and at inference
+our fused causal conv + SiLU from `vision_model.ops.conv`. backend="torch" runs the readable PyTorch definitions of all
 of them.
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
 from .rmsnorm import rms_norm_triton, rms_rstd_triton
-from .ssd import ssd_chunked
+from .ssd_minimal import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
 BACKENDS = ("auto", "torch", "triton")
@@ -64,7 +64,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
              chunk_size: int, backend: str = "auto", dt_scale: Tensor | None = None) -> Tensor:
-    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ssd`. With dt_scale (b, l),
+    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x; shapes as in `vision_model.ops.ssd_minimal`. With dt_scale (b, l),
     dt * dt_scale[..., None] takes dt's place."""
     backend = resolve_backend(backend, x.device)
     if (backend == "triton" and not _needs_grad(x, dt, A, B, C, D, dt_bias)

@@ -1,8 +1,8 @@
-"""GPU check (not part of CI): accuracy of the one-kernel SSD forward (`vision_model.ssd_triton`) for each launch
+"""GPU check (not part of CI): accuracy of the one-kernel SSD forward (`vision_model.ops.ssd_triton`) for each launch
 config on the encoders' real shapes, in bf16 and fp32, each launch repeated on the same inputs, against the
 float64 recurrence (mamba-ssm's chunked scan on these bf16 inputs: ~2.2e-3, docs/notes.md section 11).
 
-    python tests/gpu/ssd_forward_accuracy.py > accuracy.jsonl      # needs CUDA and mamba-ssm
+    python benchmarks/gpu/ssd_forward_accuracy.py > accuracy.jsonl      # needs CUDA and mamba-ssm
 
 Each shape runs in its own process; a launch that faults ("illegal memory access" poisons the CUDA context) is
 recorded as such and a fresh process goes on with the next config. Triton's CPU interpreter cannot stand in here: it has no
@@ -36,8 +36,8 @@ def run_shape(shape: str, skip: int) -> None:
     from ssd_forward_sweep import inputs  # same inputs as the speed sweep
     from triton.testing import do_bench
 
-    from vision_model.ssd import ssd_chunked
-    from vision_model.ssd_triton import check_cuda_launch, launch_config, ssd_forward_triton
+    from vision_model.ops.ssd_minimal import ssd_chunked
+    from vision_model.ops.ssd_triton import check_cuda_launch, launch_config, ssd_forward_triton
 
     name, b, l, h, p, n, timed = next(s for s in SHAPES if s[0] == shape)
     x, dt, A, B, C, D, dt_bias = inputs(b, l, h, p, n)

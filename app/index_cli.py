@@ -6,7 +6,7 @@ import json
 
 from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe
 
-from .index_types import NAMED_TYPES
+from index.index_types import NAMED_TYPES
 
 MAX_SKIPPED_SHOWN = 10
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import build_index
+    from index.build import build_index
 
     result = build_index(args.source, args.out, model_dir=args.model, index_type=args.index_type,
                          batch_size=args.batch_size, device=args.device, workers=args.workers, add=args.add,
@@ -77,7 +77,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .store import read_manifest, resolve_version_dir
+    from index.store import read_manifest, resolve_version_dir
 
     version_dir = resolve_version_dir(args.directory)
     m = read_manifest(version_dir)

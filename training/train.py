@@ -46,11 +46,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from .config import get_config
+from vision_model.config import get_config
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    load_fashion_mnist, sample_seed, scan_imagefolder)
-from .hub import save_pretrained, weights_hash
-from .preprocess import normalize_uint8
+from vision_model.hub import save_pretrained, weights_hash
+from vision_model.preprocess import normalize_uint8
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
 
 

@@ -10,7 +10,7 @@ sequence chunk by chunk, keeping the running state on chip:
         y_t     = Σ_{s≤t} (C_t·B_s) exp(cs_t − cs_s) dt_s x_s   +   exp(cs_t) C_t · state   +   D x_t
         state  ← exp(cs_end) state + Σ_s exp(cs_end − cs_s) dt_s B_s x_sᵀ
 
-the same chunked form as `vision_model.ssd.ssd_chunked` (and the recurrence in `ssd_recurrent`), which the tests
+the same chunked form as `vision_model.ops.ssd_minimal.ssd_chunked` (and the recurrence in `ssd_recurrent`), which the tests
 hold it to. Short chunks are cheap here (no per-chunk state round trip), so the kernel picks its own chunk length;
 the config's chunk_size only matters to the training kernels.
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without Triton: vision_model.ssd serves them
+except ImportError:  # CPU-only installs without Triton: vision_model.ops.ssd_minimal serves them
     triton = None
 
 
@@ -118,7 +118,7 @@ if triton is not None:
 # results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
 # upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
 # 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
-# (bf16 error up to 2.9e-2 against 2.2e-3 for mamba-ssm). What ran right in every check (tests/gpu/
+# (bf16 error up to 2.9e-2 against 2.2e-3 for mamba-ssm). What ran right in every check (benchmarks/gpu/
 # ssd_forward_accuracy.py): 64-long chunks, 4 warps, one stage, and the whole headdim in one block of 64 (headdim a
 # multiple of 64) or of 16 (headdim 16 with d_state <= 32). CUDA launches are held to that; the CPU interpreter,
 # which tests the arithmetic, takes any config.
@@ -175,7 +175,7 @@ def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: in
 
 def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
                        dt_scale: Tensor | None = None, config: dict | None = None, unverified: bool = False) -> Tensor:
-    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ssd`
+    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x, forward only; shapes as in `vision_model.ops.ssd_minimal`
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
     With dt_scale (b, l), dt * dt_scale[..., None] takes dt's place.
 

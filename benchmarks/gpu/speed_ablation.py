@@ -1,6 +1,6 @@
 """GPU diagnostic (not part of CI): what each inference fusion buys, in one process, on the 135M config.
 
-    python tests/gpu/speed_ablation.py [--quick] [--profile] [--graphs]    # needs CUDA and mamba-ssm
+    python benchmarks/gpu/speed_ablation.py [--quick] [--profile] [--graphs]    # needs CUDA and mamba-ssm
 
 1. Agreement: the fused Triton path vs the PyTorch backend (bf16, inference) at every level.
 2. Ablation at 1024 px (batch 16) and 2048 px (batch 4), D and D/8, bf16, inference_mode; ViT-B/16 in the same run:

@@ -9,7 +9,7 @@ same database: another metric space, so they are expected to fail).
 Gated settings (retrieval/gate.py) come with both gates: the score margin ("if margin<X") and the label vote
 ("if vote@10<T", when the database has labels), each calibrated on held-out *train* images for every target
 escalation rate (--escalation-rates), never on the test queries. Settings that calibrate to the same threshold are
-measured once. Metrics are defined in retrieval/metrics.py. Per setting:
+measured once. Metrics are defined in evaluation/metrics.py. Per setting:
 
     top1, map@10, map@100, recall@10 (of the full-model query's top 10), query_mflops (mean per query, cost
     model), latency_ms (mean per query at batch 1: encode + search (+ rerank), on a sample), latency_p50_ms (its
@@ -32,14 +32,15 @@ import torch
 import vision_model
 from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe, views_of
 
-from . import knn, metrics
-from .adaptive import Adaptive, adaptive_search
+from retrieval import knn
+from . import metrics
+from retrieval.adaptive import Adaptive, adaptive_search
 from .datasets import encode_database, fashion_mnist, fashion_mnist_rows
-from .encoder import QueryEncoder
-from .funnel import Funnel, funnel_search
-from .gate import DEFAULT_VOTE_K, GATES, Gate, calibrate_gate, held_out_statistic
-from .staged import StagedResult, StageTimer, plain_search
-from .submodel import Submodel, trained_levels
+from retrieval.encoder import QueryEncoder
+from retrieval.funnel import Funnel, funnel_search
+from retrieval.gate import DEFAULT_VOTE_K, GATES, Gate, calibrate_gate, held_out_statistic
+from retrieval.staged import StagedResult, StageTimer, plain_search
+from retrieval.submodel import Submodel, trained_levels
 
 K_MAX = 100  # results kept per query: enough for mAP@100
 CALIBRATION_QUERIES = 1000

@@ -1,6 +1,6 @@
 """GPU check (not part of CI): the Triton SSD backend agrees with the PyTorch backend, forward and gradients.
 
-    python tests/gpu/check_backends.py        # needs CUDA and mamba-ssm
+    python benchmarks/gpu/check_backends.py        # needs CUDA and mamba-ssm
 
 Relative error ||a - b|| / ||b|| per output and per parameter gradient, at every trained level and a Mix'n'Match
 config, in fp32 (Triton dots run in tf32) and bf16 autocast; then a bf16 forward+backward of the 135M config.
@@ -14,7 +14,7 @@ import time
 import torch
 
 from vision_model import create_model
-from vision_model.backends import resolve_backend
+from vision_model.ops.backends import resolve_backend
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

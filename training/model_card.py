@@ -1,7 +1,7 @@
 """Model card for a trained MatMamba-Vision folder: per-granularity test accuracy, the Mix'n'Match curve
 (accuracy vs FLOPs between the trained widths) and, optionally, independently trained models of the same sizes.
 
-    python -m vision_model.model_card vision_model/weights/matmamba_vision_fmnist \
+    python -m training.model_card vision_model/weights/matmamba_vision_fmnist \
         --independent runs/independent_d2/model runs/independent_d4/model runs/independent_d8/model
 
 Writes MODEL_CARD.md, mixnmatch.png and eval.json into the model folder (classification top-1 on the
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .cost import submodel_cost
-from .data import load_fashion_mnist
-from .hub import atomic_write_bytes, from_pretrained, read_config, weights_hash
+from vision_model.cost import submodel_cost
+from vision_model.datasets import load_fashion_mnist
+from vision_model.hub import atomic_write_bytes, from_pretrained, read_config, weights_hash
 from .train import TrainConfig, evaluate
 
 

@@ -1,6 +1,6 @@
 """Why 1-NN retrieval trails the classifier: which database images give the nearest-neighbour label away.
 
-    python -m benchmarks.knn_gap [--model DIR] [--limit-db N] [--limit-queries N] [--json OUT]
+    python -m evaluation.knn_gap [--model DIR] [--limit-db N] [--limit-queries N] [--json OUT]
 
 Database: Fashion-MNIST train embedded at D (unit vectors, exact inner product); queries: the test images at D.
 Per query it compares the classifier's prediction with the label of the nearest database image. For the queries the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.datasets import fashion_mnist_rows
+from evaluation.datasets import fashion_mnist_rows
 from retrieval.knn import InMemoryDatabase
 from vision_model import load_model
 

@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .encoder import UnreadableQuery, load_query_image
-    from .search import Searcher
-    from .submodel import Submodel
+    from retrieval.encoder import UnreadableQuery, load_query_image
+    from retrieval.search import Searcher
+    from retrieval.submodel import Submodel
 
     funnel, adaptive, gate = _staged_modes(args)
     submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
 def _staged_modes(args: argparse.Namespace):
     """(Funnel or None, Adaptive or None, its escalation Gate or None) from --funnel/--adaptive and the gate flags;
     ValueError on a bad mix."""
-    from .adaptive import Adaptive
-    from .funnel import Funnel
-    from .gate import DEFAULT_VOTE_K
+    from retrieval.adaptive import Adaptive
+    from retrieval.funnel import Funnel
+    from retrieval.gate import DEFAULT_VOTE_K
 
     for flag, value in (("--rerank-margin", args.rerank_margin), ("--rerank-vote", args.rerank_vote)):
         if value is not None and args.funnel is None:

@@ -6,8 +6,8 @@ import torch
 
 import vision_model.block as block
 from vision_model import create_model
-from vision_model.backends import triton_chunk_scan
-from vision_model.ssd import ssd_chunked, ssd_recurrent
+from vision_model.ops.backends import triton_chunk_scan
+from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 
 captured = []
 real = block.ssd_scan
