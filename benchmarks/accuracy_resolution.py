@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 import vision_model
 from vision_model.datasets import load_fashion_mnist
+from vision_model.device import resolve_device
 from evaluation import metrics  # numpy only: no FAISS needed
+from retrieval import knn  # labels_of: numpy only as well
 from vision_model.preprocess import normalize_uint8
 
 from .measure import synchronize
@@ -68,7 +70,7 @@ def add_study_arguments(p: argparse.ArgumentParser, out: str) -> None:
     """The options every Fashion-MNIST retrieval study here takes: model, levels, device, subsets, output folder."""
     p.add_argument("--model", type=Path, help="Fashion-MNIST model folder (default: the shipped model)")
     p.add_argument("--levels", type=int, nargs="+", help="trained levels (default: all of the model's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--limit-db", type=int, help="first N train images as the database")
     p.add_argument("--limit-queries", type=int, help="first N test images as queries")
     p.add_argument("--out", type=Path, default=Path(out))
@@ -98,7 +100,7 @@ def measure(model_dir: Path | None, resolutions: list[int], levels: list[int] | 
                 reference = ids
             recall = metrics.recall_at_k(ids, reference, 10)
             record = {"resolution": res, "level": level, "setting": "D" if level == 1 else f"D/{level}",
-                      "top1": 100 * metrics.top1_accuracy(metrics.labels_of(ids, db_labels), q_labels),
+                      "top1": 100 * metrics.top1_accuracy(knn.labels_of(db_labels, ids), q_labels),
                       "recall@10": recall,
                       "query_mflops": vision_model.submodel_cost(cfg, level=level, img_size=res).mflops,
                       "query_images_per_s": images_per_s, "queries": len(q_labels), "database": len(db_labels)}
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolutions", type=int, nargs="+", default=[28, 40, 56, 84, 112])
     add_study_arguments(p, "runs/accuracy_resolution")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     started = time.perf_counter()
     records = measure(args.model, args.resolutions, args.levels, device, args.limit_db, args.limit_queries)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a GPU box or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vision_model.fileio import atomic_write  # noqa: E402
+
 ROW_KEYS = ("model", "setting", "level", "widths", "resolution", "batch", "mode", "status", "images_per_s",
             "latency_ms", "peak_mem_gib", "gflops_per_image", "achieved_tflops")
 
@@ -31,9 +33,7 @@ COLUMNS_HELP = """\
 
 
 def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    tmp.replace(path)  # a run killed mid-write leaves the previous complete file
+    atomic_write(path, json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
 
 
 def read_json(path: Path) -> tuple[dict, list[dict]]:

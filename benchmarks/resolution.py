@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from vision_model.device import resolve_device
 from vision_model.graphs import capture_cuda_graph
 
 from . import report
@@ -132,16 +133,10 @@ class Plan:
                 "compile": self.compile, "ssd_backend": self.ssd_backend}
 
 
-def resolve_device(name: str, need_it: bool = True) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and need_it and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but CUDA is not available")
-    return torch.device(name)
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
-    device = resolve_device(args.device, need_it=not args.dry_run)  # a dry run only plans: any machine will do
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:  # a dry run only plans
+        raise RuntimeError("--device cuda but CUDA is not available")
     on_gpu = device.type == "cuda"
     if args.quick:
         models, levels, resolutions, defaults = QUICK_MODELS, QUICK_LEVELS, QUICK_RESOLUTIONS, QUICK_DEFAULTS

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 import vision_model
 from evaluation import metrics
+from retrieval import knn
+from vision_model.device import resolve_device
 from vision_model.views import VIEW_SETS, view
 
 from .accuracy_resolution import add_study_arguments, database_and_queries, device_name, embed, nearest
@@ -44,7 +46,7 @@ def averaged(per_view: dict[tuple, torch.Tensor], view_set: str) -> torch.Tensor
 
 def score(queries: torch.Tensor, query_labels, database: torch.Tensor, db_labels, classes: int) -> dict:
     ids = nearest(queries, database, 10).cpu().numpy()
-    labels = metrics.labels_of(ids, db_labels)
+    labels = knn.labels_of(db_labels, ids)
     votes = F.one_hot(torch.as_tensor(labels), classes).sum(1).argmax(1).numpy()
     return {"top1": 100 * metrics.top1_accuracy(labels, query_labels),
             "vote10_top1": 100 * float((votes == query_labels).mean())}
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--query-views", nargs="+", default=["1", "flip", "shift1"])
     add_study_arguments(p, "runs/view_averaging")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     records = measure(args.model, args.db_views, args.query_views, args.levels, device, args.limit_db,
                       args.limit_queries)

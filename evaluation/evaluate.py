@@ -207,7 +207,7 @@ def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_
     n = len(query_labels)
     timer = StageTimer()
     staged = setting.run(database.db, cache, n, timer)
-    result_labels = metrics.labels_of(staged.ids, database.db.labels)
+    result_labels = knn.labels_of(database.db, staged.ids)
     # batched cost per query: each submodel's encode for the queries that used it, plus search and rerank
     encode_ms = sum(cache.ms_per_query[s] * (1.0 if i == 0 else staged.escalation_rate)
                     for i, s in enumerate(staged.submodels))

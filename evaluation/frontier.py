@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 import vision_model
-from vision_model.hub import atomic_write_bytes
 
 from retrieval import knn
 from . import metrics
@@ -111,7 +110,7 @@ class HeldOutEvaluator:
 
     def __call__(self, submodel: Submodel) -> FrontierPoint:
         _, ids = self.database.search(self.encoder.embed(self.pixels, submodel), 10)
-        top1 = metrics.top1_accuracy(metrics.labels_of(ids, self.database.labels), self.labels)
+        top1 = metrics.top1_accuracy(knn.labels_of(self.database, ids), self.labels)
 
         def one_query(row: int) -> None:
             self.database.search(self.encoder.embed(self.pixels[row:row + 1], submodel), 10)

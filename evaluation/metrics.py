@@ -1,6 +1,7 @@
 """Retrieval metrics on ranked result ids, and a latency probe.
 
-Relevance is label equality: a retrieved item is relevant to a query if it carries the query's label.
+Relevance is label equality: a retrieved item is relevant to a query if it carries the query's label. Result
+labels are what `retrieval.knn.labels_of` reads: -1 for padding and unlabelled items, which are relevant to no query.
 
 - top-1 accuracy: fraction of queries whose nearest neighbour has the query's label (1-NN classification).
 - AP@k (precision-based average precision over the top k):
@@ -18,24 +19,20 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-NO_LABEL = -2  # the label of a padding id (-1): never equal to a query's label
-
-
-def labels_of(ids: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
-    """Labels of result ids (n, k); padding ids (-1) get NO_LABEL."""
-    ids = np.asarray(ids)
-    return np.where(ids >= 0, np.asarray(db_labels)[np.maximum(ids, 0)], NO_LABEL)
+def relevance(result_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
+    """(n, k) bool: each result carries its query's label (padding and unlabelled results never do)."""
+    result_labels = np.asarray(result_labels)
+    return (result_labels == np.asarray(query_labels)[:, None]) & (result_labels >= 0)
 
 
 def top1_accuracy(result_labels: np.ndarray, query_labels: np.ndarray) -> float:
-    result_labels = np.asarray(result_labels)
-    return float(np.mean(result_labels[:, 0] == np.asarray(query_labels)))
+    return float(np.mean(relevance(np.asarray(result_labels)[:, :1], query_labels)))
 
 
 def average_precision_at_k(result_labels: np.ndarray, query_labels: np.ndarray, k: int,
                            n_relevant: np.ndarray | None = None) -> np.ndarray:
     """AP@k of each query (see the module docstring); n_relevant: relevant items in the database per query."""
-    relevant = (np.asarray(result_labels)[:, :k] == np.asarray(query_labels)[:, None]).astype(np.float64)
+    relevant = relevance(np.asarray(result_labels)[:, :k], query_labels).astype(np.float64)
     ranks = np.arange(1, relevant.shape[1] + 1)
     precision_at_i = np.cumsum(relevant, axis=1) / ranks
     total = (precision_at_i * relevant).sum(axis=1)

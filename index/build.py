@@ -33,6 +33,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vision_model import load_model, weights_hash
+from vision_model.device import resolve_device
+from vision_model.fileio import atomic_write
 from vision_model.preprocess import normalize_uint8, preprocess_image
 from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
 
@@ -74,12 +76,6 @@ class _Prepared:
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # -- the public entry point ----------------------------------------------------------------------------------------
@@ -235,28 +231,11 @@ def _next_version_number(root: Path) -> int:
 def _publish(root: Path, version_dir: Path) -> None:
     """Point CURRENT at the new version (atomic rename), then retire the older ones."""
     _fsync(version_dir)
-    _atomic_write(root / store.CURRENT_FILE, lambda f: f.write(f"{version_dir.name}\n".encode()))
+    atomic_write(root / store.CURRENT_FILE, f"{version_dir.name}\n".encode())
     _fsync(root)
     for folder in _version_folders(root):
         if folder != version_dir:
             shutil.rmtree(folder, ignore_errors=True)  # open readers keep their memory maps (POSIX)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into a temporary file beside `path`, then rename it over `path`: readers see old or new.
-
-    (Plain open(), unlike mkstemp, keeps the umask's permissions, so other users can read a shared index.)
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fsync(path: Path) -> None:
@@ -356,7 +335,7 @@ def _is_finished(meta: dict | None, plan: str, number: int, items: list[SourceIt
 
 
 def _write_shard(path: Path, embeddings: np.ndarray, meta: dict) -> None:
-    _atomic_write(path, lambda f: np.savez(f, embeddings=embeddings, meta=np.array(json.dumps(meta))))
+    atomic_write(path, lambda f: np.savez(f, embeddings=embeddings, meta=np.array(json.dumps(meta))))
 
 
 def _encode_in_shards(src: ImageSource, model, device: torch.device, known: frozenset, shard_dir: Path, plan: str,
@@ -553,7 +532,7 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "history": (base["history"] if base is not None else []) + [stats],
         "skipped": skipped,
     }
-    _atomic_write(version_dir / store.MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write(version_dir / store.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     for name in (store.INDEX_FILE, store.EMBEDDINGS_FILE, store.METADATA_FILE):
         _fsync(version_dir / name)
     return manifest

@@ -101,13 +101,6 @@ def _read_pointer(directory: Path) -> str | None:
         return None
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class IndexStore:
     """A published index: FAISS search over the stored embeddings, plus their metadata.
 
@@ -146,11 +139,14 @@ class IndexStore:
         """
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        from vision_model.device import resolve_device  # imports torch: only when an index is opened
+
+        device = str(resolve_device(device))
         directory = Path(directory)
         for attempt in range(3):
             pointer = _read_pointer(directory)
             try:
-                return cls._open_version(resolve_version_dir(directory), _resolve_device(device), nprobe, ef_search,
+                return cls._open_version(resolve_version_dir(directory), device, nprobe, ef_search,
                                          backend)
             except CorruptIndexError:
                 # a build may have published a new version and retired the one we were opening: try the new one

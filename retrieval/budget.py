@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 import vision_model
-from vision_model.hub import atomic_write_bytes
+from vision_model.fileio import atomic_write
 
 from .submodel import Submodel
 
@@ -87,7 +87,7 @@ class Frontier:
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": self.meta,
                "frontier": [p.to_dict() for p in self.points], "evaluated": [p.to_dict() for p in self.evaluated]}
         path = self.path(model_dir)
-        atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
+        atomic_write(path, json.dumps(doc, indent=2).encode())
         return path
 
     def select(self, budget_mflops: float | None = None, budget_ms: float | None = None) -> FrontierPoint:

@@ -4,12 +4,14 @@ A *database* is anything with `search(queries, k) -> (scores, ids)`, `vectors` (
 == row) and `labels` (n,) int64 (-1: unlabelled): `index.IndexStore` is one, `InMemoryDatabase` another (for
 evaluation on arrays, without an index folder). Result arrays are padded with id -1 and score -inf.
 `labels_of(db, ids)` reads the labels of result ids (-1 for padding and unlabelled items).
+
+FAISS is imported by `InMemoryDatabase` only: `labels_of` and the array helpers also serve machines without it (the
+GPU benchmarks).
 """
 from __future__ import annotations
 
 from typing import Protocol
 
-import faiss
 import numpy as np
 
 _CHUNK_BYTES = 1 << 28  # bound on temporary score / gathered-vector arrays: 256 MiB
@@ -33,6 +35,8 @@ class InMemoryDatabase:
                        else np.asarray(labels, dtype=np.int64))
         if self.vectors.ndim != 2 or len(self.labels) != len(self.vectors):
             raise ValueError("vectors must be (n, d) with one label per row")
+        import faiss
+
         self._index = faiss.IndexFlatIP(self.vectors.shape[1])
         self._index.add(self.vectors)
 
@@ -49,22 +53,17 @@ class InMemoryDatabase:
         return scores, ids.astype(np.int64, copy=False)
 
 
-def label_lookup(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """labels[ids] for ids of any shape, vectorised: -1 where the id is -1 (padding); IndexError for other ids
-    outside the database."""
+def labels_of(db: VectorDatabase | np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The labels of a database's result ids (any shape), int64: -1 for padding ids (-1) and unlabelled items;
+    IndexError for other ids outside the database. `db` may also be the database's label array itself."""
     ids = np.asarray(ids, dtype=np.int64)
-    labels = np.asarray(labels)
+    labels = np.asarray(getattr(db, "labels", db))
     bad = (ids < -1) | (ids >= len(labels))
     if bad.any():
         raise IndexError(f"ids {np.unique(ids[bad])[:5].tolist()} are not in this database of {len(labels)} items")
     if len(labels) == 0:
         return np.full(ids.shape, -1, dtype=np.int64)
     return np.where(ids >= 0, labels[np.maximum(ids, 0)], -1).astype(np.int64, copy=False)
-
-
-def labels_of(db: VectorDatabase, ids: np.ndarray) -> np.ndarray:
-    """Labels of a database's ids (any shape): -1 for padding ids (-1) and unlabelled items."""
-    return label_lookup(db.labels, ids)
 
 
 def has_labels(db: VectorDatabase) -> bool:

@@ -395,14 +395,14 @@ def test_failed_rebuild_leaves_the_previous_index_readable(image_folder, tmp_pat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    real_atomic_write = build_module._atomic_write
+    real_atomic_write = build_module.atomic_write
     for failing in ("faiss_write", "publish"):  # half-way through assembly, and at the very swap
         with monkeypatch.context() as patch:
             if failing == "faiss_write":
                 patch.setattr(faiss, "write_index", disk_full)
             else:
-                patch.setattr(build_module, "_atomic_write", lambda path, write: disk_full()
-                              if path.name == "CURRENT" else real_atomic_write(path, write))
+                patch.setattr(build_module, "atomic_write", lambda path, data: disk_full()
+                              if path.name == "CURRENT" else real_atomic_write(path, data))
             with pytest.raises(OSError, match="No space"):
                 _build(image_folder, out, model_dir, index_type="hnsw")
         still = _open(out)

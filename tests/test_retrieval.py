@@ -402,7 +402,9 @@ def test_metrics_on_hand_made_examples():
     reference = np.array([[7, 6, 9, 8], [1, 2, 3, 4]])
     assert metrics.recall_at_k(ids, reference, 4) == pytest.approx((2 / 4 + 1) / 2)
     assert metrics.recall_at_k(ids, reference, 1) == pytest.approx(0.5)
-    np.testing.assert_array_equal(metrics.labels_of(np.array([[2, -1]]), np.array([7, 8, 9])), [[9, metrics.NO_LABEL]])
+    # padding (-1) and unlabelled results (-1) are relevant to no query
+    np.testing.assert_array_equal(knn.labels_of(np.array([7, 8, -1]), np.array([[2, -1, 1]])), [[-1, -1, 8]])
+    assert metrics.top1_accuracy(np.array([[-1, 3]]), np.array([-1])) == 0.0
     np.testing.assert_array_equal(metrics.relevant_counts(np.array([0, 1, 1, -1]), np.array([1, 0])), [2, 1])
 
 

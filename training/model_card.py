@@ -20,7 +20,8 @@ import torch
 
 from vision_model.cost import submodel_cost
 from vision_model.datasets import load_fashion_mnist
-from vision_model.hub import atomic_write_bytes, from_pretrained, read_config, weights_hash
+from vision_model.fileio import atomic_write
+from vision_model.hub import from_pretrained, read_config, weights_hash
 from .train import TrainConfig, evaluate
 
 
@@ -248,9 +249,9 @@ def main(argv=None) -> int:
         card = json.loads((args.model_dir / "eval.json").read_text())
     else:
         card = build_card(args.model_dir, args.independent, args.device)
-        atomic_write_bytes(args.model_dir / "eval.json", json.dumps(card, indent=2).encode())
+        atomic_write(args.model_dir / "eval.json", json.dumps(card, indent=2).encode())
     plot(card, args.model_dir / "mixnmatch.png")
-    atomic_write_bytes(args.model_dir / "MODEL_CARD.md", markdown(card, config.to_dict(), meta).encode())
+    atomic_write(args.model_dir / "MODEL_CARD.md", markdown(card, config.to_dict(), meta).encode())
     print((args.model_dir / "MODEL_CARD.md").read_text())
     return 0
 

@@ -49,6 +49,8 @@ from tqdm import tqdm
 from vision_model.config import get_config
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    load_fashion_mnist, sample_seed, scan_imagefolder)
+from vision_model.device import resolve_device
+from vision_model.fileio import atomic_write
 from vision_model.hub import save_pretrained, weights_hash
 from vision_model.preprocess import normalize_uint8
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
@@ -366,17 +368,16 @@ def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_li
 
 def save_checkpoint(path: Path, model, opt, step: int, total_steps: int, tc: TrainConfig,
                     unreadable: dict[str, str] | None = None, train_seconds: float = 0.0, ema=None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     device = next(model.parameters()).device
     # the global RNG draws the drop-path masks: saved so that a resumed run draws what an uninterrupted one would
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total_steps,
-                "train_config": asdict(tc), "class_names": list(model.config.class_names), "rng": rng,
-                "unreadable": dict(unreadable or {}), "train_seconds": train_seconds,
-                **({"ema": ema.module.state_dict()} if ema is not None else {})}, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "total_steps": total_steps,
+             "train_config": asdict(tc), "class_names": list(model.config.class_names), "rng": rng,
+             "unreadable": dict(unreadable or {}), "train_seconds": train_seconds,
+             **({"ema": ema.module.state_dict()} if ema is not None else {})}
+    atomic_write(path, lambda f: torch.save(state, f))  # a kill mid-write leaves the previous checkpoint intact
 
 
 def _is_main() -> bool:
@@ -398,10 +399,7 @@ def train(tc: TrainConfig) -> dict:
         local_rank = int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-    if tc.device == "auto":
-        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(tc.device)
+    device = resolve_device(tc.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)

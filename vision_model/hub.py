@@ -4,34 +4,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import MatMambaVisionConfig
+from .device import resolve_device
+from .fileio import atomic_write
 from .model import MatMambaVision
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "matmamba_vision_fmnist"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary shared artefacts
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained(model: MatMambaVision, directory: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
@@ -41,19 +27,11 @@ def save_pretrained(model: MatMambaVision, directory: str | os.PathLike, dtype: 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(directory / WEIGHTS_FILE, safetensors.torch.save(tensors, metadata={"format": "pt"}))
     doc = {"config": model.config.to_dict(), "meta": extra or {}}
     if getattr(model, "arch", None):  # a distillation teacher: its network, on the encoder's data config
         doc["arch"] = model.arch
-    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(doc, indent=2).encode())
+    atomic_write(directory / CONFIG_FILE, json.dumps(doc, indent=2).encode())
     return directory
 
 
@@ -80,7 +58,7 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     model.meta = meta
     model.source_dir = directory
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=resolve_device(device), dtype=dtype).eval()
 
 
 def weights_hash(directory: str | os.PathLike) -> str:
