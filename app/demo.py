@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from vision_model.config import FASHION_MNIST_CLASSES
 
     from evaluation.datasets import fashion_mnist
-    from retrieval.funnel import Funnel
+    from retrieval.cascade import Funnel
     from retrieval.search import Searcher
     from retrieval.submodel import trained_levels
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n1-NN accuracy on {n} test queries against {len(searcher.store)} train images:")
     modes = [(sub.name, {"submodel": sub}) for sub in levels]
     funnel = Funnel(levels[-1], levels[0], shortlist=100)
-    modes.append((funnel.name, {"funnel": funnel}))
+    modes.append((funnel.name, {"cascade": funnel}))
     for name, mode in modes:
         started = time.perf_counter()
         results = searcher.search(queries, k=1, **mode)

@@ -159,15 +159,15 @@ def _search_guard(searcher):
         return _GPU_FAISS_LOCKS.setdefault(searcher, threading.Lock())
 
 
-def search(searcher, queries: Sequence[Query], submodel, k: int, funnel=None, adaptive=None,
+def search(searcher, queries: Sequence[Query], submodel, k: int, cascade=None,
            label_filter: Sequence[int | str] | None = None, score_threshold: float | None = None) -> list[Outcome]:
     """Run one search for the queries and turn the searcher's results into Outcomes (k hits at most each)."""
     if not queries:
         return []
     extra = 1 if any(q.exclude_id is not None for q in queries) else 0
     with _search_guard(searcher):
-        results = searcher.search([q.image for q in queries], submodel=submodel, k=k + extra, funnel=funnel,
-                                  adaptive=adaptive, label_filter=list(label_filter) if label_filter else None,
+        results = searcher.search([q.image for q in queries], submodel=submodel, k=k + extra, cascade=cascade,
+                                  label_filter=list(label_filter) if label_filter else None,
                                   score_threshold=score_threshold)
     outcomes = []
     for query, result in zip(queries, results):
@@ -176,7 +176,7 @@ def search(searcher, queries: Sequence[Query], submodel, k: int, funnel=None, ad
                 if int(i) != query.exclude_id]
         timings = {stage: float(result.timings.get(stage, 0.0)) for stage in ("decode", "encode", "search", "rerank")}
         timings["decode"] += query.decode_ms
-        stage = ("reranked" if funnel is not None else "escalated") if result.escalated else None
+        stage = cascade.escalated_word if result.escalated else None
         outcomes.append(Outcome(query.name, query.image, hits[:k], timings, float(result.mflops),
                                 list(result.submodels), stage))
     return outcomes
@@ -281,10 +281,6 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
 
-def setting_name(submodel_name: str, funnel=None, adaptive=None) -> str:
+def setting_name(submodel_name: str, cascade=None) -> str:
     """The name `matsearch eval` gives the current setting (records are matched by it)."""
-    if funnel is not None:
-        return funnel.name
-    if adaptive is not None:
-        return adaptive.name
-    return submodel_name
+    return cascade.name if cascade is not None else submodel_name

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from retrieval.search import Searcher
     from retrieval.submodel import Submodel
 
-    funnel, adaptive, gate = _staged_modes(args)
+    cascade = _cascade(args)
+    gate = cascade.gate if cascade is not None else None
     submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
 
     searcher = Searcher(args.index, args.model, device=args.device)
@@ -83,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         except UnreadableQuery as e:
             errors.append({"query": path, "error": str(e)})
             print(f"matsearch search: error: {e}", file=sys.stderr)
-    results = searcher.search(images, submodel, args.k, funnel=funnel, adaptive=adaptive, label_filter=args.label,
+    results = searcher.search(images, submodel, args.k, cascade=cascade, label_filter=args.label,
                               score_threshold=args.min_score) if images else []
 
-    mode = funnel.name if funnel else adaptive.name if adaptive else submodel.name
+    mode = cascade.name if cascade is not None else submodel.name
     if args.json:
         print(json.dumps({"index": str(searcher.store.directory), "model": str(searcher.model_dir), "mode": mode,
                           "results": [{"query": name, **r.to_dict()} for name, r in zip(names, results)],
@@ -98,11 +99,10 @@ def run(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _staged_modes(args: argparse.Namespace):
-    """(Funnel or None, Adaptive or None, its escalation Gate or None) from --funnel/--adaptive and the gate flags;
-    ValueError on a bad mix."""
-    from retrieval.adaptive import Adaptive
-    from retrieval.funnel import Funnel
+def _cascade(args: argparse.Namespace):
+    """The funnel or adaptive Cascade from --funnel/--adaptive and the gate flags, or None; ValueError on a bad
+    mix."""
+    from retrieval.cascade import Cascade
     from retrieval.gate import DEFAULT_VOTE_K
 
     for flag, value in (("--rerank-margin", args.rerank_margin), ("--rerank-vote", args.rerank_vote)):
@@ -111,13 +111,12 @@ def _staged_modes(args: argparse.Namespace):
                 if args.adaptive else ""
             raise ValueError(f"{flag} goes with --funnel{hint}")
     vote_k = DEFAULT_VOTE_K if args.vote_k is None else args.vote_k
-    funnel = Funnel.parse(args.funnel, args.rerank_margin, args.rerank_vote, vote_k) if args.funnel else None
-    adaptive = Adaptive.parse(args.adaptive, vote_k) if args.adaptive else None
-    gate = funnel.escalation_gate if funnel else adaptive.escalation_gate if adaptive else None
-    if args.vote_k is not None and (gate is None or gate.kind != "vote"):
+    cascade = (Cascade.parse_funnel(args.funnel, args.rerank_margin, args.rerank_vote, vote_k) if args.funnel
+               else Cascade.parse_adaptive(args.adaptive, vote_k) if args.adaptive else None)
+    if args.vote_k is not None and (cascade is None or cascade.gate is None or cascade.gate.kind != "vote"):
         raise ValueError("--vote-k goes with a vote gate: --funnel ... --rerank-vote T or --adaptive "
                          "SMALL:LARGE:voteT")
-    return funnel, adaptive, gate
+    return cascade
 
 
 def _table(name: str, mode: str, result) -> str:

@@ -133,9 +133,8 @@ def track_uploads(files) -> None:
 
 # -- page parts -----------------------------------------------------------------------------------------------------
 def sidebar(searcher):
-    """The controls -> (submodel, funnel, adaptive, k, threshold, label ids, a description of the encoder choice)."""
-    from retrieval.adaptive import Adaptive
-    from retrieval.funnel import Funnel
+    """The controls -> (submodel, cascade (funnel, adaptive or None), k, threshold, label ids)."""
+    from retrieval.cascade import Cascade
     from retrieval.gate import DEFAULT_VOTE, Gate
     from retrieval.submodel import Submodel
 
@@ -200,10 +199,11 @@ def sidebar(searcher):
             label_ids = []
 
     chosen_gate = Gate("vote", round(vote, 3)) if gate == "vote" else Gate("margin", margin)
-    funnel = (Funnel.from_gate(submodel, full, shortlist, chosen_gate if rerank_uncertain else None)
-              if funnel_on else None)
-    adaptive = Adaptive.from_gate(submodel, full, chosen_gate) if adaptive_on and not funnel_on else None
-    return submodel, funnel, adaptive, k, threshold if use_threshold else None, label_ids
+    if funnel_on:
+        cascade = Cascade.funnel(submodel, full, shortlist, chosen_gate if rerank_uncertain else None)
+    else:
+        cascade = Cascade.adaptive(submodel, full, chosen_gate) if adaptive_on else None
+    return submodel, cascade, k, threshold if use_threshold else None, label_ids
 
 
 def budget_controls(frontier):
@@ -411,7 +411,7 @@ def main() -> None:
         st.error(f"Cannot open the index `{settings.index_dir}`: {e}")
         st.stop()
 
-    submodel, funnel, adaptive, k, threshold, label_ids = sidebar(searcher)
+    submodel, cascade, k, threshold, label_ids = sidebar(searcher)
     header(searcher, settings)
     st.session_state.setdefault("query", None)
     query_inputs(searcher, settings)
@@ -422,16 +422,17 @@ def main() -> None:
         st.info("Upload an image, or pick one from the database, to search.")
     elif queries:
         try:
-            outcomes = engine.search(searcher, queries, submodel, k, funnel, adaptive, label_ids, threshold)
+            outcomes = engine.search(searcher, queries, submodel, k, cascade, label_ids, threshold)
         except Exception as e:  # e.g. an image the model cannot preprocess: a message, not a stack trace
             st.error(f"The search failed: {e}")
     for i, outcome in enumerate(outcomes):
         show_outcome(i, outcome, searcher.store, k)
 
     canonical = submodel.canonical(searcher.config)
-    name = engine.setting_name(canonical.name, funnel, adaptive)
+    name = engine.setting_name(canonical.name, cascade)
+    funnel = cascade is not None and cascade.kind == "funnel"  # before any query: a funnel's both encodes
     mflops = (sum(o.mflops for o in outcomes) / len(outcomes)) if outcomes else (
-        funnel.mflops(searcher.config) if funnel is not None else searcher.mflops(canonical))
+        cascade.mflops(searcher.config) if funnel else searcher.mflops(canonical))
     cost_chart(searcher, settings, name, mflops, bool(outcomes))
 
 

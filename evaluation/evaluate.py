@@ -34,10 +34,9 @@ from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe, views_of
 
 from retrieval import knn
 from . import metrics
-from retrieval.adaptive import Adaptive, adaptive_search
 from .datasets import encode_database, fashion_mnist, fashion_mnist_rows
 from retrieval.encoder import QueryEncoder
-from retrieval.funnel import Funnel, funnel_search
+from retrieval.cascade import Cascade, cascade_search
 from retrieval.gate import DEFAULT_VOTE_K, GATES, Gate, calibrate_gate, held_out_statistic
 from retrieval.staged import StagedResult, StageTimer, plain_search
 from retrieval.submodel import Submodel, trained_levels
@@ -90,16 +89,10 @@ def _plain(sub: Submodel, config, kind: str) -> Setting:
     return Setting(sub.name, kind, lambda db, embed, n, timer: plain_search(db, embed, n, sub, K_MAX, config, timer))
 
 
-def _funnel(funnel: Funnel, config, target_rate: float | None = None) -> Setting:
-    return Setting(funnel.name, "funnel",
-                   lambda db, embed, n, timer: funnel_search(db, embed, n, funnel, K_MAX, config, timer),
-                   funnel.escalation_gate, target_rate)
-
-
-def _adaptive(adaptive: Adaptive, config, target_rate: float | None = None) -> Setting:
-    return Setting(adaptive.name, "adaptive",
-                   lambda db, embed, n, timer: adaptive_search(db, embed, n, adaptive, K_MAX, config, timer),
-                   adaptive.escalation_gate, target_rate)
+def _cascade(cascade: Cascade, config, target_rate: float | None = None) -> Setting:
+    return Setting(cascade.name, cascade.kind,
+                   lambda db, embed, n, timer: cascade_search(db, embed, n, cascade, K_MAX, config, timer),
+                   cascade.gate, target_rate)
 
 
 def gated_settings(db: knn.VectorDatabase, small: Submodel, large: Submodel, config, calibration: np.ndarray,
@@ -118,8 +111,8 @@ def gated_settings(db: knn.VectorDatabase, small: Submodel, large: Submodel, con
             gate = calibrate_gate(kind, statistic, rate, vote_k)
             held_out = float(gate.escalate_statistic(statistic).mean()) if len(statistic) else 0.0
             log(f"  {gate.label}: {held_out:.1%} of {len(statistic)} held-out queries escalate (target {rate:.0%})")
-            for setting in (_funnel(Funnel.from_gate(small, large, shortlist, gate), config, rate),
-                            _adaptive(Adaptive.from_gate(small, large, gate), config, rate)):
+            for setting in (_cascade(Cascade.funnel(small, large, shortlist, gate), config, rate),
+                            _cascade(Cascade.adaptive(small, large, gate), config, rate)):
                 settings.setdefault(setting.name, setting)
     return list(settings.values())
 
@@ -271,7 +264,7 @@ def evaluate(model_dir: str | Path | None = None, index_dir: str | Path | None =
     settings += [_plain(s, config, "mix'n'match") for s in mix_n_match_examples(config)]
 
     # margin and vote thresholds from held-out train queries, for each target escalation rate
-    settings.append(_funnel(Funnel(small, full, shortlist), config))
+    settings.append(_cascade(Cascade.funnel(small, full, shortlist), config))
     cal_pixels, cal_own_ids = _calibration_queries(model, database)
     log(f"calibrating the gates of {small.name} -> {full.name} on {len(cal_own_ids)} held-out train images:")
     settings += gated_settings(database.db, small, full, config, encoder.embed(cal_pixels, small), cal_own_ids,

@@ -2,9 +2,9 @@
 
     searcher = Searcher("indexes/fashion-mnist-train")
     results = searcher.search([pil_image], submodel="D/4", k=10)
-    results = searcher.search([pil_image], funnel=Funnel(small="D/8", large="D", shortlist=100), k=10)
-    results = searcher.search([pil_image], adaptive=Adaptive(small="D/8", large="D", margin=0.02), k=10)
-    results = searcher.search([pil_image], adaptive=Adaptive("D/8", "D", gate="vote", vote=0.6), k=10)
+    results = searcher.search([pil_image], cascade=Funnel(small="D/8", large="D", shortlist=100), k=10)
+    results = searcher.search([pil_image], cascade=Adaptive(small="D/8", large="D", margin=0.02), k=10)
+    results = searcher.search([pil_image], cascade=Adaptive("D/8", "D", gate="vote", vote=0.6), k=10)
     results[0].ids, results[0].scores, results[0].metadata, results[0].timings, results[0].mflops
 
 Timings per query are the batch's stage times shared equally by the queries that took part in a stage (an
@@ -21,9 +21,8 @@ import numpy as np
 import vision_model
 from index import IndexStore
 
-from .adaptive import Adaptive, adaptive_search
+from .cascade import Cascade, cascade_search
 from .encoder import Queries, QueryEncoder
-from .funnel import Funnel, funnel_search
 from .staged import StagedResult, StageTimer, plain_search
 from .submodel import Submodel, trained_levels
 
@@ -112,17 +111,14 @@ class Searcher:
 
     # -- search ----------------------------------------------------------------------------------------------------
     def search(self, images: Queries, submodel: Submodel | int | str | Sequence[int] | None = None, k: int = 10,
-               funnel: Funnel | None = None, adaptive: Adaptive | None = None,
-               label_filter: Iterable[int | str] | None = None,
+               cascade: Cascade | None = None, label_filter: Iterable[int | str] | None = None,
                score_threshold: float | None = None) -> list[QueryResult]:
         """Search the index with each query image; one QueryResult per query, in order.
 
         submodel: plain search at this granularity (Submodel, level 1/2/4/8, "D/4", widths; None: the full model).
-        funnel / adaptive: a staged search instead (they name their own submodels; give at most one of them).
+        cascade: a two-stage search instead, funnel or adaptive (`retrieval.cascade`; it names its own submodels).
         label_filter: only items with these labels (ids or names). score_threshold: drop results scoring below it.
         """
-        if funnel is not None and adaptive is not None:
-            raise ValueError("choose a funnel or adaptive search, not both")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         timer = StageTimer()
@@ -135,10 +131,8 @@ class Searcher:
             with timer("encode", rows):
                 return self.encoder.embed(pixels[rows], sub)
 
-        if funnel is not None:
-            staged = funnel_search(self.store, embed, n, funnel, k, self.config, timer, allowed)
-        elif adaptive is not None:
-            staged = adaptive_search(self.store, embed, n, adaptive, k, self.config, timer, allowed)
+        if cascade is not None:
+            staged = cascade_search(self.store, embed, n, cascade, k, self.config, timer, allowed)
         else:
             staged = plain_search(self.store, embed, n, Submodel.coerce(submodel), k, self.config, timer, allowed)
         return self._results(staged, timer.per_query(n), score_threshold)

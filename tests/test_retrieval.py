@@ -16,14 +16,13 @@ from conftest import save_small_model
 from index import build_index
 from retrieval import knn
 from evaluation import metrics
-from retrieval.adaptive import Adaptive, adaptive_search, calibrate_margin, held_out_margins
+from retrieval.cascade import Adaptive, Cascade, Funnel, cascade_search
 from evaluation.frontier import compute_frontier, search_frontier, seed_configs
 from retrieval.budget import Frontier, FrontierPoint, pareto_front
 from app.cli import main
 from evaluation.datasets import fashion_mnist, fashion_mnist_rows
 from retrieval.encoder import UnreadableQuery
-from retrieval.funnel import Funnel, funnel_search
-from retrieval.gate import Gate, calibrate_vote, held_out_votes, vote_fractions
+from retrieval.gate import Gate, calibrate_margin, calibrate_vote, held_out_margins, held_out_votes, vote_fractions
 from retrieval.staged import StageTimer
 from retrieval.search import ModelMismatchError, Searcher
 from retrieval.submodel import Submodel
@@ -98,12 +97,12 @@ def test_submodel_names_parse_and_cost(model_dir):
         Submodel.parse("D/x")
     with pytest.raises(ValueError):
         Submodel(widths=(64, 8, 8)).resolve(config)  # one width per layer
-    funnel = Funnel.parse("mnm:8,8:D:50", margin=0.1)
-    assert (funnel.small, funnel.large, funnel.shortlist, funnel.rerank_when) == \
-        (Submodel(widths=(8, 8)), D, 50, "margin")
-    assert Adaptive.parse("D/8:1:0.02") == Adaptive(D8, D, 0.02)
+    funnel = Cascade.parse_funnel("mnm:8,8:D:50", margin=0.1)
+    assert (funnel.small, funnel.large, funnel.shortlist, funnel.stage2, funnel.gate) == \
+        (Submodel(widths=(8, 8)), D, 50, "rerank", Gate("margin", 0.1))
+    assert Cascade.parse_adaptive("D/8:1:0.02") == Adaptive(D8, D, 0.02)
     with pytest.raises(ValueError, match="SMALL:LARGE:SHORTLIST"):
-        Funnel.parse("8:1")
+        Cascade.parse_funnel("8:1")
 
 
 # -- encoder and plain search --------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def test_another_model_is_refused_naming_both(index_dir, model_dir, other_model_
 
 # -- funnel and adaptive -------------------------------------------------------------------------------------------
 def test_funnel_with_the_whole_database_as_shortlist_equals_plain_large_search(searcher, test_images):
-    funnel = searcher.search(test_images, k=10, funnel=Funnel(D8, D, shortlist=DB_SIZE))
+    funnel = searcher.search(test_images, k=10, cascade=Funnel(D8, D, shortlist=DB_SIZE))
     plain = searcher.search(test_images, D, k=10)
     _assert_same_ranking(*_stack(funnel), *_stack(plain))
     assert all(r.escalated and r.submodels == ["D/8", "D"] for r in funnel)
@@ -168,24 +167,24 @@ def test_funnel_with_the_whole_database_as_shortlist_equals_plain_large_search(s
 
 
 def test_margin_gated_funnel_reranks_none_at_zero_and_all_at_inf(searcher, test_images):
-    never = searcher.search(test_images, k=5, funnel=Funnel(D8, D, 50, "margin", 0.0))
+    never = searcher.search(test_images, k=5, cascade=Funnel(D8, D, 50, "margin", 0.0))
     small = searcher.search(test_images, D8, k=5)
     _assert_same_ranking(*_stack(never), *_stack(small))
     assert not any(r.escalated for r in never)
     assert all(r.mflops == pytest.approx(searcher.mflops(D8)) and r.timings["rerank"] == 0 for r in never)
 
-    always = searcher.search(test_images, k=5, funnel=Funnel(D8, D, 50, "margin", np.inf))
-    reference = searcher.search(test_images, k=5, funnel=Funnel(D8, D, 50))
+    always = searcher.search(test_images, k=5, cascade=Funnel(D8, D, 50, "margin", np.inf))
+    reference = searcher.search(test_images, k=5, cascade=Funnel(D8, D, 50))
     _assert_same_ranking(*_stack(always), *_stack(reference))
     assert all(r.escalated and r.mflops == pytest.approx(searcher.mflops(D8) + searcher.mflops(D)) for r in always)
 
 
 def test_adaptive_escalates_none_at_zero_and_all_at_inf(searcher, test_images):
-    never = searcher.search(test_images, k=5, adaptive=Adaptive(D8, D, 0.0))
+    never = searcher.search(test_images, k=5, cascade=Adaptive(D8, D, 0.0))
     _assert_same_ranking(*_stack(never), *_stack(searcher.search(test_images, D8, k=5)))
     assert not any(r.escalated for r in never) and never[0].mflops == pytest.approx(searcher.mflops(D8))
 
-    always = searcher.search(test_images, k=5, adaptive=Adaptive(D8, D, np.inf))
+    always = searcher.search(test_images, k=5, cascade=Adaptive(D8, D, np.inf))
     _assert_same_ranking(*_stack(always), *_stack(searcher.search(test_images, D, k=5)))
     assert all(r.escalated for r in always)
     assert always[0].mflops == pytest.approx(searcher.mflops(D8) + searcher.mflops(D))
@@ -195,7 +194,7 @@ def test_adaptive_in_between_escalates_the_uncertain_queries_and_costs_according
     pixels = searcher.encoder.to_pixels(test_images)
     margins = held_out_margins(searcher.store, searcher.encoder.embed(pixels, D8))
     threshold = calibrate_margin(margins, 0.5)
-    results = searcher.search(test_images, k=5, adaptive=Adaptive(D8, D, threshold))
+    results = searcher.search(test_images, k=5, cascade=Adaptive(D8, D, threshold))
     escalated = np.array([r.escalated for r in results])
     np.testing.assert_array_equal(escalated, margins < threshold)
     assert escalated.mean() == pytest.approx(0.5, abs=0.1)
@@ -257,8 +256,7 @@ def _staged(db, queries, staged, k=3):
         return (queries if sub == D8 else large_queries)[rows]
 
     config = vision_model.get_config("matmamba_vision_fmnist")
-    run = funnel_search if isinstance(staged, Funnel) else adaptive_search
-    return run(db, embed, len(queries), staged, k, config, StageTimer()), embed_calls, config, large_queries
+    return cascade_search(db, embed, len(queries), staged, k, config, StageTimer()), embed_calls, config, large_queries
 
 
 @pytest.mark.parametrize("threshold, escalated", [
@@ -282,7 +280,7 @@ def test_vote_gate_escalates_exactly_the_queries_whose_neighbourhood_disagrees(t
         np.testing.assert_allclose(result.mflops, D8.mflops(config) + want * D.mflops(config))
         small_ids = db.search(queries, 3)[1]
         np.testing.assert_array_equal(result.ids[~want], small_ids[~want])
-        if isinstance(staged, Adaptive) and want.any():  # escalated: searched again with the large embedding
+        if staged.kind == "adaptive" and want.any():  # escalated: searched again with the large embedding
             np.testing.assert_array_equal(result.ids[want], db.search(large_queries, 3)[1][want])
         label = "vote@10<" + f"{threshold:.3g}"
         assert staged.name.endswith(f"D/8->D if {label}") or staged.name.endswith(f"D/8->D @20 if {label}")
@@ -319,22 +317,27 @@ def test_gate_options_are_validated():
     for bad in (dict(rerank_when="vote", vote=0), dict(rerank_when="vote", vote_k=0), dict(rerank_when="never")):
         with pytest.raises(ValueError):
             Funnel(D8, D, 50, **bad)
-    assert Funnel(D8, D, 50).escalation_gate is None and Funnel(D8, D, 50).name == "funnel D/8->D @50"
-    assert Funnel.from_gate(D8, D, 50, Gate("vote", 0.7, 20)) == Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20)
+    assert Funnel(D8, D, 50).gate is None and Funnel(D8, D, 50).name == "funnel D/8->D @50"
+    assert Cascade.funnel(D8, D, 50, Gate("vote", 0.7, 20)) == Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20)
+    assert Cascade.adaptive(D8, D, Gate("vote", 0.7, 20)) == Adaptive(D8, D, gate="vote", vote=0.7, vote_k=20)
+    assert Funnel(D8, D, 50).kind == "funnel" and Adaptive(D8, D).kind == "adaptive"
+    for bad in (dict(stage2="search"), dict(stage2="skip"), dict(shortlist=0)):  # adaptive needs a gate
+        with pytest.raises(ValueError):
+            Cascade(D8, D, **{"gate": None, **bad})
     assert Funnel(D8, D, 50, "vote", vote=0.7, vote_k=20).name == "funnel D/8->D @50 if vote@20<0.7"
     assert Funnel(D8, D, 50, "margin", 0.02).name == "funnel D/8->D @50 if margin<0.02"
     assert Adaptive(D8, D, 0.02).name == "adaptive D/8->D if margin<0.02"
     assert Adaptive(D8, D, gate="vote").name == "adaptive D/8->D if vote@10<0.8"  # the default threshold
-    assert Adaptive.parse("D/8:D:vote0.6") == Adaptive(D8, D, gate="vote", vote=0.6)
-    assert Adaptive.parse("8:1:vote0.8", vote_k=5) == Adaptive(D8, D, gate="vote", vote=0.8, vote_k=5)
-    assert Adaptive.parse("D/8:D:margin0.02") == Adaptive.parse("D/8:D:0.02") == Adaptive(D8, D, 0.02)
-    assert Funnel.parse("D/8:D:100", vote=0.6) == Funnel(D8, D, 100, "vote", vote=0.6)
+    assert Cascade.parse_adaptive("D/8:D:vote0.6") == Adaptive(D8, D, gate="vote", vote=0.6)
+    assert Cascade.parse_adaptive("8:1:vote0.8", vote_k=5) == Adaptive(D8, D, gate="vote", vote=0.8, vote_k=5)
+    assert Cascade.parse_adaptive("D/8:D:margin0.02") == Cascade.parse_adaptive("D/8:D:0.02") == Adaptive(D8, D, 0.02)
+    assert Cascade.parse_funnel("D/8:D:100", vote=0.6) == Funnel(D8, D, 100, "vote", vote=0.6)
     with pytest.raises(ValueError, match="not both"):
-        Funnel.parse("D/8:D:100", margin=0.1, vote=0.6)
+        Cascade.parse_funnel("D/8:D:100", margin=0.1, vote=0.6)
     with pytest.raises(ValueError, match="names no threshold"):
-        Adaptive.parse("D/8:D:vote")
+        Cascade.parse_adaptive("D/8:D:vote")
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        Adaptive.parse("D/8:D:vote1.5")
+        Cascade.parse_adaptive("D/8:D:vote1.5")
 
 
 def test_vote_calibration_hits_the_requested_rate():
@@ -370,13 +373,13 @@ def test_vote_gated_search_on_a_real_index(searcher, test_images):
     assert shares.min() < shares.max()  # some queries agree more than others: the gate has a choice
     threshold = float(shares.max())
     expected = shares < threshold - 1e-9
-    adaptive = searcher.search(test_images, k=5, adaptive=Adaptive(D8, D, gate="vote", vote=threshold))
+    adaptive = searcher.search(test_images, k=5, cascade=Adaptive(D8, D, gate="vote", vote=threshold))
     np.testing.assert_array_equal([r.escalated for r in adaptive], expected)
     plain = searcher.search(test_images, D, k=5)
     for r, s, p, e in zip(adaptive, small, plain, expected):
         np.testing.assert_array_equal(r.ids, (p if e else s).ids[:5])
         assert r.submodels == (["D/8", "D"] if e else ["D/8"])
-    funnel = searcher.search(test_images, k=5, funnel=Funnel(D8, D, 50, "vote", vote=threshold))
+    funnel = searcher.search(test_images, k=5, cascade=Funnel(D8, D, 50, "vote", vote=threshold))
     np.testing.assert_array_equal([r.escalated for r in funnel], expected)
     assert np.mean([r.mflops for r in funnel]) == pytest.approx(searcher.mflops(D8)
                                                                + expected.mean() * searcher.mflops(D))
