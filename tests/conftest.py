@@ -1,12 +1,22 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files.
+
+Triton decides when a kernel is defined (when `vision_model.ops` is first imported) whether it compiles it for a GPU or
+runs it in its CPU interpreter. The suite runs on CPUs: TRITON_INTERPRET=1 is set here, before any test module imports
+vision_model, so that tests/test_kernels.py can run every kernel on CPU tensors in this same process. Nothing else
+changes: on CPU tensors the model takes the PyTorch path whatever the setting.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import vision_model
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import vision_model  # noqa: E402
 
 
 def save_small_model(directory: Path, seed: int, init_std: float | None = None,

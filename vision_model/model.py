@@ -20,7 +20,7 @@ from .ops.backends import resolve_backend
 from .block import Block
 from .cache import DerivedTensorCache
 from .config import MatMambaVisionConfig
-from .ops.patchify import add_token_table_triton, patchify_triton
+from .ops.patchify import add_token_table_ref, add_token_table_triton, patchify_ref, patchify_triton
 
 
 class CosineClassifier(nn.Module):
@@ -91,9 +91,8 @@ class MatMambaVision(DerivedTensorCache):
         conv computed as one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; docs/notes.md, 6)."""
         if self.config.stem == "conv":
             return self.stem(x).flatten(2).transpose(1, 2)
-        b, c, H, W = x.shape
-        p, proj = self.config.patch_size, self.patch_embed.proj
-        patches = x.reshape(b, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        proj = self.patch_embed.proj
+        patches = patchify_ref(x, self.config.patch_size)
         return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
 
     def embed(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
@@ -130,8 +129,7 @@ class MatMambaVision(DerivedTensorCache):
             tokens = self._patch_tokens(x) + self._pos_embed(grid)
             return torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
         # The patch GEMM writes the CLS row too (its patch is zero), then one in-place add puts in the positional
-        # embedding, the patch bias and the CLS token: no concatenation pass over the tokens (0.3 ms at 1024 px,
-        # batch 16, on the H100).
+        # embedding, the patch bias and the CLS token: no concatenation pass over the tokens.
         b, c, H, W = x.shape
         proj = self.patch_embed.proj
         kernels = backend == "triton" and not (torch.is_grad_enabled() and any(
@@ -140,14 +138,13 @@ class MatMambaVision(DerivedTensorCache):
         if kernels and not p & (p - 1):
             patchify_triton(x, p, patches)
         else:
-            unfolded = x.reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
-            patches[:, :-1].view(b, *grid, c, p, p).copy_(unfolded)
+            patchify_ref(x, p, patches)
         patches[:, -1].zero_()
         tokens = F.linear(patches, proj.weight.reshape(proj.out_channels, -1))
         table = self._token_table(grid, x.dtype)
         if tokens.dtype != table.dtype:  # autocast: the stream keeps the input's dtype, as with the conv stem
             return tokens + table
-        return add_token_table_triton(tokens, table[0]) if kernels else tokens.add_(table)
+        return (add_token_table_triton if kernels else add_token_table_ref)(tokens, table[0])
 
     def _token_table(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """(1, tokens, d_model): what `_tokens` adds to the patch GEMM's output. Cached at inference (one per grid and

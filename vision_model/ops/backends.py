@@ -4,7 +4,7 @@ backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference for 
 verified launch for) or our one-kernel SSD forward from `vision_model.ops.ssd_triton` (other inference); mamba-ssm's gated
 RMSNorm (training) or our RMSNorm kernel from `vision_model.ops.rmsnorm` (inference, gated and plain); and at inference
 our fused causal conv + SiLU from `vision_model.ops.conv`. backend="torch" runs the readable PyTorch definitions of all
-of them.
+of them (`ssd_minimal`, and the `*_ref` beside each kernel).
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
-from .rmsnorm import rms_norm_triton, rms_rstd_triton
+from .rmsnorm import gated_rms_norm_ref, rms_norm_ref, rms_norm_triton, rms_rstd_triton, row_rstd_ref
 from .ssd_minimal import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -93,20 +93,17 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: 
 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto",
                    z_scale: Tensor | None = None) -> Tensor:
-    """RMSNorm(y * silu(z)) * weight over the last (possibly nested) dim, computed in fp32, returned in y's dtype;
-    z_scale (y.shape[:-1]) multiplies each row of z first."""
+    """`gated_rms_norm_ref` (RMSNorm(y * silu(z)) * weight, z_scale scaling each row of z first) over the last
+    (possibly nested) dim: our Triton kernel at inference, mamba-ssm's when training on CUDA."""
     backend = resolve_backend(backend, y.device)
     if backend == "triton" and not _needs_grad(y, z, weight):
         return rms_norm_triton(y, weight, eps, z=z, z_scale=z_scale)
-    if z_scale is not None:
-        z = z.float() * z_scale.float().unsqueeze(-1)
-    if backend == "triton":
+    if backend == "triton":  # training on CUDA: mamba-ssm's fused norm, which has a backward
+        if z_scale is not None:
+            z = z.float() * z_scale.float().unsqueeze(-1)
         rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
         return rmsnorm_fn(y, weight, None, z=z.to(y.dtype), eps=eps, group_size=None, norm_before_gate=False)
-    dtype = y.dtype
-    y = y.float() * F.silu(z.float())
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(dtype)
+    return gated_rms_norm_ref(y, z, weight, eps, z_scale)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
@@ -114,12 +111,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Te
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and not _needs_grad(x, weight):
         return rms_norm_triton(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_ref(x, weight, eps)
 
 
 def row_rstd(x: Tensor, eps: float, backend: str = "auto") -> Tensor:
-    """1 / sqrt(mean(x²) + eps) over the last dim, fp32, shaped x.shape[:-1]: what RMSNorm divides each row by."""
+    """`row_rstd_ref`: what RMSNorm divides each row by (our Triton kernel at inference)."""
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and not _needs_grad(x):
         return rms_rstd_triton(x, eps)
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+    return row_rstd_ref(x, eps)

@@ -1,13 +1,12 @@
-"""The token kernels around the patch GEMM, for inference: images to rows of flattened patches, and the per-token
-table added to the GEMM's output.
+"""The token kernels around the patch GEMM: images to rows of flattened patches, and the per-token table added to
+the GEMM's output. The readable definitions (`patchify_ref`, `add_token_table_ref`) and Triton kernels for inference.
 
 The patch embedding is a GEMM over rows of flattened patches, (b, c, H, W) -> (b, H/p * W/p, c * p * p)
-(`MatMambaVision._tokens`).  PyTorch makes them with a permuted copy whose reads come in p-element runs; on the H100
-that copy ran at ~1 TB/s (0.21 ms for a batch of 16 at 1024 px).  Here one program copies a band of p image rows of
-one channel, a block of columns at a time: reads run along image rows and each patch lands as one contiguous run of
-p * p values.  The table (positional embedding, patch bias, CLS token: one row per token) is then added to every
-image's tokens; PyTorch's broadcast add took 0.21 ms at 1024 px, batch 16 (1.3 TB/s), `add_token_table_triton`
-reads and writes each row once.
+(`MatMambaVision._tokens`).  PyTorch makes them with a permuted copy whose reads come in p-element runs, well below
+the memory bandwidth.  Here one program copies a band of p image rows of one channel, a block of columns at a time:
+reads run along image rows and each patch lands as one contiguous run of p * p values.  The table (positional
+embedding, patch bias, CLS token: one row per token) is then added to every image's tokens; PyTorch's broadcast add
+is also slow for its bytes, `add_token_table_triton` reads and writes each row once (measurements: docs/notes.md).
 """
 from __future__ import annotations
 
@@ -20,6 +19,26 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs without Triton: the permuted copy serves them
     triton = None
+
+
+def patchify_ref(x: Tensor, patch: int, out: Tensor | None = None) -> Tensor:
+    """Rows of flattened patches of x (b, c, H, W): (b, H/p * W/p, c * p * p), row-major patches, each patch channel
+    by channel. With `out` (b, >= H/p * W/p, c * p * p), written into its first rows (rows past the patches are left
+    alone) and out returned."""
+    b, c, H, W = x.shape
+    if H % patch or W % patch:
+        raise ValueError(f"image size {(H, W)} must be a multiple of the patch size {patch}")
+    grid = (H // patch, W // patch)
+    unfolded = x.reshape(b, c, grid[0], patch, grid[1], patch).permute(0, 2, 4, 1, 3, 5)
+    if out is None:
+        return unfolded.reshape(b, grid[0] * grid[1], c * patch * patch)
+    out[:, :grid[0] * grid[1]].view(b, *grid, c, patch, patch).copy_(unfolded)
+    return out
+
+
+def add_token_table_ref(tokens: Tensor, table: Tensor) -> Tensor:
+    """tokens (b, T, d) += table (T, d) for every image, in place; returns tokens."""
+    return tokens.add_(table)
 
 
 if triton is not None:

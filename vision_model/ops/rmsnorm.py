@@ -1,16 +1,16 @@
-"""RMSNorm over the last dim, plain or gated (RMSNorm(y * silu(z)), Mamba2's output norm): one Triton kernel for
-inference.
+"""RMSNorm over the last dim, plain or gated (RMSNorm(y * silu(z)), Mamba2's output norm): the readable PyTorch
+definitions (`rms_norm_ref`, `gated_rms_norm_ref`, `row_rstd_ref`) and one Triton kernel for inference.
 
-The block's two norms move a lot of bytes and compute little: at 1024 px a pre-norm that reads and writes the
-d_model-wide stream moves the same 268 MB a layer at every width.  So at inference the block folds the pre-norm's
-weight into in_proj and asks this kernel only for each row's rstd (`rms_rstd_triton`: half the bytes), which the conv,
-dt and the gate apply to in_proj's output; the gated norm takes that rstd as a scale of z.  One program handles a tile
-of up to 4 rows (`launch`); the math runs in fp32, the output has the input's dtype.  The readable definitions live in
-`vision_model.ops.backends`, and the tests hold this kernel to them.
+The block's two norms move a lot of bytes and compute little: a pre-norm that reads and writes the d_model-wide
+stream moves as many bytes at every width.  So at inference the block folds the pre-norm's weight into in_proj and
+asks this kernel only for each row's rstd (`rms_rstd_triton`: half the bytes), which the conv, dt and the gate apply
+to in_proj's output; the gated norm takes that rstd as a scale of z.  One program handles a tile of up to 4 rows
+(`launch`); the math runs in fp32, the output has the input's dtype.  The tests hold the kernel to the references.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -18,6 +18,27 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs without Triton: the PyTorch definitions serve them
     triton = None
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm(x) * weight over the last dim."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def gated_rms_norm_ref(y: Tensor, z: Tensor, weight: Tensor, eps: float, z_scale: Tensor | None = None) -> Tensor:
+    """RMSNorm(y * silu(z)) * weight over the last dim, computed in fp32, returned in y's dtype; z_scale
+    (y.shape[:-1]) multiplies each row of z first."""
+    if z_scale is not None:
+        z = z.float() * z_scale.float().unsqueeze(-1)
+    dtype = y.dtype
+    y = y.float() * F.silu(z.float())
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(dtype)
+
+
+def row_rstd_ref(x: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(mean(x²) + eps) over the last dim, fp32, shaped x.shape[:-1]: what RMSNorm divides each row by."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
 
 
 if triton is not None:
@@ -44,9 +65,9 @@ if triton is not None:
 
 
 def launch(width: int) -> tuple[int, int, int]:
-    """(rows per program, padded width, warps): up to 4 rows and 4096 values a program, 512 values a warp. On the
-    H100 at 1024 px, batch 16, D/8's 256-wide gated norm took 0.068 ms with 4 rows and 2 warps against 0.087 with
-    16 rows and 4; the 1024- and 2048-wide norms were within 3% of their best at every tile tried."""
+    """(rows per program, padded width, warps): up to 4 rows and 4096 values a program, 512 values a warp. Narrow
+    norms (D/8's) ran faster with small tiles and few warps than with 16 rows; wide ones were near their best at every
+    tile tried (docs/notes.md)."""
     block_n = triton.next_power_of_2(width)
     block_m = max(1, min(4, 4096 // block_n))
     return block_m, block_n, max(1, min(4, block_m * block_n // 512))

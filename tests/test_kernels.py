@@ -1,0 +1,176 @@
+"""The Triton kernels of vision_model/ops against their readable references (the `*_ref` beside each kernel, and the
+float64 SSD recurrence), run on CPU tensors by Triton's interpreter: conftest.py sets TRITON_INTERPRET=1 before
+anything defines a kernel. One case per shape / dtype / option, so a failure names its case."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
+
+from vision_model.ops.conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton  # noqa: E402
+from vision_model.ops.patchify import (add_token_table_ref, add_token_table_triton, patchify_ref,  # noqa: E402
+                                       patchify_triton)
+from vision_model.ops.rmsnorm import (gated_rms_norm_ref, rms_norm_ref, rms_norm_triton, rms_rstd_triton,  # noqa: E402
+                                      row_rstd_ref)
+from vision_model.ops.ssd_minimal import ssd_recurrent  # noqa: E402
+from vision_model.ops.ssd_triton import (check_cuda_launch, fused_forward_supported, launch_config,  # noqa: E402
+                                         segments_for, ssd_forward_triton)
+
+
+def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+# -- causal conv1d + SiLU ------------------------------------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("b, l, c, k, with_bias, scaled", [
+    (2, 197, 80, 4, True, False),  # l and c not multiples of the tiles
+    (3, 50, 300, 4, False, False),  # no bias, several channel blocks
+    (1, 1, 17, 3, True, False),  # a sequence shorter than the kernel
+    (2, 70, 130, 2, True, False),
+    (2, 70, 130, 4, True, True),  # each row scaled first (the pre-norm's rstd, folded into in_proj)
+    (1, 3, 17, 4, False, True),
+])
+def test_causal_conv_kernel_equals_reference(b, l, c, k, with_bias, scaled):
+    torch.manual_seed(0)
+    wide = torch.randn(b, l, c + 40)
+    x = wide[..., 10:10 + c]  # a strided view, as the block's x|B|C slice of in_proj's output is
+    w, bias = torch.randn(c, 1, k), (torch.randn(c) if with_bias else None)
+    scale = torch.rand(b, l) + 0.1 if scaled else None
+    y = causal_conv1d_silu_triton(x, w, bias, scale, block_l=16, block_c=64)
+    ref = causal_conv1d_silu_ref(x, w, bias, scale)
+    if scaled:  # the reference scales by multiplying its input
+        torch.testing.assert_close(ref, causal_conv1d_silu_ref(x * scale[..., None], w, bias))
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert max_rel_err(y, ref) < 1e-6
+
+
+# -- RMSNorm -------------------------------------------------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("shape, n, gated, rows, dtype", [
+    ((2, 37), 96, None, 4, torch.float32),  # a ragged last tile
+    ((3, 11), 200, "gated", 4, torch.float32),  # a width that is not a power of two
+    ((1, 5), 64, "gated", 1, torch.float32),  # one row per program
+    ((2, 33), 256, "gated", 16, torch.float16),
+    ((2, 33), 1024, None, None, torch.float16),  # the default launch
+    ((3, 11), 200, "scaled", 4, torch.float32),  # z times a per-row scale (the pre-norm's rstd)
+    ((2, 33), 256, "scaled", None, torch.float16),
+])
+def test_rms_norm_kernel_equals_reference(shape, n, gated, rows, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, n).to(dtype)
+    w = (torch.rand(n) + 0.5).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    rstd = rms_rstd_triton(x, 1e-5)
+    assert rstd.shape == shape and rstd.dtype == torch.float32
+    assert max_rel_err(rstd, row_rstd_ref(x, 1e-5)) < 1e-5
+    if gated:
+        z = torch.randn(*shape, n + 24).to(dtype)[..., 7:7 + n]  # strided: the block's z is a slice of in_proj's
+        s = torch.rand(*shape) + 0.5 if gated == "scaled" else None
+        y = rms_norm_triton(x, w, 1e-5, z=z, z_scale=s, rows_per_program=rows)
+        ref = gated_rms_norm_ref(x, z, w, 1e-5, z_scale=s)
+        if s is not None:  # the reference scales by multiplying z
+            torch.testing.assert_close(ref.float(), gated_rms_norm_ref(x.float(), z.float() * s[..., None],
+                                                                       w.float(), 1e-5), rtol=tolerance, atol=tolerance)
+    else:
+        y, ref = rms_norm_triton(x, w, 1e-5, rows_per_program=rows), rms_norm_ref(x.float(), w.float(), 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert max_rel_err(y, ref) < tolerance
+
+
+# -- patch rows and the token table --------------------------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("b, t, d", [(3, 17, 96), (2, 5, 1024), (1, 3, 5000), (4, 50, 192)])
+def test_token_table_kernel_equals_reference(b, t, d):
+    """Widths below, at and above one program's 4096 values, ragged row tiles."""
+    torch.manual_seed(0)
+    tokens, table = torch.randn(b, t, d), torch.randn(t, d)
+    want = add_token_table_ref(tokens.clone(), table)
+    assert add_token_table_triton(tokens, table) is tokens  # in place
+    assert torch.equal(tokens, want)
+
+
+@interpreted
+@pytest.mark.parametrize("b, c, h, w, p", [
+    (2, 3, 32, 48, 16), (1, 1, 12, 8, 4), (3, 2, 16, 40, 8),
+    (1, 2, 16, 320, 16),  # 320 px at patch 16: two column blocks of 256, the second ragged
+])
+def test_patchify_kernel_equals_reference(b, c, h, w, p):
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w)
+    out = torch.full((b, (h // p) * (w // p) + 1, c * p * p), 7.0)  # one extra (CLS) row, left alone
+    assert patchify_triton(x, p, out) is out
+    assert torch.equal(out[:, :-1], patchify_ref(x, p)) and bool((out[:, -1] == 7.0).all())
+    into = torch.full_like(out, 7.0)
+    assert torch.equal(patchify_ref(x, p, into), out)  # the reference's buffer form: the same contract
+
+
+# -- the one-kernel SSD forward ------------------------------------------------------------------------------------
+
+@interpreted
+@pytest.mark.parametrize("b, l, h, p, n, g, with_d, cfg", [
+    (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16)),  # several chunks with a ragged end
+    (1, 9, 2, 16, 16, 1, True, dict(CHUNK=32, BLOCK_P=16)),  # shorter than one chunk
+    (2, 40, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16)),  # headdim split over two programs
+    (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16)),  # two B/C groups, no D
+    (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=3)),  # the sequence cut into segments
+    (1, 100, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=4)),  # a ragged last segment
+    (1, 33, 4, 16, 16, 2, False, dict(CHUNK=16, BLOCK_P=16, segments=8)),  # more segments than chunks
+    (2, 70, 3, 16, 32, 1, True, dict(CHUNK=16, BLOCK_P=16, dt_scale=True)),  # dt scaled per row (the pre-norm)
+    (1, 100, 2, 32, 20, 1, True, dict(CHUNK=16, BLOCK_P=16, segments=4, dt_scale=True)),
+], ids=lambda arg: "-".join(f"{k}{v}" for k, v in arg.items()) if isinstance(arg, dict) else None)
+def test_ssd_forward_kernel_equals_recurrence(b, l, h, p, n, g, with_d, cfg):
+    """fp32 in the interpreter against the float64 step-by-step recurrence; x, B, C and dt are strided views of one
+    in_proj output, as in the block."""
+    torch.manual_seed(0)
+    cfg = dict(cfg)
+    inner = h * p
+    zxbcdt = torch.randn(b, l, 2 * inner + 2 * g * n + h)
+    x = zxbcdt[..., inner:2 * inner].unflatten(-1, (h, p))
+    B = zxbcdt[..., 2 * inner:2 * inner + g * n].unflatten(-1, (g, n))
+    C = zxbcdt[..., 2 * inner + g * n:2 * inner + 2 * g * n].unflatten(-1, (g, n))
+    dt = zxbcdt[..., 2 * inner + 2 * g * n:] - 1
+    dt_bias, A = torch.rand(h) - 3, -torch.rand(h) * 8
+    D = torch.randn(h) if with_d else None
+    scale = torch.rand(b, l) + 0.5 if cfg.pop("dt_scale", False) else None
+    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale, config=cfg)
+    dt = dt if scale is None else dt * scale[..., None]
+    ref = ssd_recurrent(*(t.double() for t in (x, F.softplus(dt + dt_bias), A, B, C)),
+                        None if D is None else D.double())
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_ssd_forward_launch_policy():
+    """The one-kernel SSD forward cuts sequences into segments only when its (batch, head) programs leave the GPU
+    (here 132 SMs) under-filled, never into segments of fewer than 4 chunks; on CUDA it runs only the launches that
+    were verified on the GPU (whole headdim in one block, 64-long chunks, 4 warps, one stage) and leaves other head
+    shapes to mamba-ssm."""
+    assert segments_for(programs=16 * 32, seqlen=4097, chunk=64, sms=132) == 1  # 135M, 1024 px, D: GPU full
+    assert segments_for(programs=16 * 16, seqlen=4097, chunk=64, sms=132) == 1  # D/2: 256 programs, ~2 per SM
+    assert segments_for(programs=16 * 8, seqlen=4097, chunk=64, sms=132) == 2  # D/4: 128 -> 256 programs
+    assert segments_for(programs=4, seqlen=16385, chunk=64, sms=132) == 64  # batch 1 at 2048 px, D/8: 256-token cuts
+    assert segments_for(programs=4, seqlen=4097, chunk=64, sms=132) == 16  # batch 1 at 1024 px, D/8
+    assert segments_for(programs=4, seqlen=197, chunk=64, sms=132) == 1  # 224 px query: too short to cut
+    # the 135M config (headdim 64, d_state 128) and the Fashion-MNIST model (16, 32) run it; the 35M (16, 128) not
+    assert fused_forward_supported(64, 128) and fused_forward_supported(128, 128) and fused_forward_supported(16, 32)
+    assert not fused_forward_supported(16, 128) and not fused_forward_supported(32, 64)
+    for headdim, d_state in ((64, 128), (16, 32)):
+        config = launch_config(1, 4, headdim, d_state, 197, torch.device("cpu"))
+        assert config["BLOCK_P"] == headdim and config["num_stages"] == 1 and config["num_warps"] == 4
+        check_cuda_launch(config, headdim, d_state)  # the default launch passes its own check
+    good = dict(CHUNK=64, BLOCK_P=64, num_warps=4, num_stages=1)
+    for bad, headdim, d_state in ((dict(good, CHUNK=128), 64, 128), (dict(good, num_warps=8), 64, 128),
+                                  (dict(good, num_stages=2), 64, 128), (dict(good, BLOCK_P=16), 64, 128),
+                                  (dict(good, BLOCK_P=16), 16, 128)):
+        with pytest.raises(ValueError, match="on CUDA only chunks of at most 64, 4 warps, 1 stage"):
+            check_cuda_launch(bad, headdim, d_state)
