@@ -20,9 +20,9 @@ from .ops.backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, r
 from .cache import DerivedTensorCache
 
 
-# At inference in_proj's output rows are padded to a multiple of this: at D/8 of the 135M config on the H100, 772 rows
-# ran cuBLAS's sm80 fallback (0.48 ms of a 1.2 ms layer); 776 rows ran 15.0 ms a batch at 1024 px, 832 rows 14.1
-# (the GEMM, and the conv and gate reading 128-byte aligned rows of its output).
+# At inference in_proj's output rows are padded to a multiple of this: an odd row count (D/8 of the 135M config has
+# 772) sent the GEMM to a slow cuBLAS fallback, and aligned rows also let the conv and the gate read 128-byte aligned
+# rows of its output (measurements: docs/notes.md).
 IN_PROJ_ROW_MULTIPLE = 64
 
 
@@ -73,8 +73,8 @@ class MatMamba2(DerivedTensorCache):
 
     def _weights_for(self, inner: int, in_scale: Tensor | None = None) -> dict[str, Tensor]:
         """nested_weights(inner) plus A = -exp(A_log) in fp32, with in_scale (d_model,) folded into in_proj's columns
-        (W · diag(in_scale)) when given; cached at inference (computing A was three tiny kernels a layer: 0.09 ms of
-        kernel time a batch at D/8, 1024 px, on the H100, plus their launch gaps)."""
+        (W · diag(in_scale)) when given; cached at inference (computing A is three tiny kernels a layer, plus their
+        launch gaps)."""
         if torch.is_grad_enabled() and (self.in_proj.weight.requires_grad
                                         or (in_scale is not None and in_scale.requires_grad)):
             weights = dict(self.nested_weights(inner), A=-torch.exp(self.A_log[:inner // self.headdim].float()))
@@ -106,8 +106,7 @@ class MatMamba2(DerivedTensorCache):
         """residual + forward(u), or with `prenorm`, residual + forward(prenorm(u)) with the norm folded into in_proj
         (see `_mix`); for inference, with the add inside out_proj's GEMM (the residual is its C): one pass over the
         d_model-wide stream fewer than a separate add. u may be the residual itself. Without autograd the residual
-        is updated in place (out of place, PyTorch first copies it into the output: 0.09 ms a layer at 1024 px,
-        batch 16)."""
+        is updated in place (out of place, PyTorch first copies it into the output: one more pass over the stream)."""
         y, w = self._mix(u, inner, backend, prenorm)
         b, l, d = residual.shape
         y, out_w = y.reshape(b * l, -1), w["out_proj.weight"]
@@ -165,7 +164,7 @@ class Block(nn.Module):
         """The same block for inference, x + mixer(norm(x)) with the add inside out_proj's GEMM; without autograd x is
         updated in place. Drop-path has no place here, so training with it uses forward(). The norm is folded into
         in_proj (`MatMamba2._mix`) when fold_norm, by default on the triton backend: there it saves writing a
-        normalised copy of the stream (134 MB a layer at 1024 px, batch 16, on the 135M config)."""
+        normalised copy of the stream, a layer's largest write at high resolution."""
         backend = resolve_backend(backend, x.device)
         if backend == "triton" if fold_norm is None else fold_norm:
             return self.mixer.forward_residual(x, x, inner, backend, prenorm=self.norm)

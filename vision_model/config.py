@@ -143,11 +143,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 CONFIGS: dict[str, MatMambaVisionConfig] = {
     # the paper's ImageNet models
     "matmamba_vision_35m": MatMambaVisionConfig(name="matmamba_vision_35m", d_model=512, depth=20, headdim=16),
-    # headdim 64 (Mamba2's default): the same parameters as 32 but half the SSD heads; the H100 forward at
-    # 1024 px ran 1.22x faster (docs/notes.md, section 6), and D/8 still has 4 heads
+    # headdim 64 (Mamba2's default): the same parameters as 32 but half the SSD heads, a faster forward at high
+    # resolution (docs/notes.md, section 6), and D/8 still has 4 heads
     "matmamba_vision_135m": MatMambaVisionConfig(name="matmamba_vision_135m", d_model=1024, depth=20, headdim=64),
-    # 28x28 grey Fashion-MNIST; trains in minutes on one GPU.  The conv stem lifted test top-1 by 0.4 (D) to 0.9 (D/8)
-    # points over the patch stem in the same 60-epoch recipe (docs/notes.md, section 8)
+    # 28x28 grey Fashion-MNIST; trains in minutes on one GPU.  The conv stem beat the patch stem's test top-1 at
+    # every width, most at D/8, in the same 60-epoch recipe (docs/notes.md, section 8)
     "matmamba_vision_fmnist": MatMambaVisionConfig(
         name="matmamba_vision_fmnist", img_size=28, patch_size=4, stem="conv", in_chans=1, num_classes=10,
         d_model=192, depth=8, expand=2, d_state=32, headdim=16, chunk_size=64, drop_path_rate=0.05,

@@ -1,7 +1,7 @@
 """CUDA graphs for small-batch inference: capture a call once per input shape, replay it afterwards.
 
-A batch-1 query through the 135M encoder launches hundreds of small kernels; on the H100 it took 26.5 ms eagerly and
-1.25 ms as a replayed graph (docs/notes.md).  `GraphedEmbed` keeps one graph per (shape, dtype, widths) and falls back
+A batch-1 query through the 135M encoder launches hundreds of small kernels: eagerly the host's launches take far
+longer than the GPU's work, a replayed graph launches them all at once (docs/notes.md).  `GraphedEmbed` keeps one graph per (shape, dtype, widths) and falls back
 to the eager call where a graph cannot help or cannot be captured (CPU, autograd, large batches).
 """
 from __future__ import annotations

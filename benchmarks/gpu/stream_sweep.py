@@ -254,7 +254,7 @@ VARIANTS = {"previous": None, "current": {}, "unfolded": dict(fold_norm=False), 
 
 def whole_encoder(out, conv, rounds, names, graphs=False, points=((1024, 16, (1, 2, 4, 8)), (2048, 4, (1, 8)))):
     """With `graphs`, each variant is captured once as a CUDA graph and its replays are timed: GPU time without the
-    host's launch cost (eager D/8 at 1024 px was host-bound on one machine: 19 ms against 13 ms of kernels)."""
+    host's launch cost (eager D/8 at 1024 px can be host-bound: the launches take longer than the kernels)."""
     from vision_model.graphs import capture_cuda_graph
     model = create_model("matmamba_vision_135m").to(DEV, DT).eval()
     x = torch.randn(4, 3, 224, 224, device=DEV, dtype=DT)

@@ -2,7 +2,8 @@
 
 mamba-ssm's chunked scan runs as five kernels (dt cumsum, per-chunk states, state passing, C·Bᵀ per chunk, chunk
 scan) and writes every chunk's state (heads × headdim × d_state, fp32) to memory and reads it back: at 1024 px on
-the 135M config that traffic and the five launches were ~45% of the encoder's time (docs/notes.md, section 6).
+the 135M config that traffic and the five launches were a large share of the encoder's time (docs/notes.md,
+section 6).
 Inference needs no saved intermediates, so here one program owns one (batch, head, headdim block) and walks its
 sequence chunk by chunk, keeping the running state on chip:
 
@@ -68,8 +69,8 @@ if triton is not None:
                 decay_j = tl.exp(tl.load(Totals + saved + j))
                 state = state * decay_j + tl.load(States + (saved + j) * N * P + state_tile, mask=state_ok, other=0.0)
         total = 0.0
-        # MODE 0 keeps the whole-sequence loop's constant start: with a runtime start that loop ran 13% slower on
-        # the H100 (0.92 against 0.81 ms at 1024 px, D; Triton 3.6, docs/notes.md section 11)
+        # MODE 0 keeps the whole-sequence loop's constant start: with a runtime start that loop ran slower
+        # (docs/notes.md section 11)
         if MODE == 0:
             seg_start = 0
             seg_end = L
@@ -118,7 +119,7 @@ if triton is not None:
 # results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
 # upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
 # 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
-# (bf16 error up to 2.9e-2 against 2.2e-3 for mamba-ssm). What ran right in every check (benchmarks/gpu/
+# (bf16 errors far above mamba-ssm's). What ran right in every check (benchmarks/gpu/
 # ssd_forward_accuracy.py): 64-long chunks, 4 warps, one stage, and the whole headdim in one block of 64 (headdim a
 # multiple of 64) or of 16 (headdim 16 with d_state <= 32). CUDA launches are held to that; the CPU interpreter,
 # which tests the arithmetic, takes any config.
@@ -156,16 +157,15 @@ MIN_SEGMENT_CHUNKS = 4
 
 
 def segments_for(programs: int, seqlen: int, chunk: int, sms: int) -> int:
-    """How many segments to cut each sequence into so that up to two programs per SM run (never more: at 1024 px
-    D/4's 128 programs ran best in 2 segments, 0.43 ms, against 0.48 ms in 3), each at least `MIN_SEGMENT_CHUNKS`
-    chunks long."""
+    """How many segments to cut each sequence into so that up to two programs per SM run (never more: more segments
+    than that ran slower), each at least `MIN_SEGMENT_CHUNKS` chunks long."""
     return max(1, min(2 * sms // programs, seqlen // (MIN_SEGMENT_CHUNKS * chunk)))
 
 
 def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: int, device: torch.device) -> dict:
     """Chunk length, headdim block, segments, warps and pipeline stages for one call: the whole headdim in one
-    block (narrower blocks recompute each chunk's C·Bᵀ and were slower where they ran right: 2.7 ms against 0.8 ms
-    at 1024 px, D), and with few (batch, head) pairs the sequence cut into segments scanned side by side."""
+    block (narrower blocks recompute each chunk's C·Bᵀ and were several times slower where they ran right), and
+    with few (batch, head) pairs the sequence cut into segments scanned side by side."""
     chunk = 64
     block_p = headdim_block(headdim, d_state) or 16
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
