@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 
 import numpy as np
@@ -14,6 +15,8 @@ from PIL import Image
 import vision_model
 from vision_model import create_model, get_config, submodel_cost
 from vision_model.block import MatMamba2
+from vision_model.device import resolve_device
+from vision_model.fileio import atomic_write
 from vision_model.preprocess import normalize_uint8
 from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 from vision_model.views import VIEW_SETS, black, view, views_of
@@ -313,6 +316,32 @@ def test_inference_weight_cache_follows_parameter_updates():
 
 
 # -- checkpoints, timm, resolution --------------------------------------------------------------------------------
+
+def test_atomic_write_replaces_whole_files_or_leaves_the_old_one(tmp_path):
+    """Bytes or a writer function; a writer that fails half-way leaves the previous file and no temporary file."""
+    path = tmp_path / "doc.json"
+    atomic_write(path, b"first")
+    atomic_write(path, lambda f: np.save(f, np.arange(3)))
+    assert np.load(path).tolist() == [0, 1, 2]
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, half_then_fail)
+    assert np.load(path).tolist() == [0, 1, 2] and [p.name for p in tmp_path.iterdir()] == ["doc.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others where the umask allows it
+
+
+def test_device_names_resolve():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError):
+        resolve_device("gpu")
+
 
 def test_save_load_round_trip(tmp_path):
     model = small_model()
