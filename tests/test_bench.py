@@ -388,7 +388,7 @@ def test_interleaved_best_times_each_call_inside_its_context_every_round():
 def test_knn_gap_finds_planted_mislabelled_database_images(monkeypatch, tmp_path):
     """Relabel a tenth of the database images: the shipped classifier disputes them, and they become the
     neighbours that cost 1-NN queries the classifier gets right."""
-    from benchmarks import knn_gap
+    from evaluation import knn_gap
     from retrieval import datasets
     images, labels = datasets.fashion_mnist("train")
     planted = labels.copy()
