@@ -17,6 +17,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import vision_model  # noqa: E402
+from vision_model.datasets import fashion_mnist_dir  # noqa: E402
+
+needs_fashion_mnist = pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                                         reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
 
 
 def save_small_model(directory: Path, seed: int, init_std: float | None = None,

@@ -27,13 +27,13 @@ def _addmm_inplace_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs)
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-def counted_flops(fn, *args) -> dict[str, int]:
-    """FLOPs per aten op that FlopCounterMode counts (matmuls, convolutions, attention), and the in-place addmm_
-    the encoder's residual add runs in (FlopCounterMode has no formula for it)."""
+def counted_flops(fn, *args) -> int:
+    """All FLOPs FlopCounterMode counts in fn(*args) (matrix products and convolutions), with a formula for the
+    in-place `Tensor.addmm_` the encoder's residual add runs in (FlopCounterMode has none for in-place ops)."""
     custom = {torch.ops.aten.addmm_: _addmm_inplace_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.inference_mode():
         fn(*args)
-    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -149,14 +149,24 @@ def test_dry_run_prints_batch_caps(capsys):
 
 # -- FLOPs --------------------------------------------------------------------------------------------------------
 
-def test_vit_formula_matches_flop_counter_on_a_small_vit():
+@pytest.fixture
+def unfused_timm_attention():
+    """timm's attention written out as matmuls, so the counter sees Q K^T and softmax(.) V as matrix products
+    whichever fused attention kernel this torch would dispatch (FlopCounterMode has formulas for matrix products,
+    not necessarily for every fused attention op)."""
+    from timm.layers import set_fused_attn, use_fused_attn
+    before = (use_fused_attn(), use_fused_attn(experimental=True))
+    set_fused_attn(False)
+    yield
+    set_fused_attn(before[0] or before[1], experimental=before[1])
+
+
+def test_vit_formula_matches_flop_counter_on_a_small_vit(unfused_timm_attention):
     torch.manual_seed(0)
     vit = build_model(parse_model_spec("vit_small_patch16_224:depth=2:embed_dim=64:num_heads=2"),
                       torch.device("cpu"), torch.float32)
     batch, res = 2, 96  # 36 patches + CLS
-    counted = counted_flops(vit, torch.randn(batch, 3, res, res))
-    assert set(counted) == {"aten.convolution", "aten.addmm", "aten._scaled_dot_product_flash_attention_for_cpu"}
-    assert flops_per_image(vit, Setting("full"), res) * batch == sum(counted.values())
+    assert flops_per_image(vit, Setting("full"), res) * batch == counted_flops(vit, torch.randn(batch, 3, res, res))
 
 
 def test_vit_formula_hand_count_for_vit_s16_at_224():
@@ -175,8 +185,7 @@ SMALL = dict(d_model=64, depth=2, d_state=16, headdim=8, chunk_size=16, patch_si
 
 
 def cost_model_parts(cfg, widths, seqlen) -> dict[str, int]:
-    """The cost model's FLOPs split the way FlopCounterMode splits ops: projections are aten.mm, the patch
-    embedding and depthwise convs aten.convolution, the chunked SSD aten.bmm (its matmuls and einsums)."""
+    """The cost model's FLOPs by part: the projections (in_proj, out_proj), the depthwise convs, the chunked SSD."""
     d, N, K = cfg.d_model, cfg.d_state, cfg.d_conv
     parts = {"proj": 0, "conv": 0, "ssd": 0}
     for inner in (cfg.inner_of(w) for w in widths):
@@ -206,6 +215,8 @@ def torch_ssd_extra(cfg, widths, seqlen) -> int:
 @pytest.mark.parametrize("chunk_size", [16, 256])  # several chunks; one chunk
 @pytest.mark.parametrize("widths", [(64, 64), (64, 16)])  # D; Mix'n'Match
 def test_matmamba_cost_model_matches_flop_counter(chunk_size, widths):
+    """The PyTorch backend's counted FLOPs are the cost model's plus exactly the work it is known to do beyond
+    it, part by part; no assumption about which aten ops torch dispatches for them."""
     torch.manual_seed(0)
     model = create_model("matmamba_vision_35m", **{**SMALL, "chunk_size": chunk_size}).eval()
     cfg, res = model.config, 64
@@ -217,23 +228,23 @@ def test_matmamba_cost_model_matches_flop_counter(chunk_size, widths):
     model_total = submodel_cost(cfg, widths=widths, img_size=res, include_head=False).flops
     assert patch_embed + sum(parts.values()) == model_total  # the split above is the cost model, term by term
 
-    # projections and the patch embedding (one GEMM over unfolded patches): exactly the cost model, plus the zero
-    # rows inference pads in_proj with (to a multiple of 64 outputs, for the GPU's GEMM kernels and aligned rows)
-    # and the CLS token's zero patch row (the patch GEMM writes the CLS row too, so no concatenation is needed)
+    # beyond the cost model, torch computes:
+    # - the zero rows inference pads in_proj with (to a multiple of 64 outputs, for the GPU's GEMM kernels and
+    #   aligned rows), and the CLS token's zero patch row (the patch GEMM writes the CLS row too, so no
+    #   concatenation is needed)
     in_rows = [2 * cfg.inner_of(w) + 2 * cfg.d_state + cfg.inner_of(w) // cfg.headdim for w in widths]
     padding = sum(-rows % IN_PROJ_ROW_MULTIPLE for rows in in_rows) * 2 * seqlen * cfg.d_model
     cls_row = 2 * cfg.in_chans * cfg.patch_size ** 2 * cfg.d_model
-    gemms = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.addmm_"))
-    assert gemms == parts["proj"] + patch_embed + padding + cls_row
-    # convolutions: the causal depthwise conv pads K-1 on both sides and drops the tail, so torch computes
-    # (L + K - 1) outputs per channel where L are used; within 5% here (65 tokens), ~1.5% at 224 px
+    # - the causal depthwise conv's padded tail: it pads K-1 on both sides and drops the tail, so (L + K - 1)
+    #   outputs per channel where L are used (within 5% here, 65 tokens; ~1.5% at 224 px)
     K = cfg.d_conv
-    assert counted["aten.convolution"] == parts["conv"] * (seqlen + K - 1) // seqlen
-    assert counted["aten.convolution"] == pytest.approx(parts["conv"], rel=0.05)
-    # SSD: the cost model plus exactly the known difference in how the PyTorch backend passes states
-    assert counted["aten.bmm"] == parts["ssd"] + torch_ssd_extra(cfg, widths, seqlen)
+    conv_tail = parts["conv"] * (K - 1) // seqlen
+    assert conv_tail <= 0.05 * parts["conv"]
+    # - the dense state passing of the PyTorch SSD (torch_ssd_extra)
+    expected = model_total + padding + cls_row + conv_tail + torch_ssd_extra(cfg, widths, seqlen)
+    assert counted == expected
     # all together: within 10% of the cost model at this size
-    assert sum(counted.values()) == pytest.approx(model_total, rel=0.10)
+    assert counted == pytest.approx(model_total, rel=0.10)
 
 
 # -- out of memory ------------------------------------------------------------------------------------------------
@@ -388,12 +399,12 @@ def test_interleaved_best_times_each_call_inside_its_context_every_round():
 def test_knn_gap_finds_planted_mislabelled_database_images(monkeypatch, tmp_path):
     """Relabel a tenth of the database images: the shipped classifier disputes them, and they become the
     neighbours that cost 1-NN queries the classifier gets right."""
-    from evaluation import knn_gap
-    from retrieval import datasets
-    images, labels = datasets.fashion_mnist("train")
+    from evaluation import datasets, knn_gap
+    read = datasets.fashion_mnist
+    images, labels = read("train")
     planted = labels.copy()
     planted[:400:10] = (planted[:400:10] + 1) % 10
-    monkeypatch.setitem(datasets._cache, "train", (images, planted))
+    monkeypatch.setattr(datasets, "fashion_mnist", lambda split: (images, planted) if split == "train" else read(split))
     assert knn_gap.main(["--limit-db", "400", "--limit-queries", "150", "--json", str(tmp_path / "gap.json")]) == 0
     r = json.loads((tmp_path / "gap.json").read_text())
     assert r["database"] == 400 and r["queries"] == 150

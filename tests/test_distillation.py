@@ -12,7 +12,7 @@ import vision_model
 import training.train as train_module
 from vision_model.datasets import fashion_mnist_dir
 from training.model_card import _command, recipe_differences
-from training.teacher import ResNetTeacher, load_teacher
+from training.teacher import ResNetTeacher, build_network, load_teacher
 from test_train import TINY, _resume_after_kill_matches_whole, _train
 
 needs_fmnist = pytest.mark.skipif(not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
@@ -65,12 +65,26 @@ def test_param_groups_decay_conv_weights_of_the_teacher_only():
         teacher(torch.randn(2, 1, 28, 28), level=4)
 
 
+# the default teacher's structure (a full-resolution ResNet of BasicBlocks) at a fraction of its width and depth: the
+# default ResNet-18 made the end-to-end test below the slowest of the suite on CPU, training and running the teacher
+SMALL_TEACHER = dict(channels=[16, 16, 32, 64], layers=[1, 1, 1, 1])
+
+
+def _small_teacher(arch, config, ssd_backend="auto"):
+    if arch == "resnet":
+        return ResNetTeacher(config, **SMALL_TEACHER, drop_path_rate=config.drop_path_rate)
+    return build_network(arch, config, ssd_backend=ssd_backend)
+
+
 @needs_fmnist
 def test_teacher_then_distilled_student_end_to_end_and_resumable(tmp_path, monkeypatch, capsys):
     teacher_dir = tmp_path / "teacher"
-    assert _train(teacher_dir, "--arch", "resnet", "--levels", "1", "--epochs", "1", *SMALL) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "build_network", _small_teacher)
+        assert _train(teacher_dir, "--arch", "resnet", "--levels", "1", "--epochs", "1", *SMALL) == 0
     teacher = load_teacher(teacher_dir / "model")
     assert teacher.arch["name"] == "resnet" and not any(p.requires_grad for p in teacher.parameters())
+    assert {k: teacher.arch[k] for k in SMALL_TEACHER} == SMALL_TEACHER  # loaded as it was trained
     teacher_top1 = json.loads((teacher_dir / "result.json").read_text())["test_top1"]["D"]
 
     # a teacher is no encoder: every command that loads one refuses it by name

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vision_model
+from conftest import needs_fashion_mnist
 from vision_model import create_model, get_config, submodel_cost
 from vision_model.block import MatMamba2
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
+from vision_model.datasets import load_fashion_mnist
 from vision_model.preprocess import normalize_uint8
 from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 from vision_model.views import VIEW_SETS, black, view, views_of
@@ -227,12 +229,38 @@ def test_nested_submodel_equals_standalone_model_from_sliced_weights(widths):
         assert torch.count_nonzero(mixer.dt_bias.grad[inner // mixer.headdim:]) == 0
 
 
-def test_all_widths_write_into_the_same_embedding_space():
-    model = small_model()
-    x = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
-        embs = [model.embed(x, level=lv) for lv in model.config.levels]
-    assert all(e.shape == (2, model.config.d_model) for e in embs)
+@needs_fashion_mnist
+def test_all_widths_write_into_the_same_embedding_space(one_torch_thread):
+    """On the shipped model, an image embedded by a nested submodel (D/2, D/4, D/8) finds that same image's full
+    model (D) embedding among a few hundred others, and its nearest other image at D mostly has its label: the
+    levels share one space, so a database indexed at D serves queries at any level. The control, the same narrow
+    embeddings in a randomly rotated space, finds neither."""
+    model = vision_model.load_model().eval()
+    images, labels = load_fashion_mnist("test")
+    n = 128
+    x, y = normalize_uint8(model.config, images[:n]), labels[:n]
+
+    def embed(level):
+        with torch.no_grad():
+            return F.normalize(torch.cat([model.embed(batch, level=level) for batch in x.split(64)]), dim=1)
+
+    full = embed(1)
+    narrow = {level: embed(level) for level in model.config.levels if level != 1}
+    rotation = torch.linalg.qr(torch.randn(model.config.d_model, model.config.d_model,
+                                           generator=torch.Generator().manual_seed(0)))[0]
+
+    def against_full(queries):
+        scores = queries @ full.T
+        finds_itself = (scores.argmax(1) == torch.arange(n)).float().mean().item()  # chance 1/n
+        scores.fill_diagonal_(-2)  # the nearest other image
+        label_match = (y[scores.argmax(1)] == y).float().mean().item()  # chance ~1/10
+        return finds_itself, label_match
+
+    for level, queries in narrow.items():
+        finds_itself, label_match = against_full(queries)
+        assert finds_itself > 0.4 and label_match > 0.8, (level, finds_itself, label_match)
+        finds_itself, label_match = against_full(queries @ rotation)
+        assert finds_itself < 0.05 and label_match < 0.3, (level, finds_itself, label_match)
 
 
 def test_level_and_widths_validation():
