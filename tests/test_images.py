@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import struct
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,13 +31,11 @@ RAISED = 100_000_000
 NEWLINE_NAME = "two\nlines.png"
 
 
-def _png_claiming_size(width: int, height: int) -> bytes:
-    """A valid little PNG whose header claims width x height pixels: a decompression bomb's calling card."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+def _bmp_claiming_size(width: int, height: int) -> bytes:
+    """A little BMP whose header claims width x height 24-bit pixels (and holds a few): a planted bomb."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    pixels = bytes(64)
+    return struct.pack("<2sIHHI", b"BM", 14 + len(info) + len(pixels), 0, 0, 14 + len(info)) + info + pixels
 
 
 def _alpha_only(size=(640, 400)) -> Image.Image:
@@ -80,7 +77,7 @@ def test_a_raised_limit_admits_a_large_png_decoded_at_reduced_size(big_png):
 def test_a_planted_bomb_names_one_limit_the_one_applied():
     for limit in (None, RAISED):
         with pytest.raises(UnreadableImage) as bomb:
-            decode_image(_png_claiming_size(100_000, 100_000), max_pixels=limit)
+            decode_image(_bmp_claiming_size(100_000, 100_000), max_pixels=limit)
         numbers = re.findall(r"\d{1,3}(?:,\d{3}){2,}", bomb.value.reason)
         assert numbers == ["10,000,000,000", f"{limit or DEFAULT_MAX_PIXELS:,}"], bomb.value.reason
         assert "decompression bomb" in bomb.value.reason
@@ -145,7 +142,7 @@ def wallpapers(tmp_path_factory, big_png) -> SimpleNamespace:
     _alpha_only().save(folder / "waves.png")
     Image.new("RGB", (320, 200), (240, 240, 240)).save(folder / "blank.png")
     _photo((400, 300)).save(folder / NEWLINE_NAME)
-    (folder / "bomb.png").write_bytes(_png_claiming_size(100_000, 100_000))
+    (folder / "bomb.bmp").write_bytes(_bmp_claiming_size(100_000, 100_000))
     (folder / "huge.png").symlink_to(big_png)
     out = tmp_path_factory.mktemp("index") / "idx"
     result = build_index(str(folder), out, progress=False, device="cpu", workers=2, max_image_pixels=RAISED)
@@ -154,7 +151,7 @@ def wallpapers(tmp_path_factory, big_png) -> SimpleNamespace:
 
 def test_index_records_blank_items_and_admits_the_large_png(wallpapers, capsys):
     skipped = {s["key"]: s["reason"] for s in wallpapers.result.skipped}
-    assert list(skipped) == ["bomb.png"] and f"{RAISED:,}" in skipped["bomb.png"]
+    assert list(skipped) == ["bomb.bmp"] and f"{RAISED:,}" in skipped["bomb.bmp"]
     with IndexStore.open(wallpapers.index, device="cpu") as store:
         rows = {row["key"]: row for row in store.metadata(range(len(store)))}
     assert {key: row["blank"] for key, row in rows.items()} == {
