@@ -3,9 +3,9 @@
     python -m benchmarks.decode_speed FILE... [--repeat 7] [--json OUT]
 
 For each file and model input size (28: the shipped Fashion-MNIST model; 224: the paper's ImageNet configs), the
-median over --repeat runs (wall and this thread's CPU time) of decode_image (read + decode + EXIF + flatten) and of to_model_input, with
-target_size=None (every pixel decoded) and target_size=img_size (JPEG draft / integer reduction), as a query and
-an index build decode.
+median over --repeat runs (wall and this thread's CPU time) of decode_image (read + decode + EXIF + flatten) and
+of to_model_input, with target_size=None (every pixel decoded) and target_size=img_size (JPEG draft / integer
+reduction), as a query and an index build decode.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Data (`--data`), each behind a "batches of epoch e from batch i on" iterator tha
   fashion-mnist    the uint8 arrays live on the device; batches are augmented there (random shift, flip, erasing);
                    evaluated on the 10k test split
   imagefolder:DIR  a torchvision ImageFolder tree (labels as ImageFolder assigns them), decoded with Pillow in
-                   DataLoader workers as `preprocess_image` prepares images, plus a random crop (25-100% of the
+                   DataLoader workers as `to_model_input` prepares images, plus a random crop (25-100% of the
                    area, fitted in the config's crop style) and a flip (`data.train_image`); a DistributedSampler
                    shards it under torchrun. Evaluated on --val-data, or on a per-class --val-fraction held out of
                    DIR (by --seed). The model's num_classes and class_names come from the tree. Unreadable images
