@@ -10,7 +10,6 @@ import io
 import json
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +119,7 @@ class Hit:
     score: float
     label: str | None
     key: str
+    blank: bool = False  # the item shows no content (one colour): its score says little
 
 
 @dataclass
@@ -171,7 +171,8 @@ def search(searcher, queries: Sequence[Query], submodel, k: int, cascade=None,
                                   score_threshold=score_threshold)
     outcomes = []
     for query, result in zip(queries, results):
-        hits = [Hit(int(i), float(s), row.get("label_name") if row else None, row.get("key", "") if row else "")
+        hits = [Hit(int(i), float(s), row.get("label_name") if row else None, row.get("key", "") if row else "",
+                    bool(row.get("blank")) if row else False)
                 for i, s, row in zip(result.ids, result.scores, result.metadata)
                 if int(i) != query.exclude_id]
         timings = {stage: float(result.timings.get(stage, 0.0)) for stage in ("decode", "encode", "search", "rerank")}
@@ -183,26 +184,24 @@ def search(searcher, queries: Sequence[Query], submodel, k: int, cascade=None,
 
 
 # -- uploads --------------------------------------------------------------------------------------------------------
-def decode_upload(name: str, data: bytes, settings: Settings) -> Query:
-    """An uploaded file -> a query image, in memory only; UploadRejected says what is wrong with it."""
-    from index.sources import UnreadableImage, decode_image
+def decode_upload(name: str, data: bytes, settings: Settings, target_size: int | None = None) -> Query:
+    """An uploaded file -> a query image, in memory only; UploadRejected says what is wrong with it.
+
+    target_size: the model's img_size, so the upload is decoded (at reduced size) as an index build decodes."""
+    from vision_model.images import UnreadableImage, decode_image
 
     if len(data) > settings.max_upload_bytes:
         raise UploadRejected(f"{name}: the file is {_size(len(data))}, over the limit of "
                              f"{_size(settings.max_upload_bytes)}")
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = decode_image(data, settings.max_pixels)
-            if image.width * image.height > settings.max_pixels:  # belt and braces: decode_image checks too
-                raise UnreadableImage(f"too many pixels ({image.width}x{image.height})")
+        image = decode_image(data, settings.max_pixels, target_size)
     except UnreadableImage as e:
         reason = e.reason
         if "too many pixels" in reason:
             reason = f"the image is too large (the limit is {settings.max_pixels:,} pixels)"
         elif reason.startswith("not a recognised image"):
-            reason = "this is not an image the page can read (JPEG, PNG, WebP, BMP, GIF or TIFF)"
+            reason = "this is not an image the page can read (JPEG, PNG, WebP, BMP, GIF, TIFF or PPM)"
         elif reason.startswith("empty file"):
             reason = "the file is empty"
         raise UploadRejected(f"{name}: {reason}") from None
@@ -219,10 +218,9 @@ def _size(n: int) -> str:
 def thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
     """A display copy: small images (28x28) enlarged with nearest-neighbour so their pixels stay crisp, large
     ones shrunk with bicubic; always RGB or L, at most `size` pixels on the long side."""
-    from vision_model.preprocess import to_mode
+    from vision_model.images import flatten
 
-    grey = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-    img = to_mode(image.copy(), 1 if grey else 3)
+    img = flatten(image.copy())
     long_side = max(img.size)
     if long_side <= SMALL_IMAGE:
         factor = max(1, size // long_side)
@@ -234,7 +232,7 @@ def thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
 def item_thumbnail_png(store, item_id: int, size: int = THUMB_SIZE) -> bytes:
     """A database item's thumbnail, read again from its source; a grey placeholder if the source is gone."""
     try:
-        return png_bytes(thumbnail(store.load_image(item_id), size))
+        return png_bytes(thumbnail(store.load_image(item_id, target_size=size), size))
     except Exception:  # a moved or deleted file must not break the page; the result is still listed
         return png_bytes(Image.new("L", (size, size), 200))
 

@@ -77,7 +77,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from index.store import read_manifest, resolve_version_dir
+    from index.store import count_blank, read_manifest, resolve_version_dir
 
     version_dir = resolve_version_dir(args.directory)
     m = read_manifest(version_dir)
@@ -90,9 +90,11 @@ def _info(args: argparse.Namespace) -> int:
     rate = f", {build['images_per_second']} img/s" if build.get("images_per_second") else ""
     views = describe(m.get("views", DEFAULT_VIEWS))
     views = f", {views}" if views else ""
+    blank = count_blank(version_dir)
+    blank = "" if blank is None else f", {blank} blank (no content: one colour)"
     lines = [
         ("index", f"{version_dir} (version {m['version']})"),
-        ("items", f"{m['count']}{labels}"),
+        ("items", f"{m['count']}{labels}{blank}"),
         ("embedding", f"dim {m['embedding_dim']}, {m['granularity']}, {m['normalization']}-normalised, "
                       f"{m['metric']}{views}"),
         ("faiss", f"{m['index_factory']} ({m['index_type']}: {m['index_choice']}); search {params}"),

@@ -122,12 +122,18 @@ def _cascade(args: argparse.Namespace):
 def _table(name: str, mode: str, result) -> str:
     t = result.timings
     used = " -> ".join(result.submodels)
-    head = (f"{name}  [{mode}; used {used}]  {result.mflops:.1f} MFLOPs  decode {t['decode']:.1f} ms, encode "
-            f"{t['encode']:.1f} ms, search {t['search']:.2f} ms, rerank {t['rerank']:.2f} ms")
-    lines = [head, f"  {'rank':>4}  {'id':>7}  {'score':>7}  {'label':<14}  key"]
+    head = (f"{_printable(name)}  [{mode}; used {used}]  {result.mflops:.1f} MFLOPs  decode {t['decode']:.1f} ms, "
+            f"encode {t['encode']:.1f} ms, search {t['search']:.2f} ms, rerank {t['rerank']:.2f} ms")
+    lines = [head, f"  {'rank':>4}  {'id':>7}  {'score':>7}  {'label':<14}  {'note':<5}  key"]
     for rank, (id_, score, row) in enumerate(zip(result.ids, result.scores, result.metadata), start=1):
-        label = row["label_name"] if row["label_name"] is not None else "-"
-        lines.append(f"  {rank:>4}  {id_:>7}  {score:7.4f}  {label:<14}  {row['key']}")
+        label = _printable(row["label_name"]) if row["label_name"] is not None else "-"
+        note = "blank" if row.get("blank") else "-"  # the item shows no content: one colour
+        lines.append(f"  {rank:>4}  {id_:>7}  {score:7.4f}  {label:<14}  {note:<5}  {_printable(row['key'])}")
     if not len(result.ids):
         lines.append("  (no results)")
     return "\n".join(lines) + "\n"
+
+
+def _printable(text: str) -> str:
+    """One table cell on one line: control characters (a newline in a file name, say) shown as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))

@@ -234,7 +234,8 @@ def header(searcher, settings: Settings) -> None:
     views = f" (each image {describe(store.views)})" if describe(store.views) else ""
     st.caption(f"{len(store):,} images from `{source}` · index `{settings.index_dir}` "
                f"({manifest.get('index_factory', '?')}, {store.dim}-d) · encoder `{searcher.model_dir.name}` "
-               f"({searcher.config.depth} layers, d_model {searcher.config.d_model}). The database was embedded "
+               f"({searcher.config.depth} layers, d_model {searcher.config.d_model}; trained on "
+               f"{searcher.config.describe_training()} images). The database was embedded "
                f"once by the full model{views}; each query is encoded by the submodel you choose.")
 
 
@@ -247,7 +248,7 @@ def query_inputs(searcher, settings: Settings) -> None:
             help="Uploaded files are decoded in memory and never stored.")
         st.caption(f"Up to {settings.max_files} images at once, each at most "
                    f"{settings.max_upload_bytes / 2 ** 20:g} MB and {settings.max_pixels / 1e6:g} megapixels: "
-                   "JPEG, PNG, WebP, BMP, GIF or TIFF.")
+                   "JPEG, PNG, WebP, BMP, GIF, TIFF or PPM.")
         track_uploads(files)
     with gallery_tab:
         gallery(searcher)
@@ -278,7 +279,7 @@ def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
         item_id = query["id"]
         start = time.perf_counter()
         try:
-            image = store.load_image(item_id)
+            image = store.load_image(item_id, target_size=searcher.config.img_size)  # as the index decoded it
         except Exception as e:
             st.error(f"Database item #{item_id} cannot be read from its source: {e}")
             return []
@@ -296,7 +297,7 @@ def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
             if f.size > settings.max_upload_bytes:  # before reading it
                 raise engine.UploadRejected(f"{f.name}: the file is {f.size / 2 ** 20:.1f} MB, over the limit of "
                                             f"{settings.max_upload_bytes / 2 ** 20:g} MB")
-            queries.append(engine.decode_upload(f.name, f.getvalue(), settings))
+            queries.append(engine.decode_upload(f.name, f.getvalue(), settings, searcher.config.img_size))
         except engine.UploadRejected as e:
             st.error(f"Cannot use this upload. {e}")
     return queries
@@ -324,7 +325,8 @@ def show_outcome(index: int, outcome: engine.Outcome, store, k: int) -> None:
         for rank, hit in enumerate(outcome.hits, 1):
             with columns[(rank - 1) % RESULT_COLUMNS].container(key=f"hit-{index}-{rank}"):
                 st.image(item_thumbnail(str(store.directory), hit.id, store), width="stretch")
-                st.markdown(f"**#{rank}** &nbsp;score **{hit.score:.3f}**  \n{hit.label or hit.key}")
+                blank = " &nbsp;· *blank: no content*" if hit.blank else ""
+                st.markdown(f"**#{rank}** &nbsp;score **{hit.score:.3f}**{blank}  \n{hit.label or hit.key}")
                 st.button("More like this", key=f"more-{index}-{rank}-{hit.id}", on_click=set_item_query,
                           args=(hit.id,), width="stretch")
 

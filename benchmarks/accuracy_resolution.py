@@ -23,14 +23,14 @@ from vision_model.datasets import load_fashion_mnist
 from vision_model.device import resolve_device
 from evaluation import metrics  # numpy only: no FAISS needed
 from retrieval import knn  # labels_of: numpy only as well
-from vision_model.preprocess import normalize_uint8
+from vision_model.preprocess import to_model_input
 
 from .measure import synchronize
 from .report import plt
 
 
 def _resized_input(model, images: torch.Tensor, resolution: int) -> torch.Tensor:
-    x = normalize_uint8(model.config, images)
+    x = to_model_input(model.config, images)
     return x if resolution == x.shape[-1] else F.interpolate(x, size=(resolution, resolution), mode="bilinear",
                                                              align_corners=False)
 

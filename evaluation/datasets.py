@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vision_model.datasets import load_fashion_mnist
-from vision_model.preprocess import normalize_uint8
+from vision_model.preprocess import to_model_input
 from vision_model.views import DEFAULT_VIEWS, black, embed_views
 
 from retrieval.encoder import QueryEncoder
@@ -24,19 +23,11 @@ def fashion_mnist(split: str) -> tuple[torch.Tensor, np.ndarray]:
     return _cache[split]
 
 
-def to_model_input(model, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, 1, 28, 28) -> the model's input; through its PIL preprocessing if it expects another shape."""
-    cfg = model.config
-    if images.shape[1:] == (cfg.in_chans, cfg.img_size, cfg.img_size):
-        return normalize_uint8(cfg, images)
-    return model.preprocess([Image.fromarray(img[0].numpy()) for img in images])
-
-
 def fashion_mnist_rows(model, split: str, rows: slice | np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """Model input and labels of some rows of a Fashion-MNIST split."""
     images, labels = fashion_mnist(split)
     rows = np.arange(len(labels))[rows] if isinstance(rows, slice) else np.asarray(rows)
-    return to_model_input(model, images[torch.from_numpy(rows)]), labels[rows]
+    return to_model_input(model.config, images[torch.from_numpy(rows)]), labels[rows]
 
 
 def encode_database(encoder: QueryEncoder, pixels: torch.Tensor, labels: np.ndarray,

@@ -19,7 +19,6 @@ import os
 import shutil
 import sqlite3
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,12 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vision_model import load_model, weights_hash
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
-from vision_model.preprocess import normalize_uint8, preprocess_image
+from vision_model.preprocess import to_model_input
 from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
 
 from . import store
@@ -70,6 +68,7 @@ class _Prepared:
     width: int = 0
     height: int = 0
     pixels: torch.Tensor | None = None  # model input (c, h, w)
+    blank: bool = False  # no content: one colour (vision_model.images.is_blank)
     skip_reason: str | None = None
     already_indexed: bool = False
 
@@ -95,7 +94,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
     add: index only items whose (key, content sha256) the index lacks, appending ids; the model must be the
         index's own (same weights sha256). Without `add`, the index is rebuilt from SOURCE alone.
     limit: only the first `limit` items of SOURCE. max_image_pixels: larger images are skipped as possible
-        decompression bombs (default and upper bound: Pillow's Image.MAX_IMAGE_PIXELS).
+        decompression bombs (default vision_model.images.DEFAULT_MAX_PIXELS, Pillow's default; may be raised).
     views: each image embedded as the normalised sum of the embeddings of these views (vision_model.views: 1, flip,
         shift1, shift2). None means "1" for a new index; with `add`, the index's own, and another set is refused
         (the stored vectors would mix two embeddings).
@@ -137,11 +136,8 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
-        with warnings.catch_warnings():
-            # Pillow only warns about images between its pixel limit and twice that: make it an error to skip
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            encoded = _encode_in_shards(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
-                                        workers, max_image_pixels, progress, on_shard, views)
+        encoded = _encode_in_shards(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
+                                    workers, max_image_pixels, progress, on_shard, views)
 
         stats = {
             "mode": "add" if base is not None else "build",
@@ -268,24 +264,15 @@ def _plan_id(src: ImageSource, model, model_sha: str, shard_size: int, max_pixel
 
 
 # -- decoding and encoding -----------------------------------------------------------------------------------------
-def _to_model_input(config, image: Image.Image | None, array: np.ndarray | None) -> torch.Tensor:
-    if array is not None:
-        if array.shape == (config.in_chans, config.img_size, config.img_size):
-            # the arrays the model was trained on (Fashion-MNIST): normalise only, as in training
-            return normalize_uint8(config, torch.from_numpy(array.copy())[None])[0]
-        image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
-    return preprocess_image(config, image)  # converts odd modes via to_mode
-
-
 def _prepare(item: SourceItem, config, known: frozenset, max_pixels: int | None) -> _Prepared:
     """Runs in a worker thread: read, hash, skip if indexed, decode, preprocess. Never raises for bad input."""
     try:
         raw = read_item(item)
         if (item.key, raw.sha256) in known:
             return _Prepared(item, raw.sha256, already_indexed=True)
-        loaded = decode_item(raw, max_pixels)
-        pixels = _to_model_input(config, loaded.image, loaded.array)
-        return _Prepared(item, raw.sha256, loaded.width, loaded.height, pixels)
+        loaded = decode_item(raw, max_pixels, config.img_size)  # decoded as a query is: same pixels
+        pixels = to_model_input(config, loaded.array.copy() if loaded.array is not None else loaded.image)[0]
+        return _Prepared(item, raw.sha256, loaded.width, loaded.height, pixels, loaded.blank)
     except UnreadableImage as e:
         return _Prepared(item, skip_reason=e.reason)
     except Exception as e:  # a file Pillow decodes but cannot convert, etc.: skip it, the build goes on
@@ -399,7 +386,8 @@ def _encode_shard(model, device: torch.device, items: list[SourceItem], stream: 
         else:
             item = prepared.item
             indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
-                            "sha256": prepared.sha256, "width": prepared.width, "height": prepared.height})
+                            "sha256": prepared.sha256, "width": prepared.width, "height": prepared.height,
+                            "blank": prepared.blank})
             batch.append(prepared)
             if len(batch) == batch_size:
                 flush()
@@ -429,7 +417,8 @@ CREATE TABLE items (
     sha256 TEXT NOT NULL,     -- of the file's bytes (of the array's bytes for Fashion-MNIST)
     width INTEGER,            -- original size
     height INTEGER,
-    source TEXT NOT NULL      -- the SOURCE the item came from: folder path, imagefolder:DIR or fashion-mnist:SPLIT
+    source TEXT NOT NULL,     -- the SOURCE the item came from: folder path, imagefolder:DIR or fashion-mnist:SPLIT
+    blank INTEGER             -- 1: no content (one colour, vision_model.images.is_blank); NULL: not recorded
 );
 CREATE INDEX items_key ON items (key);
 """
@@ -467,7 +456,7 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         for item in meta["indexed"]:
             name = item["label_name"]
             rows.append((row, item["key"], label_of.get(name) if name is not None else None, name, item["sha256"],
-                         item["width"], item["height"], src.spec))
+                         item["width"], item["height"], src.spec, item.get("blank")))
             row += 1
     vectors.flush()
     del vectors
@@ -481,7 +470,9 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
     try:
         if base is None:
             db.executescript(_SCHEMA)
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        store.add_missing_columns(db)  # a base index from before the blank column
+        db.executemany(f"INSERT INTO items ({', '.join(store.METADATA_COLUMNS)}) VALUES "
+                       f"({', '.join('?' * len(store.METADATA_COLUMNS))})", rows)
         db.commit()
     finally:
         db.close()

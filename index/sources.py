@@ -4,36 +4,26 @@
     imagefolder:DIR                            torchvision ImageFolder tree: DIR/<class>/**/<image>, labelled
     DIR (or folder:DIR)                        any folder tree of images, recursive, unlabelled
 
-Items come in a sorted, deterministic order (index shards depend on it). A file that cannot be decoded is
-reported as `UnreadableImage(reason)`, so a build can skip it and say why instead of aborting.
+Items come in a sorted, deterministic order (index shards depend on it). Files are decoded by
+vision_model.images.decode_image; one that cannot be is reported as `UnreadableImage(reason)`, so a build can skip
+it and say why instead of aborting.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Pillow plugins a file may be decoded with, whatever its extension says. Restricting them keeps, e.g., a
-# renamed EPS file from being handed to Ghostscript. (JPEG's opener also reads phone cameras' MPO files.)
-DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")
+from vision_model.images import IMAGE_EXTENSIONS, UnreadableImage, decode_image, is_blank, original_size  # noqa: F401
+
 FASHION_MNIST_PREFIX = "fashion-mnist:"
 IMAGEFOLDER_PREFIX = "imagefolder:"
 FOLDER_PREFIX = "folder:"
-
-
-class UnreadableImage(Exception):
-    """An item that cannot be turned into an image; `reason` says why, in words fit for a report."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,8 +50,13 @@ class LoadedImage:
     sha256: str  # of the file's bytes, or of the array's bytes
     width: int  # original size, as stored
     height: int
-    image: Image.Image | None = None  # fully decoded (file-backed items)
+    image: Image.Image | None = None  # decoded, 'L' or 'RGB', maybe at reduced size (file-backed items)
     array: np.ndarray | None = None  # array-backed items
+
+    @property
+    def blank(self) -> bool:
+        """No content: one colour (vision_model.images.is_blank)."""
+        return is_blank(self.array if self.array is not None else self.image)
 
 
 # -- sources -------------------------------------------------------------------------------------------------------
@@ -138,26 +133,7 @@ def _imagefolder_source(folder: Path, limit: int | None) -> ImageSource:
     return ImageSource(f"{IMAGEFOLDER_PREFIX}{folder}", tuple(items[:limit]), tuple(classes))
 
 
-# -- decoding ------------------------------------------------------------------------------------------------------
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Fully decode an encoded image, or raise UnreadableImage. Modes are left as they are (see to_mode)."""
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)")
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    try:
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)  # reads the header only
-        if limit and img.width * img.height > limit:  # before decoding: the header is all a bomb has to offer
-            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()  # decodes everything, so a truncated file fails here and not later
-        return img
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UnreadableImage(f"too many pixels, possible decompression bomb (limit {limit} pixels): {e}") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage("not a recognised image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # what Pillow's decoders raise on damaged data
-        raise UnreadableImage(f"corrupt or truncated image: {e}") from None
-
-
+# -- reading and decoding (vision_model.images decodes) --------------------------------------------------------
 @dataclass(eq=False)
 class RawItem:
     sha256: str  # of the file's bytes, or of the array's bytes
@@ -177,20 +153,23 @@ def read_item(item: SourceItem) -> RawItem:
     return RawItem(hashlib.sha256(data).hexdigest(), data=data)
 
 
-def decode_item(raw: RawItem, max_pixels: int | None = None) -> LoadedImage:
+def decode_item(raw: RawItem, max_pixels: int | None = None, target_size: int | None = None) -> LoadedImage:
+    """A read item decoded (decode_image: at reduced size for a model of input side `target_size`)."""
     if raw.array is not None:
         return LoadedImage(raw.sha256, raw.array.shape[-1], raw.array.shape[-2], array=raw.array)
-    img = decode_image(raw.data, max_pixels)
-    return LoadedImage(raw.sha256, img.width, img.height, image=img)
+    img = decode_image(raw.data, max_pixels, target_size)
+    width, height = original_size(img)
+    return LoadedImage(raw.sha256, width, height, image=img)
 
 
-def load_item(item: SourceItem, max_pixels: int | None = None) -> LoadedImage:
+def load_item(item: SourceItem, max_pixels: int | None = None, target_size: int | None = None) -> LoadedImage:
     """Read and decode one item, hashing its content; raise UnreadableImage if it cannot be used."""
-    return decode_item(read_item(item), max_pixels)
+    return decode_item(read_item(item), max_pixels, target_size)
 
 
-def load_image(source_spec: str, key: str) -> Image.Image:
-    """The image an index row names (its `source` and `key` columns), for display."""
+def load_image(source_spec: str, key: str, target_size: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """The image an index row names (its `source` and `key` columns), for display (decode_image's options)."""
     if source_spec.startswith(FASHION_MNIST_PREFIX):
         split, _, number = key[len(FASHION_MNIST_PREFIX):].partition("/")
         images, _ = _fashion_mnist_arrays(split)
@@ -200,4 +179,4 @@ def load_image(source_spec: str, key: str) -> Image.Image:
     path = Path(root, key)
     if not path.resolve().is_relative_to(Path(root).resolve()):
         raise ValueError(f"key {key!r} points outside its source folder {root}")
-    return decode_image(path.read_bytes())
+    return decode_image(path, max_pixels, target_size)

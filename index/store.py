@@ -6,7 +6,7 @@ On-disk layout (DIR is what `matsearch index build --out DIR` names):
     DIR/v000003/manifest.json    model, embedding and index description, build stats, skipped files
     DIR/v000003/index.faiss      faiss.write_index; FAISS id i == row i of embeddings.npy == metadata id i
     DIR/v000003/embeddings.npy   float32 (n, d), L2-normalised full-model (level 1) embeddings
-    DIR/v000003/metadata.sqlite  table items(id, key, label, label_name, sha256, width, height, source)
+    DIR/v000003/metadata.sqlite  table items(id, key, label, label_name, sha256, width, height, source, blank)
     DIR/shards/<plan>/...        per-shard work of an unfinished build (resumable); removed once it is published
     DIR/.lock                    held by a running build
 
@@ -36,8 +36,30 @@ METADATA_FILE = "metadata.sqlite"
 FORMAT = "matsearch-index"
 FORMAT_VERSION = 1
 VERSION_NAME = re.compile(r"^v(\d{6})$")
-METADATA_COLUMNS = ("id", "key", "label", "label_name", "sha256", "width", "height", "source")
+METADATA_COLUMNS = ("id", "key", "label", "label_name", "sha256", "width", "height", "source", "blank")
+# columns added after format version 1 was published: (name, SQL type); older tables read them as NULL
+ADDED_COLUMNS = (("blank", "INTEGER"),)
 _SQL_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's variable limit
+
+
+def add_missing_columns(db: sqlite3.Connection) -> None:
+    """Give an items table written before ADDED_COLUMNS existed those columns (NULL: not recorded)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    for name, sql_type in ADDED_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {sql_type}")
+
+
+def count_blank(version_dir: str | Path) -> int | None:
+    """How many items of a version show no content (one colour); None if its build did not record that."""
+    db = sqlite3.connect(f"{(Path(version_dir) / METADATA_FILE).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if "blank" not in {row[1] for row in db.execute("PRAGMA table_info(items)")}:
+            return None
+        recorded, blank = db.execute("SELECT COUNT(blank), COALESCE(SUM(blank), 0) FROM items").fetchone()
+        return int(blank) if recorded else None
+    finally:
+        db.close()
 
 
 class CorruptIndexError(RuntimeError):
@@ -121,7 +143,10 @@ class IndexStore:
         self._gpu_resources = None
         self._torch_vectors = None
         with self._db_lock:
+            present = {row[1] for row in db.execute("PRAGMA table_info(items)")}
             labels = db.execute("SELECT COALESCE(label, -1) FROM items ORDER BY id").fetchall()
+        # columns this version lacks (an index built before they were added) read as NULL
+        self._select = ", ".join(c if c in present else f"NULL AS {c}" for c in METADATA_COLUMNS)
         self.labels = np.fromiter((row[0] for row in labels), dtype=np.int64, count=len(labels))  # -1: none
         self.labels.setflags(write=False)  # a published version never changes
         self.has_labels = bool((self.labels >= 0).any())
@@ -311,21 +336,32 @@ class IndexStore:
             for start in range(0, len(distinct), _SQL_CHUNK):
                 chunk = distinct[start:start + _SQL_CHUNK]
                 rows = self._db.execute(
-                    f"SELECT {', '.join(METADATA_COLUMNS)} FROM items WHERE id IN ({', '.join('?' * len(chunk))})",
+                    f"SELECT {self._select} FROM items WHERE id IN ({', '.join('?' * len(chunk))})",
                     chunk).fetchall()
-                found.update((row[0], dict(zip(METADATA_COLUMNS, row))) for row in rows)
+                found.update((row[0], _row_dict(row)) for row in rows)
         missing = [i for i in distinct if i not in found]
         if missing:
             raise IndexError(f"ids {missing[:5]} are not in this index of {len(self)} items")
         return [found[i] if i >= 0 else None for i in wanted]
 
-    def load_image(self, id: int):
-        """The PIL image item `id` was built from (read again from its source), e.g. to show a result."""
+    def load_image(self, id: int, target_size: int | None = None):
+        """The PIL image item `id` was built from (read again from its source), e.g. to show a result; decoded
+        at reduced size for `target_size` (vision_model.images.decode_image). The pixel limit admits the size
+        the item had when it was indexed (a build may have raised it), and no more."""
+        from vision_model.images import DEFAULT_MAX_PIXELS
+
         row = self.metadata([id])[0]
         if row is None:
             raise IndexError("id -1 names no item")
-        return sources.load_image(row["source"], row["key"])
+        indexed = (row["width"] or 0) * (row["height"] or 0)
+        return sources.load_image(row["source"], row["key"], target_size, max(DEFAULT_MAX_PIXELS, indexed))
 
     def __repr__(self) -> str:
         return (f"IndexStore({str(self.directory)!r}, n={len(self)}, dim={self.dim}, "
                 f"index={self.manifest.get('index_factory')!r}, backend={self.backend!r})")
+
+
+def _row_dict(row: tuple) -> dict:
+    out = dict(zip(METADATA_COLUMNS, row))
+    out["blank"] = None if out["blank"] is None else bool(out["blank"])
+    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from index.sources import UnreadableImage, decode_image
 from vision_model.graphs import GraphedEmbed
-from vision_model.preprocess import normalize_uint8
+from vision_model.images import UnreadableImage, decode_image
+from vision_model.preprocess import to_model_input
 
 from .submodel import Submodel
 
@@ -43,18 +42,15 @@ class EncodedQueries:
     timings: dict[str, float]  # {"decode": ms, "encode": ms} for the whole batch
 
 
-def load_query_image(source: QueryImage, max_pixels: int | None = None) -> Image.Image:
-    """A PIL image from a PIL image, a file path or encoded bytes; UnreadableQuery says what is wrong."""
+def load_query_image(source: QueryImage, max_pixels: int | None = None,
+                     target_size: int | None = None) -> Image.Image:
+    """A PIL image from a PIL image, a file path or encoded bytes (vision_model.images.decode_image: pass the
+    model's img_size as `target_size` to decode as an index build does); UnreadableQuery says what is wrong."""
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, (bytes, bytearray)):
-        name, read = "image bytes", lambda: bytes(source)
-    else:
-        name, read = str(source), lambda: Path(source).read_bytes()
+    name = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        return decode_image(read(), max_pixels)
-    except OSError as e:
-        raise UnreadableQuery(f"{name}: cannot read file: {e.strerror or e}") from None
+        return decode_image(source, max_pixels, target_size)
     except UnreadableImage as e:
         raise UnreadableQuery(f"{name}: {e.reason}") from None
 
@@ -79,20 +75,15 @@ class QueryEncoder:
 
     def to_pixels(self, queries: Queries) -> torch.Tensor:
         """Any supported query form -> (n, c, h, w) float model input on the CPU."""
-        cfg = self.config
-        if isinstance(queries, np.ndarray):
-            queries = torch.from_numpy(queries)
-        if isinstance(queries, torch.Tensor):
-            x = queries if queries.ndim == 4 else queries[None]
-            if x.ndim != 4 or x.shape[1] != cfg.in_chans:
-                raise ValueError(f"query tensors must be (n, {cfg.in_chans}, h, w), got {tuple(queries.shape)}")
-            # uint8 arrays are raw pixels at the model's size (e.g. Fashion-MNIST); floats are preprocessed already
-            return normalize_uint8(cfg, x) if x.dtype == torch.uint8 else x.float()
+        if isinstance(queries, (np.ndarray, torch.Tensor)):
+            # uint8 arrays are raw pixels (e.g. Fashion-MNIST); floats are preprocessed already
+            return to_model_input(self.config, queries)
         if isinstance(queries, (Image.Image, str, os.PathLike, bytes, bytearray)):
             queries = [queries]
         if len(queries) == 0:
             raise ValueError("no query images given")
-        return self.model.preprocess([load_query_image(q) for q in queries])
+        size = self.config.img_size
+        return to_model_input(self.config, [load_query_image(q, target_size=size) for q in queries])
 
     def embed(self, pixels: torch.Tensor, submodel: Submodel) -> np.ndarray:
         """Preprocessed pixels -> (n, d) float32 unit embeddings, in batches of `batch_size`."""

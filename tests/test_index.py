@@ -24,7 +24,7 @@ from index import build as build_module
 from retrieval import knn
 from vision_model.config import FASHION_MNIST_CLASSES
 from vision_model.datasets import load_fashion_mnist
-from vision_model.preprocess import normalize_uint8
+from vision_model.preprocess import to_model_input
 
 PIXEL_LIMIT = 50_000  # lowered limit for the tests: big.png (300 x 300) is over it, every other image under
 GOOD = ["a/nested/n0.png", "a/n1.jpg", "b0.png", "b1.jpeg", "b2.bmp", "b3.tiff", "b4.webp", "b5.png", "b6.jpg",
@@ -201,7 +201,7 @@ def test_fashion_mnist_source_with_limit(tmp_path, model_dir):
     assert rows[7]["label_name"] == FASHION_MNIST_CLASSES[labels[7]]
     assert store.label_names == list(FASHION_MNIST_CLASSES)
     model = vision_model.from_pretrained(model_dir)
-    expected = _embed(model, normalize_uint8(model.config, images[:300]))  # the arrays, as the model trained on
+    expected = _embed(model, to_model_input(model.config, images[:300]))  # the arrays, as the model trained on
     np.testing.assert_allclose(store.vectors, expected, atol=1e-5)
 
 
@@ -293,7 +293,7 @@ def test_views_build_stores_the_normalised_mean_of_each_views_embedding(tmp_path
     assert store.views == "flip"
     model = vision_model.from_pretrained(model_dir)
     images, _ = load_fashion_mnist("test")
-    pixels = normalize_uint8(model.config, images[:40])
+    pixels = to_model_input(model.config, images[:40])
     both = _embed(model, pixels) + _embed(model, pixels.flip(-1))
     expected = both / np.linalg.norm(both, axis=1, keepdims=True)
     np.testing.assert_allclose(store.vectors, expected, atol=1e-5)
@@ -345,7 +345,7 @@ def test_index_types_agree_on_top1_for_small_data(tmp_path, model_dir):
 
     model = vision_model.from_pretrained(model_dir)
     images, _ = load_fashion_mnist("test")
-    fresh = _embed(model, normalize_uint8(model.config, images[400:460]))  # images not in the index
+    fresh = _embed(model, to_model_input(model.config, images[400:460]))  # images not in the index
     queries = np.concatenate([np.asarray(stores["flat"].vectors[:40]), fresh])
     flat_scores, flat_ids = stores["flat"].search(queries, 2)
     # leave out near-ties (a random model maps some images to all but equal vectors): their order is arbitrary

@@ -15,7 +15,8 @@ import training.train as train_module
 from app.cli import main as cli
 from training.data import (ImageFolderDataset, collate_skipping, fashion_mnist_dir, holdout_split,
                                read_image, scan_imagefolder)
-from vision_model.preprocess import preprocess_image
+from vision_model.images import decode_image
+from vision_model.preprocess import to_model_input
 
 TINY = ["--set", "depth=2", "--set", "d_model=32", "--set", "d_state=8", "--set", "headdim=8"]
 TINY_16 = TINY + ["--set", "img_size=16", "--set", "patch_size=4"]
@@ -139,7 +140,8 @@ def test_dataset_preprocesses_augments_and_survives_unreadable_files(tree):
     evaluation = ImageFolderDataset(samples, config, train=False)
     x, y, found = evaluation[good]
     assert found == [] and y == 1
-    assert torch.equal(x, preprocess_image(config, Image.open(samples[good][0])))  # inference's preprocessing
+    query = to_model_input(config, decode_image(samples[good][0], target_size=16))[0]
+    assert torch.equal(x, query)  # an index build's and a query's decoding and preprocessing
     x, y, found = evaluation[bad]
     assert x is None and found[0][0] == samples[bad][0] and "runcated" in found[0][1]
 

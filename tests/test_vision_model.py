@@ -19,7 +19,7 @@ from vision_model.block import MatMamba2
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
 from vision_model.datasets import load_fashion_mnist
-from vision_model.preprocess import normalize_uint8
+from vision_model.preprocess import to_model_input
 from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
 from vision_model.views import VIEW_SETS, black, view, views_of
 
@@ -238,7 +238,7 @@ def test_all_widths_write_into_the_same_embedding_space(one_torch_thread):
     model = vision_model.load_model().eval()
     images, labels = load_fashion_mnist("test")
     n = 128
-    x, y = normalize_uint8(model.config, images[:n]), labels[:n]
+    x, y = to_model_input(model.config, images[:n]), labels[:n]
 
     def embed(level):
         with torch.no_grad():
@@ -538,9 +538,9 @@ def test_views_move_content_and_mirror():
     assert view(dot, 0, -2, False).sum() == 0  # pushed out: the border that comes in is black
     assert [len(VIEW_SETS[s]) for s in ("1", "flip", "shift1", "shift2")] == [1, 2, 10, 18]
     config = get_config("matmamba_vision_fmnist")  # model input: the border comes in as black
-    white = normalize_uint8(config, torch.full((1, 1, 5, 5), 255, dtype=torch.uint8))
+    white = to_model_input(config, torch.full((1, 1, 28, 28), 255, dtype=torch.uint8))
     moved = view(white, 0, 2, False, background=black(config))
-    assert torch.allclose(moved[..., :2], black(config)) and torch.allclose(moved[..., 2:], white[..., :3])
+    assert torch.allclose(moved[..., :2], black(config)) and torch.allclose(moved[..., 2:], white[..., :26])
     assert len(set(VIEW_SETS["shift2"])) == 18
     with pytest.raises(ValueError, match="unknown view set 'mirror'; choose from 1, flip, shift1, shift2"):
         views_of("mirror")

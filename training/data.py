@@ -2,12 +2,10 @@
 
 An ImageFolder tree is DIR/<class>/**/<image>; classes and labels are exactly torchvision's ImageFolder's (sorted
 class folders, its image extensions). `ImageFolderDataset` decodes with Pillow and prepares images as
-`preprocess.preprocess_image` does; an image that cannot be decoded is reported, never fatal (see the class).
+`preprocess.to_model_input` does; an image that cannot be decoded is reported, never fatal (see the class).
 """
 from __future__ import annotations
 
-import gzip
-import io
 import math
 import os
 from pathlib import Path
@@ -15,14 +13,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from vision_model.config import MatMambaVisionConfig
-from vision_model.preprocess import _border, _fit, preprocess_image, to_mode
+from vision_model.images import UnreadableImage, decode_image  # noqa: F401  (UnreadableImage: re-exported)
+from vision_model.preprocess import _fit, model_pixels, to_mode, to_model_input
 
 from vision_model.datasets import DatasetNotFoundError, SPLITS, fashion_mnist_dir, load_fashion_mnist  # noqa: F401  (re-exported for training)
 
@@ -30,23 +28,12 @@ from vision_model.datasets import DatasetNotFoundError, SPLITS, fashion_mnist_di
 # -- ImageFolder trees -----------------------------------------------------------------------------------------
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
-# Pillow plugins a file may be decoded with, whatever its extension says (a renamed EPS file must not reach
-# Ghostscript). JPEG's opener also reads phone cameras' MPO files.
-DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM")
 # train-time crop: a box covering this fraction of the image's area, with an aspect ratio in TRAIN_CROP_RATIO
 TRAIN_CROP_SCALE = (0.25, 1.0)
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
 MAX_CONSECUTIVE_UNREADABLE = 50  # a training sample gives up after this many unreadable replacements in a row
 
 Samples = list[tuple[str, int]]  # (path, label), as torchvision's ImageFolder.samples
-
-
-class UnreadableImage(Exception):
-    """A file that cannot be turned into an image; `reason` says why, in words fit for a report."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def imagefolder_root(spec: str) -> Path:
@@ -94,24 +81,10 @@ def holdout_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[li
     return [i for i in range(len(labels)) if i not in held], sorted(val)
 
 
-def read_image(path: str | os.PathLike, in_chans: int) -> Image.Image:
-    """Decode a file fully into an 8-bit 'L' or 'RGB' image (`preprocess.to_mode`), or raise UnreadableImage."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UnreadableImage(f"cannot read file: {e.strerror or e}") from None
-    if not data:
-        raise UnreadableImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
-        img.load()  # decode everything now, so a truncated file fails here
-        return to_mode(img, in_chans)
-    except Image.DecompressionBombError as e:
-        raise UnreadableImage(f"too many pixels, possible decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage("not a recognised image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
-        raise UnreadableImage(f"corrupt or unsupported image: {e}") from None
+def read_image(path: str | os.PathLike, in_chans: int, target_size: int | None = None) -> Image.Image:
+    """Decode a file (vision_model.images.decode_image) into an 8-bit 'L' or 'RGB' image, or raise
+    UnreadableImage."""
+    return to_mode(decode_image(path, target_size=target_size), in_chans)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -139,23 +112,19 @@ def random_crop_box(width: int, height: int, gen: torch.Generator, scale=TRAIN_C
 
 
 def train_image(config: MatMambaVisionConfig, img: Image.Image, gen: torch.Generator) -> Tensor:
-    """`preprocess_image` with train-time augmentation drawn from `gen`.
+    """`to_model_input` with train-time augmentation drawn from `gen`.
 
-    Mode handling and the dark-background inversion are preprocess_image's (on the whole image); then a random
+    Mode handling and the dark-background inversion are to_model_input's (on the whole image); then a random
     box of 25-100% of the area (aspect 3:4..4:3) is cut out and fitted to img_size exactly as inference fits a
     whole image (config.crop: 'center' resizes the short side and centre-crops, 'pad' fits the long side and
     pads with the border colour), and flipped left-right with probability 1/2.
     """
-    img = to_mode(img, config.in_chans)
-    x = TF.pil_to_tensor(img)
-    if config.dark_background and _border(x).mean() > 127:
-        x = 255 - x
+    x = model_pixels(config, img)
     left, top, w, h = random_crop_box(x.shape[-1], x.shape[-2], gen)
     x = _fit(x[:, top:top + h, left:left + w], config.img_size, config.crop)
     if torch.rand(1, generator=gen).item() < 0.5:
         x = x.flip(-1)
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(config.mean), list(config.std))
+    return to_model_input(config, x)[0]
 
 
 class ImageFolderDataset(Dataset):
@@ -182,7 +151,8 @@ class ImageFolderDataset(Dataset):
         for k in range(min(len(self.samples), MAX_CONSECUTIVE_UNREADABLE)):
             path, label = self.samples[(index + k) % len(self.samples)]
             try:
-                img = read_image(path, self.config.in_chans)
+                # evaluation decodes as an index build or a query does; training crops, so it keeps every pixel
+                img = read_image(path, self.config.in_chans, None if self.train else self.config.img_size)
             except UnreadableImage as e:
                 unreadable.append((path, e.reason))
                 if not self.train:
@@ -191,7 +161,7 @@ class ImageFolderDataset(Dataset):
             if self.train:
                 x = train_image(self.config, img, torch.Generator().manual_seed(seed))
             else:
-                x = preprocess_image(self.config, img)
+                x = to_model_input(self.config, img)[0]
             return x, label, unreadable
         raise RuntimeError(f"{len(unreadable)} unreadable images in a row from {self.samples[index][0]}; "
                            f"the last: {unreadable[-1][1]}")

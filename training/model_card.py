@@ -182,12 +182,21 @@ def _reproduce(tc: dict, res: dict) -> str:
     return first + f"`{_command(tc)}`"
 
 
+def _trained_on(config: dict, meta: dict) -> str:
+    from vision_model.config import MatMambaVisionConfig
+    from vision_model.hub import with_training_data
+
+    return with_training_data(MatMambaVisionConfig.from_dict(config), meta).describe_training()
+
+
 def markdown(card: dict, config: dict, meta: dict) -> str:
     tc, res = meta.get("train_config", {}), meta.get("result", {})
     rows = card["rows"]
     lines = [f"# {config['name']}: nested MatMamba-Vision trained on Fashion-MNIST", "",
              "A MatMamba-Vision encoder whose four granularities (D, D/2, D/4, D/8) were trained jointly, so every "
              "submodel (and every Mix'n'Match mix of widths) embeds into the same space.", "",
+             f"Trained on: {_trained_on(config, meta)} images. Images unlike these (colour photos into a grey model, "
+             "images many times its input size) are embedded, but what they show is mostly lost.", "",
              "## Config", "", "| field | value |", "|---|---|"]
     for k in ("img_size", "patch_size", "d_model", "depth", "expand", "d_state", "headdim", "chunk_size",
               "drop_path_rate"):

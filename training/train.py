@@ -13,7 +13,7 @@ Data (`--data`), each behind a "batches of epoch e from batch i on" iterator tha
   fashion-mnist    the uint8 arrays live on the device; batches are augmented there (random shift, flip, erasing);
                    evaluated on the 10k test split
   imagefolder:DIR  a torchvision ImageFolder tree (labels as ImageFolder assigns them), decoded with Pillow in
-                   DataLoader workers as `preprocess_image` prepares images, plus a random crop (25-100% of the
+                   DataLoader workers as `to_model_input` prepares images, plus a random crop (25-100% of the
                    area, fitted in the config's crop style) and a flip (`data.train_image`); a DistributedSampler
                    shards it under torchrun. Evaluated on --val-data, or on a per-class --val-fraction held out of
                    DIR (by --seed). The model's num_classes and class_names come from the tree. Unreadable images
@@ -52,7 +52,7 @@ from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, hol
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
 from vision_model.hub import save_pretrained, weights_hash
-from vision_model.preprocess import normalize_uint8
+from vision_model.preprocess import to_model_input
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
 
 
@@ -163,7 +163,7 @@ class FashionMnistBatches:
             step = epoch * self.steps_per_epoch + i
             idx = perm[i * bs + self.rank * per_rank: i * bs + (self.rank + 1) * per_rank].to(self.device)
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * self.world + self.rank)  # resumable aug
-            yield normalize_uint8(self.config, augment(self.x[idx], gen, erase_prob=tc.erase_prob)), self.y[idx]
+            yield to_model_input(self.config, augment(self.x[idx], gen, erase_prob=tc.erase_prob)), self.y[idx]
 
     def evaluate(self, model, levels, amp_ctx) -> dict:
         return evaluate(model, self.xte, self.yte, self.config, self.device, levels=levels, amp_ctx=amp_ctx)
@@ -359,7 +359,7 @@ def evaluate_batches(model, batches: Iterable[tuple[Tensor, Tensor]], device, le
 def evaluate(model, x: Tensor, y: Tensor, config, device, levels=None, widths_list=None, batch_size=1000,
              amp_ctx=nullcontext(), backend="auto") -> dict:
     """`evaluate_batches` over uint8 images x (n, c, h, w) and labels y, e.g. the Fashion-MNIST test split."""
-    batches = ((normalize_uint8(config, x[i:i + batch_size].to(device)), y[i:i + batch_size])
+    batches = ((to_model_input(config, x[i:i + batch_size].to(device)), y[i:i + batch_size])
                for i in range(0, len(x), batch_size))
     return evaluate_batches(model, batches, device, levels, widths_list, amp_ctx, backend)
 

@@ -44,6 +44,9 @@ class MatMambaVisionConfig:
     dark_background: bool = False  # trained on light-on-dark images: queries with a light border get inverted
     class_names: tuple[str, ...] = field(default_factory=tuple)
     name: str = "matmamba_vision"
+    # the training data, in words (e.g. "Fashion-MNIST"); "" when unknown. Loading a model folder fills it in
+    # from the training record when the folder's config.json predates the field (hub.from_pretrained)
+    trained_on: str = ""
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -120,6 +123,11 @@ class MatMambaVisionConfig:
         if len(widths) != self.depth:
             raise ValueError(f"widths needs one width per layer ({self.depth}), got {len(widths)}")
         return tuple(self.check_width(w) for w in widths)
+
+    def describe_training(self) -> str:
+        """What the model was trained on, in words: e.g. "28×28 grey Fashion-MNIST"."""
+        kind = f"{self.img_size}×{self.img_size} {'grey' if self.in_chans == 1 else 'colour'}"
+        return f"{kind} {self.trained_on}" if self.trained_on else kind
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights + a JSON config in one folder. Nothing is unpickled or executed on load."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +44,20 @@ def read_config(directory: str | os.PathLike) -> tuple[MatMambaVisionConfig, dic
     if "arch" in doc:
         raise ValueError(f"{Path(directory)} holds a {doc['arch'].get('name')} distillation teacher, not a "
                          f"MatMamba-Vision encoder: pass it to `matsearch train --teacher`, or pick an encoder folder")
-    return MatMambaVisionConfig.from_dict(doc["config"]), doc.get("meta", {})
+    meta = doc.get("meta", {})
+    return with_training_data(MatMambaVisionConfig.from_dict(doc["config"]), meta), meta
+
+
+def with_training_data(config: MatMambaVisionConfig, meta: dict) -> MatMambaVisionConfig:
+    """`config` with `trained_on` filled in from the training record (meta.train_config.data) where it is empty."""
+    data = (meta.get("train_config") or {}).get("data") if isinstance(meta, dict) else None
+    if config.trained_on or not isinstance(data, str):
+        return config
+    if data == "fashion-mnist":
+        return dataclasses.replace(config, trained_on="Fashion-MNIST")
+    if data.startswith("imagefolder:"):
+        return dataclasses.replace(config, trained_on=f"images of the folder {Path(data.split(':', 1)[1]).name}")
+    return config
 
 
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu",

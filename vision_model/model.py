@@ -198,6 +198,7 @@ class MatMambaVision(DerivedTensorCache):
 
     # -- preprocessing ------------------------------------------------------------------------------------------
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> Tensor:
-        """PIL images of any size and mode -> (b, in_chans, img_size, img_size) normalised float tensor."""
-        from .preprocess import preprocess_images
-        return preprocess_images(self.config, images)
+        """PIL images of any size and mode -> (b, in_chans, img_size, img_size) normalised float tensor
+        (preprocess.to_model_input)."""
+        from .preprocess import to_model_input
+        return to_model_input(self.config, images)

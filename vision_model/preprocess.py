@@ -1,37 +1,43 @@
-"""PIL image (any size, any mode) -> the tensor a MatMamba-Vision model was trained on."""
+"""Images -> the tensor a MatMamba-Vision model was trained on: `to_model_input`, the one way in.
+
+    x = to_model_input(config, pil_image_or_images)     # (n, c, img_size, img_size) float32
+    x = to_model_input(config, uint8_pixels)             # (n, c, img_size, img_size) arrays: normalised only
+
+PIL images (any size, any mode; vision_model.images decodes files) are flattened to the model's channels,
+inverted for a model trained on light-on-dark images when their border is light, fitted to img_size (config.crop)
+and normalised. uint8 pixels already at the model's shape (Fashion-MNIST arrays, training batches on any device)
+are only normalised, exactly as in training; uint8 pixels of another shape go through the PIL path.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import threading
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from .config import MatMambaVisionConfig
+from .images import flatten, original_size
+
+log = logging.getLogger(__name__)
+
+ModelInput = Union[Image.Image, Sequence[Image.Image], Tensor, np.ndarray]
+# An image whose short side is this many times the model's input size or more is "much larger" than what the
+# model was trained on: most of what it shows is averaged away before the model sees it.
+MUCH_LARGER = 16
+COLOUR_CHROMA = 8.0  # mean |R-G| + |G-B| (0-255 scale) above which an image counts as a colour image
 
 
 def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Normalise an image's mode to 8-bit 'L' (1 channel) or 'RGB' (3 channels).
-
-    Handles EXIF rotation, animations (first frame), palettes and transparency (composited on white),
-    16/32-bit integer and float images (rescaled to their own range), CMYK, LAB and the rest via PIL.
-    """
-    if getattr(img, "is_animated", False):
-        img.seek(0)
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("L" if in_chans == 1 else "RGB")
+    """An image as the model's channels see it: 8-bit 'L' (1 channel) or 'RGB' (3), flattened as a person sees it
+    (vision_model.images.flatten: first frame, transparency on a contrasting background, 16-bit rescaled)."""
+    img = flatten(img)
+    mode = "L" if in_chans == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)
 
 
 def _fit(img: Tensor, size: int, crop: str) -> Tensor:
@@ -54,25 +60,100 @@ def _border(img: Tensor) -> Tensor:
     return frame.mean(-1)
 
 
-def preprocess_image(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
-    img = to_mode(img, config.in_chans)
-    x = TF.pil_to_tensor(img)  # uint8 (c, h, w)
+def model_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+    """uint8 (c, h, w) of an image at its own size, in the model's channels, inverted for a model trained on
+    light-on-dark images when the image's border is light (a product photo on white). Training crops from this."""
+    domain_check(config, img)
+    x = TF.pil_to_tensor(to_mode(img, config.in_chans))
     if config.dark_background and _border(x).mean() > 127:
-        x = 255 - x  # a product photo on white, for a model trained on light-on-dark images
-    x = _fit(x, config.img_size, config.crop)
+        x = 255 - x
+    return x
+
+
+def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
     x = TF.to_dtype(x, torch.float32, scale=True)
     return TF.normalize(x, list(config.mean), list(config.std))
 
 
-def preprocess_images(config: MatMambaVisionConfig, images: Image.Image | Sequence[Image.Image]) -> Tensor:
+def _from_pil(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+    return _normalize(config, _fit(model_pixels(config, img), config.img_size, config.crop))
+
+
+def to_model_input(config: MatMambaVisionConfig, images: ModelInput) -> Tensor:
+    """PIL image(s) or uint8 pixels ((c, h, w) or (n, c, h, w), tensor or array) -> model input (n, c, s, s).
+
+    Float tensors are taken as model input already (checked for shape only)."""
     if isinstance(images, Image.Image):
         images = [images]
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if isinstance(images, Tensor):
+        x = images if images.ndim == 4 else images[None]
+        if x.ndim != 4 or x.shape[1] not in (1, 3, config.in_chans):
+            raise ValueError(f"pixels must be (n, c, h, w) or (c, h, w), got {tuple(images.shape)}")
+        if x.is_floating_point():
+            if tuple(x.shape[1:]) != (config.in_chans, config.img_size, config.img_size):
+                raise ValueError(f"model input must be (n, {config.in_chans}, {config.img_size}, {config.img_size}), "
+                                 f"got {tuple(images.shape)}")
+            return x.float()
+        if tuple(x.shape[1:]) == (config.in_chans, config.img_size, config.img_size):
+            return _normalize(config, x)  # the arrays the model was trained on: normalised only, as in training
+        arrays = x.cpu().numpy()
+        images = [Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)) for a in arrays]
+    images = list(images)
     if not images:
-        raise ValueError("preprocess needs at least one image")
-    return torch.stack([preprocess_image(config, img) for img in images])
+        raise ValueError("no images given")
+    return torch.stack([_from_pil(config, img) for img in images])
 
 
-def normalize_uint8(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
-    """Already-sized uint8 images (b, c, h, w), e.g. Fashion-MNIST arrays -> model input."""
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(config.mean), list(config.std))
+# -- domain: does an image fit what the model was trained on? -------------------------------------------------------
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def domain_mismatch(config: MatMambaVisionConfig, img: Image.Image) -> str | None:
+    """Why `img` does not fit the model (colour into a grey model, much larger than its input), or None."""
+    problems = []
+    if config.in_chans == 1 and _is_colour(img):
+        problems.append("colour")
+    width, height = original_size(img)
+    if min(width, height) >= MUCH_LARGER * config.img_size:
+        problems.append(f"{width}×{height} px")
+    return " and ".join(problems) or None
+
+
+def _is_colour(img: Image.Image) -> bool:
+    if img.mode in ("1", "L", "LA", "La", "I", "I;16", "F"):
+        return False
+    small = flatten(img).convert("RGB")
+    factor = min(small.size) // 32
+    arr = np.asarray(small.reduce(factor) if factor >= 2 else small, dtype=np.float32)
+    chroma = np.abs(arr[..., 0] - arr[..., 1]) + np.abs(arr[..., 1] - arr[..., 2])
+    return float(chroma.mean()) > COLOUR_CHROMA
+
+
+def domain_check(config: MatMambaVisionConfig, img: Image.Image) -> None:
+    """Log a warning, once per model and run, the first time an image does not fit the model."""
+    if config.name in _warned:
+        return
+    mismatch = domain_mismatch(config, img)
+    if mismatch is None:
+        return
+    with _warned_lock:
+        if config.name in _warned:
+            return
+        _warned.add(config.name)
+    log.warning("warning: %s", domain_message(config, mismatch))
+
+
+def domain_message(config: MatMambaVisionConfig, mismatch: str) -> str:
+    return (f"the model {config.name} was trained on {config.describe_training()} images, and these images are "
+            f"{mismatch}: its results will reflect little of what they show. Use a model trained on such images: "
+            "`matsearch model list` shows the shipped models, `matsearch model import` brings in the paper's "
+            "ImageNet checkpoints")
+
+
+def reset_domain_warnings() -> None:
+    """Forget which models were warned about (a new run in the same process)."""
+    with _warned_lock:
+        _warned.clear()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .preprocess import normalize_uint8
+from .preprocess import to_model_input
 
 View = tuple[int, int, bool]  # (dy, dx, mirrored)
 DEFAULT_VIEWS = "1"
@@ -62,7 +62,8 @@ def view(images: Tensor, dy: int, dx: int, mirrored: bool, background: Tensor | 
 
 def black(config) -> Tensor:
     """The model-input value (c, 1, 1) of a black pixel: the background of shifted views of preprocessed images."""
-    return normalize_uint8(config, torch.zeros(1, config.in_chans, 1, 1, dtype=torch.uint8))[0]
+    zeros = torch.zeros(1, config.in_chans, config.img_size, config.img_size, dtype=torch.uint8)
+    return to_model_input(config, zeros)[0, :, :1, :1]
 
 
 def embed_views(embed: Callable[[Tensor], np.ndarray], pixels: Tensor, view_set: str,
