@@ -34,10 +34,10 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
     return img.convert("L" if in_chans == 1 else "RGB")
 
 
-def _fit(img: Tensor, size: int, crop: str) -> Tensor:
+def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
     h, w = img.shape[-2:]
     if crop == "center":
-        img = TF.resize(img, size, antialias=True)  # short side -> size
+        img = TF.resize(img, resize_size or size, antialias=True)  # short side -> resize_size (default size)
         return TF.center_crop(img, [size, size])
     scale = size / max(h, w)  # long side -> size, then pad with the border colour
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -59,7 +59,7 @@ def preprocess_image(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
     x = TF.pil_to_tensor(img)  # uint8 (c, h, w)
     if config.dark_background and _border(x).mean() > 127:
         x = 255 - x  # a product photo on white, for a model trained on light-on-dark images
-    x = _fit(x, config.img_size, config.crop)
+    x = _fit(x, config.img_size, config.crop, config.resize_size)
     x = TF.to_dtype(x, torch.float32, scale=True)
     return TF.normalize(x, list(config.mean), list(config.std))
 
