@@ -61,7 +61,9 @@ def check_against_official(model_dir: Path) -> dict[str, float]:
 
 def test_imported_fixture_gives_the_official_logits_and_features(imported):
     errs = check_against_official(imported)
-    assert max(errs.values()) <= 2e-3, errs
+    # the fixture's official outputs come from fp32 dots (Triton's CPU interpreter), so agreement is far inside the
+    # 2e-3 that the official kernels' TF32 rounding allows on a GPU
+    assert max(errs.values()) <= 1e-4, errs
     want, _ = expected_outputs()
     # the levels really differ, so matching each one is not matching one output four times
     assert rel_err(want["features_L8"], want["features_L1"]) > 0.05

@@ -231,9 +231,9 @@ def resolve_source(src: str) -> tuple[Path, str]:
         from huggingface_hub import snapshot_download
         folder = snapshot_download(repo, allow_patterns=["config.json", *OFFICIAL_WEIGHT_FILES, "README.md"])
     except Exception as e:  # offline (HF_HUB_OFFLINE=1), no network, unknown repo, gated repo
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else "no detail"
         raise CheckpointError(f"{src}: could not download from the Hugging Face Hub ({type(e).__name__}: "
-                              f"{reason[:160]}); {hint}") from None
+                              f"{reason}); {hint}") from None
     return Path(folder), f"https://huggingface.co/{repo}"
 
 
