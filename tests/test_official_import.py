@@ -139,6 +139,7 @@ def test_paper_presets_are_what_the_importer_makes_of_the_paper_configs():
         assert shapes["layers.0.mixer.A_log"] == (heads,) and shapes["layers.0.mixer.norm.weight"] == (2 * d_model,)
         layer = sum(v.numel() for k, v in model.state_dict().items() if k.startswith("blocks.0."))
         params = sum(v.numel() for v in model.state_dict().values()) + 19 * layer
+        assert vision_model.submodel_cost(preset).params == params
         assert abs(params / 1e6 - {512: 35, 1024: 135}[d_model]) < 4
 
 
