@@ -35,12 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model_command == "import":
-        return _import(args)
-    if args.model_command == "list":
-        return _list(args)
-    args.model_parser.print_help()
-    return 2
+    action = {"import": _import, "list": _list}.get(args.model_command)
+    if action is None:
+        args.model_parser.print_help()
+        return 2
+    return action(args)
 
 
 def _import(args: argparse.Namespace) -> int:

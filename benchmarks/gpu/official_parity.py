@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     models = [k for k in args.speed_models.split(",") if k]
     speed_rows = speed(matmamba, models, [int(v) for v in args.sizes.split(",")], levels,
                        started + args.budget_s) if models else []
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "parity": parity_rows,
+    result = {"device": "cpu (Triton interpreter)" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__, "parity": parity_rows,
               "speed": speed_rows, "wall_s": round(time.time() - started, 1),
               "all_parity_ok": all(r["ok"] for r in parity_rows)}
     if args.out:
