@@ -300,7 +300,7 @@ def speed(matmamba, models, sizes, levels, deadline: float) -> list[dict]:
             _, kw, _ = SHAPES[key]
             kw = {**kw, "image_size": size}
             with torch.device("cuda"):
-                ours = vision_model.create_model(f"matmamba_vision_{key}", img_size=size)
+                ours = vision_model.create_model(f"matmamba_vision_{key}", img_size=size, resize_size=None)
             ours = ours.to(torch.bfloat16).eval()
             official = build_official(matmamba, "cuda", 0, **kw).to(torch.bfloat16)
             for lv in levels:
