@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "budget": ("evaluation.frontier", "measure the Pareto frontier of Mix'n'Match submodels (accuracy vs cost) for a model"),
     "eval": ("evaluation.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
     "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT)"),
+    "model": ("app.model_cli", "import the paper's released checkpoints as model folders; list the shipped models"),
     "app": ("app.launch", "start the Streamlit search UI"),
     "demo": ("app.demo", "the main job: index Fashion-MNIST with the shipped model, query it at every granularity"),
 }

@@ -19,6 +19,7 @@ import streamlit as st  # noqa: E402
 
 from app import engine  # noqa: E402
 from app.settings import Settings, from_argv  # noqa: E402
+from vision_model.preprocess import decode_size  # noqa: E402
 from vision_model.views import describe  # noqa: E402
 
 GALLERY_SIZE = 16
@@ -279,7 +280,7 @@ def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
         item_id = query["id"]
         start = time.perf_counter()
         try:
-            image = store.load_image(item_id, target_size=searcher.config.img_size)  # as the index decoded it
+            image = store.load_image(item_id, target_size=decode_size(searcher.config))  # as the index decoded it
         except Exception as e:
             st.error(f"Database item #{item_id} cannot be read from its source: {e}")
             return []

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from vision_model import load_model, weights_hash
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
-from vision_model.preprocess import to_model_input
+from vision_model.preprocess import decode_size, to_model_input
 from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
 
 from . import store
@@ -270,7 +270,7 @@ def _prepare(item: SourceItem, config, known: frozenset, max_pixels: int | None)
         raw = read_item(item)
         if (item.key, raw.sha256) in known:
             return _Prepared(item, raw.sha256, already_indexed=True)
-        loaded = decode_item(raw, max_pixels, config.img_size)  # decoded as a query is: same pixels
+        loaded = decode_item(raw, max_pixels, decode_size(config))  # decoded as a query is: same pixels
         pixels = to_model_input(config, loaded.array.copy() if loaded.array is not None else loaded.image)[0]
         return _Prepared(item, raw.sha256, loaded.width, loaded.height, pixels, loaded.blank)
     except UnreadableImage as e:

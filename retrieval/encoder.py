@@ -22,7 +22,7 @@ from PIL import Image
 
 from vision_model.graphs import GraphedEmbed
 from vision_model.images import UnreadableImage, decode_image
-from vision_model.preprocess import to_model_input
+from vision_model.preprocess import decode_size, to_model_input
 
 from .submodel import Submodel
 
@@ -82,7 +82,7 @@ class QueryEncoder:
             queries = [queries]
         if len(queries) == 0:
             raise ValueError("no query images given")
-        size = self.config.img_size
+        size = decode_size(self.config)
         return to_model_input(self.config, [load_query_image(q, target_size=size) for q in queries])
 
     def embed(self, pixels: torch.Tensor, submodel: Submodel) -> np.ndarray:

@@ -147,12 +147,12 @@ class MatMamba2(DerivedTensorCache):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + drop_path(mixer(norm(x)))."""
+    """Pre-norm residual block: x + drop_path(mixer(norm(x))); the norm is RMSNorm or LayerNorm (`make_norm`)."""
 
     def __init__(self, d_model: int, d_inner: int, d_state: int, d_conv: int, headdim: int, chunk_size: int,
-                 drop_path: float = 0.0, eps: float = 1e-5):
+                 drop_path: float = 0.0, eps: float = 1e-5, norm: str = "rmsnorm"):
         super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=eps)
+        self.norm = make_norm(norm, d_model, eps)
         self.mixer = MatMamba2(d_model, d_inner, d_state, d_conv, headdim, chunk_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -162,10 +162,23 @@ class Block(nn.Module):
     def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto",
                       fold_norm: bool | None = None) -> Tensor:
         """The same block for inference, x + mixer(norm(x)) with the add inside out_proj's GEMM; without autograd x is
-        updated in place. Drop-path has no place here, so training with it uses forward(). The norm is folded into
+        updated in place. Drop-path has no place here, so training with it uses forward(). An RMSNorm is folded into
         in_proj (`MatMamba2._mix`) when fold_norm, by default on the triton backend: there it saves writing a
-        normalised copy of the stream, a layer's largest write at high resolution."""
+        normalised copy of the stream, a layer's largest write at high resolution. A LayerNorm (weight
+        and bias, the paper's) is computed on its own by PyTorch's kernel, whatever fold_norm says."""
         backend = resolve_backend(backend, x.device)
+        if isinstance(self.norm, nn.LayerNorm):
+            normed = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+            return self.mixer.forward_residual(normed, x, inner, backend)
         if backend == "triton" if fold_norm is None else fold_norm:
             return self.mixer.forward_residual(x, x, inner, backend, prenorm=self.norm)
         return self.mixer.forward_residual(rms_norm(x, self.norm.weight, self.norm.eps, backend), x, inner, backend)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The norm of a block or of the model's output: "rmsnorm" (weight) or "layernorm" (weight and bias)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")

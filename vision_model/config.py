@@ -28,7 +28,16 @@ class MatMambaVisionConfig:
     headdim: int = 16
     chunk_size: int = 256
     drop_path_rate: float = 0.0
+    # the block pre-norms and the final norm: "rmsnorm" (weight only) or "layernorm" (weight and bias: the paper's)
+    norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    # the positional embedding has a row for the CLS token (its last row: the CLS token goes after the patches), as
+    # in the paper's models; without it the CLS token carries no position
+    cls_pos: bool = False
+    # the embedding (and the head's input): the final-norm CLS token ("cls") or the mean of the final-norm patch
+    # tokens ("avg")
+    pool: str = "cls"
+    patch_bias: bool = True  # the patch embedding's projection has a bias
     # "linear": affine class logits; "cosine": head_scale * cos(embedding, class weight), which trains the
     # embedding's angles, the quantity cosine retrieval ranks by
     head: str = "linear"
@@ -41,6 +50,9 @@ class MatMambaVisionConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     crop: str = "center"  # "center": resize the short side and crop; "pad": fit the long side and pad
+    # with crop="center", the short side is resized to this before the img_size centre crop (ImageNet evaluation:
+    # 256 for 224); None resizes it to img_size
+    resize_size: int | None = None
     dark_background: bool = False  # trained on light-on-dark images: queries with a light border get inverted
     class_names: tuple[str, ...] = field(default_factory=tuple)
     name: str = "matmamba_vision"
@@ -67,6 +79,12 @@ class MatMambaVisionConfig:
             raise ValueError(f"head must be 'linear' or 'cosine', got {self.head!r}")
         if self.crop not in ("center", "pad"):
             raise ValueError(f"crop must be 'center' or 'pad', got {self.crop!r}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.pool not in ("cls", "avg"):
+            raise ValueError(f"pool must be 'cls' or 'avg', got {self.pool!r}")
+        if self.resize_size is not None and (self.crop != "center" or self.resize_size < self.img_size):
+            raise ValueError(f"resize_size={self.resize_size} needs crop='center' and at least img_size={self.img_size}")
 
     @property
     def inner_dim(self) -> int:
@@ -148,12 +166,19 @@ class MatMambaVisionConfig:
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
+# The paper's architecture (ScaledFoundations/MatMamba, MatMamba2Vision): LayerNorm pre-norms and final norm, a
+# positional row for the CLS token, mixer head dim d_model / 32, evaluated at 224 px centre-cropped from 256.
+PAPER = dict(norm="layernorm", cls_pos=True, resize_size=256)
+
 CONFIGS: dict[str, MatMambaVisionConfig] = {
-    # the paper's ImageNet models
-    "matmamba_vision_35m": MatMambaVisionConfig(name="matmamba_vision_35m", d_model=512, depth=20, headdim=16),
-    # headdim 64 (Mamba2's default): the same parameters as 32 but half the SSD heads, a faster forward at high
-    # resolution (docs/notes.md, section 6), and D/8 still has 4 heads
-    "matmamba_vision_135m": MatMambaVisionConfig(name="matmamba_vision_135m", d_model=1024, depth=20, headdim=64),
+    # the paper's ImageNet models, exactly: `matsearch model import` loads their released weights into these
+    "matmamba_vision_35m": MatMambaVisionConfig(name="matmamba_vision_35m", d_model=512, depth=20, headdim=16, **PAPER),
+    "matmamba_vision_135m": MatMambaVisionConfig(name="matmamba_vision_135m", d_model=1024, depth=20, headdim=32,
+                                                 **PAPER),
+    # not the paper's: for training from scratch.  headdim 64 (Mamba2's default) has the same parameters as 32 but half
+    # the SSD heads and our one-kernel SSD forward (docs/notes.md, section 6); RMSNorm lets in_proj absorb the pre-norm
+    "matmamba_vision_135m_fast": MatMambaVisionConfig(name="matmamba_vision_135m_fast", d_model=1024, depth=20,
+                                                      headdim=64),
     # 28x28 grey Fashion-MNIST; trains in minutes on one GPU.  The conv stem beat the patch stem's test top-1 at
     # every width, most at D/8, in the same 60-epoch recipe (docs/notes.md, section 8)
     "matmamba_vision_fmnist": MatMambaVisionConfig(

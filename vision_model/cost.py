@@ -24,12 +24,16 @@ class Cost:
 
 def _layer_params(cfg: MatMambaVisionConfig, inner: int) -> int:
     d, N, K, h = cfg.d_model, cfg.d_state, cfg.d_conv, inner // cfg.headdim
-    return (d  # pre-norm
+    return (_norm_params(cfg)  # pre-norm
             + d * (2 * inner + 2 * N + h)  # in_proj rows: z, x, B, C, dt
             + (inner + 2 * N) * (K + 1)  # depthwise conv weight + bias over x, B, C
             + 3 * h  # dt_bias, A_log, D
             + inner  # gated-norm weight
             + inner * d)  # out_proj columns
+
+
+def _norm_params(cfg: MatMambaVisionConfig) -> int:
+    return cfg.d_model * (2 if cfg.norm == "layernorm" else 1)  # LayerNorm: weight and bias
 
 
 def ssd_flops(seqlen: int, inner: int, d_state: int, chunk_size: int) -> int:
@@ -53,7 +57,7 @@ def stem_cost(cfg: MatMambaVisionConfig, img_size: int) -> Cost:
     d, p, c = cfg.d_model, cfg.patch_size, cfg.in_chans
     patches = (img_size // p) ** 2
     if cfg.stem != "conv":
-        return Cost(params=c * p * p * d + d, flops=2 * patches * c * p * p * d)
+        return Cost(params=c * p * p * d + d * cfg.patch_bias, flops=2 * patches * c * p * p * d)
     params = flops = 0
     size = img_size
     for cout in cfg.stem_channels:  # 3x3 stride-2 conv (no bias) + BatchNorm weight and bias
@@ -74,9 +78,9 @@ def submodel_cost(cfg: MatMambaVisionConfig, level: int | None = None, widths: S
     seqlen = patches + 1  # + CLS suffix
     stem = stem_cost(cfg, img_size)
     params = (stem.params
-              + cfg.grid_size ** 2 * d + d  # position embedding, CLS token
+              + (cfg.grid_size ** 2 + cfg.cls_pos) * d + d  # position embedding, CLS token
               + sum(_layer_params(cfg, i) for i in inners)
-              + d)  # final norm
+              + _norm_params(cfg))  # final norm
     flops = stem.flops + sum(_layer_flops(cfg, i, seqlen) for i in inners)
     if include_head:
         params += d * cfg.num_classes + (cfg.num_classes if cfg.head == "linear" else 0)  # cosine: no bias

@@ -17,7 +17,7 @@ from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_n
 from torch import Tensor
 
 from .ops.backends import resolve_backend
-from .block import Block
+from .block import Block, make_norm
 from .cache import DerivedTensorCache
 from .config import MatMambaVisionConfig
 from .ops.patchify import add_token_table_ref, add_token_table_triton, patchify_ref, patchify_triton
@@ -49,14 +49,16 @@ class MatMambaVision(DerivedTensorCache):
                 nn.Conv2d(chans[-1], cfg.d_model, 1))
         else:
             self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model,
-                                          strict_img_size=False)
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2, cfg.d_model))
+                                          strict_img_size=False, bias=cfg.patch_bias)
+        # with cls_pos, the last row is the CLS token's position (the CLS token goes after the patches)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2 + cfg.cls_pos, cfg.d_model))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.inner_dim, cfg.d_state, cfg.d_conv, cfg.headdim, cfg.chunk_size, rate, cfg.norm_eps)
+            Block(cfg.d_model, cfg.inner_dim, cfg.d_state, cfg.d_conv, cfg.headdim, cfg.chunk_size, rate, cfg.norm_eps,
+                  cfg.norm)
             for rate in rates)
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.head = (CosineClassifier(cfg.d_model, cfg.num_classes, cfg.head_scale) if cfg.head == "cosine"
                      else nn.Linear(cfg.d_model, cfg.num_classes))
         self._init_weights()
@@ -81,10 +83,16 @@ class MatMambaVision(DerivedTensorCache):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """(1, grid tokens, d_model): the patches' positional embedding, interpolated to another grid."""
         g = self.config.grid_size
+        pos = self.pos_embed[:, :g * g]
         if grid == (g, g):
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
+            return pos
+        return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
+
+    def _cls_token(self) -> Tensor:
+        """(1, 1, d_model): the CLS token with its positional row, if it has one."""
+        return self.cls_token + self.pos_embed[:, -1:] if self.config.cls_pos else self.cls_token
 
     def _patch_tokens(self, x: Tensor) -> Tensor:
         """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the conv stem, or the patch embedding's strided
@@ -97,7 +105,8 @@ class MatMambaVision(DerivedTensorCache):
 
     def embed(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
               backend: str | None = None) -> Tensor:
-        """(b, c, h, w) images -> (b, d_model) final-norm CLS features: the retrieval embedding."""
+        """(b, c, h, w) images -> (b, d_model) final-norm CLS features (pool="avg": the mean of the final-norm patch
+        tokens): the retrieval embedding."""
         if x.ndim != 4 or x.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images (b, {self.config.in_chans}, h, w), got {tuple(x.shape)}")
         p = self.config.patch_size
@@ -118,6 +127,8 @@ class MatMambaVision(DerivedTensorCache):
                 tokens = blk(tokens, inner, backend)
             else:
                 tokens = blk.forward_fused(tokens, inner, backend)
+        if self.config.pool == "avg":
+            return self.norm(tokens[:, :-1]).mean(1)
         return self.norm(tokens[:, -1])
 
     def _tokens(self, x: Tensor, backend: str = "torch") -> Tensor:
@@ -127,7 +138,7 @@ class MatMambaVision(DerivedTensorCache):
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         if self.config.stem == "conv":
             tokens = self._patch_tokens(x) + self._pos_embed(grid)
-            return torch.cat([tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+            return torch.cat([tokens, self._cls_token().expand(tokens.shape[0], -1, -1)], dim=1)
         # The patch GEMM writes the CLS row too (its patch is zero), then one in-place add puts in the positional
         # embedding, the patch bias and the CLS token: no concatenation pass over the tokens.
         b, c, H, W = x.shape
@@ -154,7 +165,7 @@ class MatMambaVision(DerivedTensorCache):
 
         def build():
             pos = self._pos_embed(grid)
-            return torch.cat([pos if bias is None else pos + bias, self.cls_token], dim=1).to(dtype)
+            return torch.cat([pos if bias is None else pos + bias, self._cls_token()], dim=1).to(dtype)
 
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return build()
@@ -191,7 +202,8 @@ class MatMambaVision(DerivedTensorCache):
         inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
         out = {k: v for k, v in self.state_dict().items() if not k.startswith("blocks.")}
         for i, (blk, inner) in enumerate(zip(self.blocks, inners)):
-            out[f"blocks.{i}.norm.weight"] = blk.norm.weight
+            for k, v in blk.norm.named_parameters():
+                out[f"blocks.{i}.norm.{k}"] = v
             for k, v in blk.mixer.nested_weights(inner).items():
                 out[f"blocks.{i}.mixer.{k}"] = v
         return {k: v.detach().clone() for k, v in out.items()}

@@ -32,6 +32,12 @@ MUCH_LARGER = 16
 COLOUR_CHROMA = 8.0  # mean |R-G| + |G-B| (0-255 scale) above which an image counts as a colour image
 
 
+def decode_size(config: MatMambaVisionConfig) -> int:
+    """The smallest size an image must be decoded at for `to_model_input` to see the same pixels as from the full
+    image: the short side the preprocessing resizes to before its crop (resize_size), else img_size."""
+    return max(config.img_size, config.resize_size or 0)
+
+
 def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
     """An image as the model's channels see it: 8-bit 'L' (1 channel) or 'RGB' (3), flattened as a person sees it
     (vision_model.images.flatten: first frame, transparency on a contrasting background, 16-bit rescaled)."""
@@ -40,10 +46,10 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def _fit(img: Tensor, size: int, crop: str) -> Tensor:
+def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
     h, w = img.shape[-2:]
     if crop == "center":
-        img = TF.resize(img, size, antialias=True)  # short side -> size
+        img = TF.resize(img, resize_size or size, antialias=True)  # short side -> resize_size (default size)
         return TF.center_crop(img, [size, size])
     scale = size / max(h, w)  # long side -> size, then pad with the border colour
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -76,7 +82,7 @@ def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
 
 
 def _from_pil(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
-    return _normalize(config, _fit(model_pixels(config, img), config.img_size, config.crop))
+    return _normalize(config, _fit(model_pixels(config, img), config.img_size, config.crop, config.resize_size))
 
 
 def to_model_input(config: MatMambaVisionConfig, images: ModelInput) -> Tensor:
