@@ -1,8 +1,14 @@
 """`matsearch train`: jointly train the nested granularities of a MatMamba-Vision encoder.
 
 One optimizer step sees every trained granularity (D, D/2, D/4, D/8):
-  --schedule all    each micro-batch is run at every level; the level losses are averaged
-  --schedule cycle  the step's micro-batches cycle through the levels, one level each, loss / len(levels)
+  --schedule all      each micro-batch is run at every level; the level losses are averaged
+  --schedule cycle    the step's micro-batches cycle through the levels, one level each, loss / len(levels)
+  --schedule sampled  the whole batch at D plus at one narrower level, taken in turn by step; the narrower loss is
+                      weighted (len(levels) - 1) times, so that the expected gradient is the `all` schedule's. Four
+                      passes cannot cost less than about 2x one at D: the residual stream, norms and stem are as wide
+                      at D/8 as at D (docs/notes/train28.md), while D plus one narrower pass costs about 1.4x.
+A step's levels share one stem pass (its activations computed once, its backward run once on the summed
+gradient; not under DDP, whose hooks expect whole forward passes).
 Recipe: AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping, label smoothing, drop-path,
 bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs,
 distillation of every level from a convolutional teacher (`--arch resnet` trains one, `--teacher DIR` uses it),
@@ -47,11 +53,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from vision_model.config import get_config
+from vision_model.ops.backends import current_fusions
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    load_fashion_mnist, sample_seed, scan_imagefolder)
 from vision_model.hub import save_pretrained, weights_hash
 from vision_model.preprocess import normalize_uint8
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
+
+
+SCHEDULES = ("all", "cycle", "sampled")
 
 
 @dataclass
@@ -65,7 +75,7 @@ class TrainConfig:
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # DataLoader worker processes
     out: str = "runs/fmnist"
     levels: tuple[int, ...] = (1, 2, 4, 8)
-    schedule: str = "all"  # "all" | "cycle"
+    schedule: str = "all"  # "all" | "cycle" | "sampled"
     distill: float = 0.0  # weight of the KL to the full level's soft outputs (0: off)
     distill_temperature: float = 2.0  # of every soft-target KL (self-distillation and teacher)
     teacher: str | None = None  # model/ folder of a `--arch resnet` run: every pass also matches its soft outputs
@@ -300,21 +310,40 @@ def soft_target_kl(logits: Tensor, target_logits: Tensor, temperature: float) ->
                     reduction="batchmean") * T * T
 
 
+def step_levels(tc: TrainConfig, step: int) -> tuple[list[int], dict[int, float]]:
+    """The levels one step of `tc.schedule` runs on its whole batch, and the weight of each level's loss."""
+    n = len(tc.levels) + tc.mnm_samples
+    if tc.schedule != "sampled" or len(tc.levels) == 1:
+        return list(tc.levels), {lv: 1.0 / n for lv in tc.levels}
+    full, narrower = tc.levels[0], tc.levels[1:]
+    picked = narrower[step % len(narrower)]  # in turn: every level equally often, and a resumed run picks the same
+    return [full, picked], {full: 1.0 / n, picked: len(narrower) / n}
+
+
 def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
-                 mnm: Sequence[Sequence[int]] = (), teacher: torch.nn.Module | None = None) -> dict:
+                 mnm: Sequence[Sequence[int]] = (), teacher: torch.nn.Module | None = None,
+                 weights: dict[int, float] | None = None, share_stem: bool = False) -> dict:
     """Forward+backward at `levels`, then at each Mix'n'Match `mnm` widths, on one micro-batch (gradients
     accumulate); returns each level's loss (and the mean loss of the Mix'n'Match passes under "mnm").
-    With a `teacher` network, every pass is distilled from its soft outputs on the same (augmented) images."""
+    `weights` scales each level's loss (default 1 / (levels + Mix'n'Match passes) of `tc`). With a `teacher`
+    network, every pass is distilled from its soft outputs on the same (augmented) images. With `share_stem` the
+    stem runs once: each pass starts from a detached copy of its tokens, and their summed gradient goes through
+    the stem's backward once at the end."""
     losses, full_logits, full_emb = {}, None, None
     scale = 1.0 / (len(tc.levels) + tc.mnm_samples)
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad(), amp_ctx:
             teacher_logits = teacher(x).float()
+    stem, shared = None, {}
     passes = [(level, dict(level=level)) for level in levels] + [("mnm", dict(widths=list(w))) for w in mnm]
+    if share_stem and len(passes) > 1:
+        with amp_ctx:
+            stem = model.stem_tokens(x)
+        shared = dict(tokens=stem.detach().requires_grad_())
     for level, kwargs in passes:
         with amp_ctx:
-            logits, emb = model(x, **kwargs, return_embedding=True)
+            logits, emb = model(x, **kwargs, **shared, return_embedding=True)
             # soft targets (Mixup/CutMix) come smoothed already
             smoothing = 0.0 if y.is_floating_point() else tc.label_smoothing
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -327,11 +356,13 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
                 loss = loss + tc.align * (1 - F.cosine_similarity(emb.float(), full_emb, dim=-1)).mean()
         if level == 1:
             full_logits, full_emb = logits.detach().float(), emb.detach().float()
-        (loss * scale).backward()
+        (loss * (scale if weights is None or level == "mnm" else weights[level])).backward()
         if level == "mnm":
             losses["mnm"] = losses.get("mnm", 0.0) + loss.item() / len(mnm)
         else:
             losses[level] = loss.item()
+    if stem is not None:
+        stem.backward(shared["tokens"].grad)
     return losses
 
 
@@ -384,8 +415,13 @@ def _is_main() -> bool:
 
 
 def train(tc: TrainConfig) -> dict:
-    if tc.mnm_samples and tc.schedule != "all":
-        raise ValueError("--mnm-samples needs --schedule all (each Mix'n'Match pass runs on the whole micro-batch)")
+    if tc.mnm_samples and tc.schedule == "cycle":
+        raise ValueError("--mnm-samples needs --schedule all or sampled (each Mix'n'Match pass runs on the whole "
+                         "micro-batch)")
+    if tc.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {tc.schedule!r}; choose from {SCHEDULES}")
+    if tc.schedule == "sampled" and tc.levels[0] != 1:
+        raise ValueError("--schedule sampled runs the first of --levels every step: it must be 1 (D)")
     if tc.arch != "matmamba" and (tuple(tc.levels) != (1,) or tc.mnm_samples or tc.distill or tc.align
                                   or tc.teacher):
         raise ValueError(f"--arch {tc.arch} trains one network of one width: use --levels 1, without "
@@ -468,6 +504,7 @@ def train(tc: TrainConfig) -> dict:
         planned = True
         if _is_main():
             print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
+    share_stem = not ddp and tc.arch == "matmamba" and current_fusions().shared_stem
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if tc.amp and device.type == "cuda" else nullcontext()
     metrics_file = open(out / "metrics.jsonl", "a")
@@ -491,9 +528,11 @@ def train(tc: TrainConfig) -> dict:
                 # timm's Mixup draws from numpy's global RNG: seeded by the step, for resuming
                 np.random.seed((tc.seed * 1_000_003 + step * world + rank) % 2 ** 32)
                 xb, yb = mixup(xb, yb)
-            if tc.schedule == "all":
+            if tc.schedule in ("all", "sampled"):
                 mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
-                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm, teacher)
+                levels, weights = step_levels(tc, step)
+                losses = level_losses(train_model, xb, yb, tc, levels, amp_ctx, mnm, teacher, weights,
+                                      share_stem=share_stem)
             elif tc.schedule == "cycle":  # micro-batch j runs only level j
                 losses = {}
                 for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
@@ -607,7 +646,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DataLoader worker processes decoding ImageFolder images (0: in the training process)")
     p.add_argument("--out", default=d.out, help="run folder: checkpoint, metrics.jsonl, final model/")
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="granularities trained jointly")
-    p.add_argument("--schedule", choices=["all", "cycle"], default=d.schedule)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="all: every level every step; cycle: one level per micro-batch; sampled: D plus one "
+                        "narrower level in turn, weighted to the same expected gradient (see the module docstring)")
     p.add_argument("--distill", type=float, default=d.distill, help="self-distillation weight (0: off)")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help="softmax temperature of the distillation terms (self and teacher)")

@@ -190,6 +190,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
         return dx, dweight, dbias
 
 
+@torch.compiler.disable  # a compiled training block calls the kernels as they are
 def causal_conv1d_silu_train(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`causal_conv1d_silu_ref(x, weight, bias)` with autograd, forward and backward in Triton."""
     if triton is None:
