@@ -104,6 +104,7 @@ class TrainConfig:
     limit: int | None = None  # train on the first N images only (ImageFolder: N seeded picks; smoke tests)
     backend: str = "auto"
     max_minutes: float | None = None  # wall-clock guard: stop (and still evaluate + save) after this long
+    compile: bool = False  # torch.compile the stem and the blocks' training forward (MatMambaVision.compile_training)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -366,6 +367,27 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
     return losses
 
 
+def train_step(train_model, model, opt, xb: Tensor, yb: Tensor, tc: TrainConfig, step: int, amp_ctx,
+               teacher: torch.nn.Module | None = None, share_stem: bool = False) -> tuple[dict, float]:
+    """One optimisation step of `tc.schedule` on a batch: the level passes (forward + backward), gradient clipping,
+    the optimizer step. Returns the level losses and the gradient norm before clipping. `train_model` is `model`
+    or its DDP wrapper."""
+    if tc.schedule in ("all", "sampled"):
+        mnm = [mnm_widths(model.config, tc, step, k) for k in range(tc.mnm_samples)]
+        levels, weights = step_levels(tc, step)
+        losses = level_losses(train_model, xb, yb, tc, levels, amp_ctx, mnm, teacher, weights, share_stem)
+    elif tc.schedule == "cycle":  # micro-batch j runs only level j
+        losses = {}
+        for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
+            losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx, teacher=teacher))
+    else:
+        raise ValueError(f"unknown schedule {tc.schedule!r}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return losses, grad_norm
+
+
 @torch.inference_mode()
 def evaluate_batches(model, batches: Iterable[tuple[Tensor, Tensor]], device, levels=None, widths_list=None,
                      amp_ctx=nullcontext(), backend="auto") -> dict:
@@ -477,6 +499,8 @@ def train(tc: TrainConfig) -> dict:
     # the EMA ramps up (decay 1 - (1 + step)^(-2/3), capped at ema_decay) so that early weights fade quickly
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     final_model = ema.module if ema is not None else model  # evaluated and saved
+    if tc.compile and tc.arch == "matmamba":  # after the EMA's copy: that one only runs inference
+        model.compile_training()
     mixup = (Mixup(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob,
                    label_smoothing=tc.label_smoothing, num_classes=config.num_classes) if tc.mix_prob > 0 else None)
     ckpt_path = out / "checkpoint.pt"
@@ -528,20 +552,7 @@ def train(tc: TrainConfig) -> dict:
                 # timm's Mixup draws from numpy's global RNG: seeded by the step, for resuming
                 np.random.seed((tc.seed * 1_000_003 + step * world + rank) % 2 ** 32)
                 xb, yb = mixup(xb, yb)
-            if tc.schedule in ("all", "sampled"):
-                mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
-                levels, weights = step_levels(tc, step)
-                losses = level_losses(train_model, xb, yb, tc, levels, amp_ctx, mnm, teacher, weights,
-                                      share_stem=share_stem)
-            elif tc.schedule == "cycle":  # micro-batch j runs only level j
-                losses = {}
-                for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
-                    losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx, teacher=teacher))
-            else:
-                raise ValueError(f"unknown schedule {tc.schedule!r}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            losses, grad_norm = train_step(train_model, model, opt, xb, yb, tc, step, amp_ctx, teacher, share_stem)
             step += 1
             if ema is not None:
                 ema.update(model, step)
@@ -679,6 +690,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the first N images (ImageFolder: N picked by --seed) (smoke tests)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then save")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stem and the blocks' training forward (fuses their elementwise ops; "
+                        "compiling takes a while at the start)")
 
 
 def _parse_override(item: str):
@@ -703,6 +717,6 @@ def run(args) -> int:
                      mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
                      ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
-                     backend=args.backend, max_minutes=args.max_minutes)
+                     backend=args.backend, max_minutes=args.max_minutes, compile=args.compile)
     train(tc)
     return 0
