@@ -124,8 +124,10 @@ def time_row(name: str, call: Callable, batch: int, device, warmup: int, repeats
 
 def bench(model_spec: str, img_size: int | None, batch: int, levels: tuple[int, ...], schedules: list[str],
           vits: list[str], device: torch.device, off: dict[str, bool], compile: bool = False, forward: bool = True,
-          warmup: int = 2, repeats: int = 5, log: Callable[[dict], None] = print, label: str = "") -> list[dict]:
-    """The rows of one configuration; `off` turns fusions off (`train_fusions`), `label` tags every row."""
+          warmup: int = 2, repeats: int = 5, log: Callable[[dict], None] = print, label: str = "",
+          solo: tuple[int, ...] | None = None) -> list[dict]:
+    """The rows of one configuration; `off` turns fusions off (`train_fusions`), `label` tags every row. `solo`:
+    the levels timed alone (default: all of `levels`, which the joint steps train)."""
     torch.manual_seed(0)
     model = build_encoder(model_spec, img_size, device)
     cfg = model.config
@@ -144,7 +146,7 @@ def bench(model_spec: str, img_size: int | None, batch: int, levels: tuple[int, 
         log(row)
 
     with train_fusions(**off):
-        for lv in levels:
+        for lv in (levels if solo is None else solo):
             tc = replace(base, levels=(lv,), schedule="all")
             add(time_row(level_label(lv), encoder_step(model, tc, x, y, amp_ctx), batch, device, warmup, repeats,
                          **tag))
