@@ -109,6 +109,25 @@ def test_training_block_equals_the_inference_block_with_autograd(level):
     _assert_same_grads(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("fusion", ["reorder_gather", "stem_channels_last"])
+def test_reorder_gather_and_channels_last_stem_keep_outputs_and_gradients(fusion):
+    """The scan-order reorders backpropagated by the inverse gather, and the conv stem on channels-last images,
+    against autograd's indexing and the NCHW stem: same output and gradients, through every scan order."""
+    model = _tiny(depth=5, scan_orders=("row", "row_rev", "col", "col_rev"))
+    x = torch.randn(3, 1, 28, 28)
+    outs, grads = [], []
+    for flags in ({}, {fusion: False}):
+        model.zero_grad()
+        with train_fusions(**flags):
+            out = model(x, level=2)
+        (out * torch.linspace(-1, 1, out.shape[-1])).pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(_grads(model))
+    assert _rel(outs[0], outs[1]) < 1e-5
+    assert any("stem" in n for n in grads[0]) and any("pos_embed" in n for n in grads[0])
+    _assert_same_grads(grads[0], grads[1], tol=1e-5)
+
+
 def test_shared_stem_step_equals_separate_passes():
     """A joint step with one stem pass for all levels accumulates the gradients that four full passes do."""
     model = _tiny()

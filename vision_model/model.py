@@ -36,6 +36,21 @@ class CosineClassifier(nn.Module):
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """tokens[:, order] for a permutation `order` of the token axis, backpropagated as the gather by its inverse:
+    autograd's default for indexing zero-fills a gradient the size of the stream and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return tokens.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
 class MatMambaVision(DerivedTensorCache):
     def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto"):
         super().__init__()
@@ -90,6 +105,10 @@ class MatMambaVision(DerivedTensorCache):
         """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the conv stem, or the patch embedding's strided
         conv computed as one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; docs/notes.md, 6)."""
         if self.config.stem == "conv":
+            if torch.is_grad_enabled() and current_fusions().stem_channels_last:
+                # training: channels-last convolutions and BatchNorm (see `train_fusions`); the 1x1 projection's
+                # channels-last output flattens into (b, tokens, d_model) rows without a copy
+                x = x.contiguous(memory_format=torch.channels_last)
             return self.stem(x).flatten(2).transpose(1, 2)
         b, c, H, W = x.shape
         p, proj = self.config.patch_size, self.patch_embed.proj
@@ -122,10 +141,12 @@ class MatMambaVision(DerivedTensorCache):
         p = self.config.patch_size
         if tokens is None:
             tokens = self._tokens(x, resolve_backend(backend, x.device))
-        reorders = self._reorders((x.shape[-2] // p, x.shape[-1] // p), x.device)
-        for blk, inner, reorder in zip(self.blocks, inners, reorders):
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        reorders, inverses = self._reorders(grid, x.device), self._reorders(grid, x.device, inverse=True)
+        gather = tokens.requires_grad and torch.is_grad_enabled() and current_fusions().reorder_gather
+        for blk, inner, reorder, inverse in zip(self.blocks, inners, reorders, inverses):
             if reorder is not None:
-                tokens = tokens[:, reorder]
+                tokens = _PermuteTokens.apply(tokens, reorder, inverse) if gather else tokens[:, reorder]
             if self.training and torch.is_grad_enabled() and (self.config.drop_path_rate > 0
                                                                or current_fusions().block):
                 tokens = blk(tokens, inner, backend)
@@ -175,10 +196,15 @@ class MatMambaVision(DerivedTensorCache):
             return build()
         return self.derived((grid, dtype, self.pos_embed.device), params, build)
 
-    def _reorders(self, grid: tuple[int, int], device: torch.device) -> list[Tensor | None]:
+    def _reorders(self, grid: tuple[int, int], device: torch.device, inverse: bool = False) -> list[Tensor | None]:
         """Per block, the gather that takes the tokens from the previous block's scan order into its own (None: same
-        order); the CLS token stays last."""
+        order); the CLS token stays last. With `inverse`, the gathers that undo them (their backward)."""
         key = (grid, device)
+        if inverse:
+            if (key, "inverse") not in self._reorder_cache:
+                self._reorder_cache[key, "inverse"] = [None if r is None else torch.argsort(r)
+                                                       for r in self._reorders(grid, device)]
+            return self._reorder_cache[key, "inverse"]
         if key not in self._reorder_cache:
             rows, cols = grid
             index = torch.arange(rows * cols, device=device).reshape(rows, cols)

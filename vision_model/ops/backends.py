@@ -13,7 +13,10 @@ variable, so it holds for one thread's calls only): the conv's forward and backw
 into in_proj's input (mamba-ssm's layer_norm_linear_fn: one pass writes the bf16 normalised rows, and its backward
 recomputes them instead of saving them), in_proj's output split with one `torch.split` (its backward is one
 concatenation, where three slices each zero-fill and copy a full-size gradient), the stem computed once for every
-level of a joint step (`training.train`).  `block=False` restores the earlier training path (the inference block,
+level of a joint step (`training.train`), the reorders between scan orders backpropagated as a gather by the inverse
+permutation (autograd's default for indexing zero-fills the gradient and scatter-adds into it, sorting the
+indices), and the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
+activations may be transposed in and out around each convolution).  `block=False` restores the earlier training path (the inference block,
 norm folded into in_proj, with autograd) to measure against.
 """
 from __future__ import annotations
@@ -46,6 +49,8 @@ class TrainFusions:
     conv: bool = True  # the causal conv + SiLU forward and backward in Triton (triton backend)
     split: bool = True  # one torch.split of in_proj's output instead of three slices
     shared_stem: bool = True  # a joint step computes the stem once for all its levels
+    reorder_gather: bool = True  # a scan-order reorder backpropagates as a gather by the inverse permutation
+    stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
