@@ -208,3 +208,24 @@ def test_bench_train_tiny_on_cpu(tmp_path, capsys):
     assert rows["joint:all"]["passes"] == 2 and "step_vs_D" in rows["joint:all"]
     assert data["environment"]["device_type"] == "cpu"
     assert "| joint:sampled |" in capsys.readouterr().out
+
+
+def test_train_profile_script_tiny_on_cpu(tmp_path, capsys):
+    """benchmarks/gpu/train_profile.py on CPU: the D step timed and profiled (top operators, groups, trace), the
+    fusion, chunk-size and head-dim rows, the compact table; and a deadline that cuts the run still writes it."""
+    from benchmarks.gpu import train_profile
+    assert train_profile.main(["--device", "cpu", "--tiny", "--batch", "2", "--repeats", "1", "--budget", "600",
+                               "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "train_profile.json").read_text())
+    labels = [r["label"] for r in data["rows"]]
+    assert labels == ["D", "reorder_gather off", "stem_channels_last off", "chunk 8", "chunk 16", "headdim 32"]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in data["rows"])
+    top = data["profile"]["top"]
+    assert 0 < len(top) <= 20 and top[0]["ms"] >= top[-1]["ms"]
+    assert sum(g["share"] for g in data["profile"]["groups"]) == pytest.approx(1.0)
+    assert (tmp_path / "trace_d_step.json.gz").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "| chunk 16 |" in out and "| group (by kernel name) |" in out
+    assert train_profile.main(["--device", "cpu", "--tiny", "--budget", "0.01", "--out", str(tmp_path / "cut")]) == 0
+    cut = json.loads((tmp_path / "cut" / "train_profile.json").read_text())
+    assert cut["cut"] and not cut["rows"]
