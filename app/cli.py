@@ -16,12 +16,23 @@ SUBCOMMANDS = {
     "search": ("app.search_cli", "search an index with query images at any granularity"),
     "budget": ("evaluation.frontier", "measure the Pareto frontier of Mix'n'Match submodels (accuracy vs cost) for a model"),
     "eval": ("evaluation.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
-    "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT)"),
+    "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT); "
+              "`bench train`: training speed"),
     "model": ("app.model_cli", "import the paper's released checkpoints as model folders; list the shipped models"),
     "app": ("app.launch", "start the Streamlit search UI"),
     "demo": ("app.demo", "the main job: index Fashion-MNIST with the shipped model, query it at every granularity"),
 }
 
+
+
+# subjects of a subcommand with their own options: `matsearch bench train ...` runs benchmarks.train_speed
+SUBJECTS = {("bench", "train"): ("benchmarks.train_speed", "training speed: fwd+bwd+AdamW img/s per level, the "
+                                                           "joint nested step and a ViT of the same token count")}
+
+
+def _subject(argv: list[str]) -> tuple[str, str] | None:
+    words = [a for a in argv if not a.startswith("-")][:2]
+    return tuple(words) if tuple(words) in SUBJECTS else None
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
@@ -36,13 +47,28 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    subject = _subject(argv)
+    if subject is not None:
+        module_name, help_text = SUBJECTS[subject]
+        parser = argparse.ArgumentParser(prog="matsearch " + " ".join(subject), description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
+        rest = list(argv)
+        for word in subject:
+            rest.remove(word)
+        args = parser.parse_args(rest)
+        args.command = " ".join(subject)
+        return _run(module, args)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return _run(importlib.import_module(SUBCOMMANDS[args.command][0]), args)
+
+
+def _run(module, args: argparse.Namespace) -> int:
     try:
         return int(module.run(args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # user errors: one clear line, no traceback

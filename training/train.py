@@ -1,8 +1,14 @@
 """`matsearch train`: jointly train the nested granularities of a MatMamba-Vision encoder.
 
 One optimizer step sees every trained granularity (D, D/2, D/4, D/8):
-  --schedule all    each micro-batch is run at every level; the level losses are averaged
-  --schedule cycle  the step's micro-batches cycle through the levels, one level each, loss / len(levels)
+  --schedule all      each micro-batch is run at every level; the level losses are averaged
+  --schedule cycle    the step's micro-batches cycle through the levels, one level each, loss / len(levels)
+  --schedule sampled  the whole batch at D plus at one narrower level, taken in turn by step; the narrower loss is
+                      weighted (len(levels) - 1) times, so that the expected gradient is the `all` schedule's. Four
+                      passes cannot cost less than about 2x one at D: the residual stream, norms and stem are as wide
+                      at D/8 as at D (docs/notes/train28.md), while D plus one narrower pass costs about 1.4x.
+A step's levels share one stem pass (its activations computed once, its backward run once on the summed
+gradient; not under DDP, whose hooks expect whole forward passes).
 Recipe: AdamW (decay on 2-D weights only), warm-up + cosine, gradient clipping, label smoothing, drop-path,
 bf16 autocast on CUDA; optional self-distillation of the smaller levels towards the full level's soft outputs,
 distillation of every level from a convolutional teacher (`--arch resnet` trains one, `--teacher DIR` uses it),
@@ -47,6 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from vision_model.config import get_config
+from vision_model.ops.backends import current_fusions
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    load_fashion_mnist, sample_seed, scan_imagefolder)
 from vision_model.device import resolve_device
@@ -54,6 +61,9 @@ from vision_model.fileio import atomic_write
 from vision_model.hub import save_pretrained, weights_hash
 from vision_model.preprocess import to_model_input
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
+
+
+SCHEDULES = ("all", "cycle", "sampled")
 
 
 @dataclass
@@ -67,7 +77,7 @@ class TrainConfig:
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # DataLoader worker processes
     out: str = "runs/fmnist"
     levels: tuple[int, ...] = (1, 2, 4, 8)
-    schedule: str = "all"  # "all" | "cycle"
+    schedule: str = "all"  # "all" | "cycle" | "sampled"
     distill: float = 0.0  # weight of the KL to the full level's soft outputs (0: off)
     distill_temperature: float = 2.0  # of every soft-target KL (self-distillation and teacher)
     teacher: str | None = None  # model/ folder of a `--arch resnet` run: every pass also matches its soft outputs
@@ -96,6 +106,7 @@ class TrainConfig:
     limit: int | None = None  # train on the first N images only (ImageFolder: N seeded picks; smoke tests)
     backend: str = "auto"
     max_minutes: float | None = None  # wall-clock guard: stop (and still evaluate + save) after this long
+    compile: bool = False  # torch.compile the stem and the blocks' training forward (MatMambaVision.compile_training)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -302,21 +313,40 @@ def soft_target_kl(logits: Tensor, target_logits: Tensor, temperature: float) ->
                     reduction="batchmean") * T * T
 
 
+def step_levels(tc: TrainConfig, step: int) -> tuple[list[int], dict[int, float]]:
+    """The levels one step of `tc.schedule` runs on its whole batch, and the weight of each level's loss."""
+    n = len(tc.levels) + tc.mnm_samples
+    if tc.schedule != "sampled" or len(tc.levels) == 1:
+        return list(tc.levels), {lv: 1.0 / n for lv in tc.levels}
+    full, narrower = tc.levels[0], tc.levels[1:]
+    picked = narrower[step % len(narrower)]  # in turn: every level equally often, and a resumed run picks the same
+    return [full, picked], {full: 1.0 / n, picked: len(narrower) / n}
+
+
 def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
-                 mnm: Sequence[Sequence[int]] = (), teacher: torch.nn.Module | None = None) -> dict:
+                 mnm: Sequence[Sequence[int]] = (), teacher: torch.nn.Module | None = None,
+                 weights: dict[int, float] | None = None, share_stem: bool = False) -> dict:
     """Forward+backward at `levels`, then at each Mix'n'Match `mnm` widths, on one micro-batch (gradients
     accumulate); returns each level's loss (and the mean loss of the Mix'n'Match passes under "mnm").
-    With a `teacher` network, every pass is distilled from its soft outputs on the same (augmented) images."""
+    `weights` scales each level's loss (default 1 / (levels + Mix'n'Match passes) of `tc`). With a `teacher`
+    network, every pass is distilled from its soft outputs on the same (augmented) images. With `share_stem` the
+    stem runs once: each pass starts from a detached copy of its tokens, and their summed gradient goes through
+    the stem's backward once at the end."""
     losses, full_logits, full_emb = {}, None, None
     scale = 1.0 / (len(tc.levels) + tc.mnm_samples)
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad(), amp_ctx:
             teacher_logits = teacher(x).float()
+    stem, shared = None, {}
     passes = [(level, dict(level=level)) for level in levels] + [("mnm", dict(widths=list(w))) for w in mnm]
+    if share_stem and len(passes) > 1:
+        with amp_ctx:
+            stem = model.stem_tokens(x)
+        shared = dict(tokens=stem.detach().requires_grad_())
     for level, kwargs in passes:
         with amp_ctx:
-            logits, emb = model(x, **kwargs, return_embedding=True)
+            logits, emb = model(x, **kwargs, **shared, return_embedding=True)
             # soft targets (Mixup/CutMix) come smoothed already
             smoothing = 0.0 if y.is_floating_point() else tc.label_smoothing
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -329,12 +359,35 @@ def level_losses(model, x: Tensor, y: Tensor, tc: TrainConfig, levels, amp_ctx,
                 loss = loss + tc.align * (1 - F.cosine_similarity(emb.float(), full_emb, dim=-1)).mean()
         if level == 1:
             full_logits, full_emb = logits.detach().float(), emb.detach().float()
-        (loss * scale).backward()
+        (loss * (scale if weights is None or level == "mnm" else weights[level])).backward()
         if level == "mnm":
             losses["mnm"] = losses.get("mnm", 0.0) + loss.item() / len(mnm)
         else:
             losses[level] = loss.item()
+    if stem is not None:
+        stem.backward(shared["tokens"].grad)
     return losses
+
+
+def train_step(train_model, model, opt, xb: Tensor, yb: Tensor, tc: TrainConfig, step: int, amp_ctx,
+               teacher: torch.nn.Module | None = None, share_stem: bool = False) -> tuple[dict, float]:
+    """One optimisation step of `tc.schedule` on a batch: the level passes (forward + backward), gradient clipping,
+    the optimizer step. Returns the level losses and the gradient norm before clipping. `train_model` is `model`
+    or its DDP wrapper."""
+    if tc.schedule in ("all", "sampled"):
+        mnm = [mnm_widths(model.config, tc, step, k) for k in range(tc.mnm_samples)]
+        levels, weights = step_levels(tc, step)
+        losses = level_losses(train_model, xb, yb, tc, levels, amp_ctx, mnm, teacher, weights, share_stem)
+    elif tc.schedule == "cycle":  # micro-batch j runs only level j
+        losses = {}
+        for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
+            losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx, teacher=teacher))
+    else:
+        raise ValueError(f"unknown schedule {tc.schedule!r}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return losses, grad_norm
 
 
 @torch.inference_mode()
@@ -385,8 +438,13 @@ def _is_main() -> bool:
 
 
 def train(tc: TrainConfig) -> dict:
-    if tc.mnm_samples and tc.schedule != "all":
-        raise ValueError("--mnm-samples needs --schedule all (each Mix'n'Match pass runs on the whole micro-batch)")
+    if tc.mnm_samples and tc.schedule == "cycle":
+        raise ValueError("--mnm-samples needs --schedule all or sampled (each Mix'n'Match pass runs on the whole "
+                         "micro-batch)")
+    if tc.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {tc.schedule!r}; choose from {SCHEDULES}")
+    if tc.schedule == "sampled" and tc.levels[0] != 1:
+        raise ValueError("--schedule sampled runs the first of --levels every step: it must be 1 (D)")
     if tc.arch != "matmamba" and (tuple(tc.levels) != (1,) or tc.mnm_samples or tc.distill or tc.align
                                   or tc.teacher):
         raise ValueError(f"--arch {tc.arch} trains one network of one width: use --levels 1, without "
@@ -439,6 +497,8 @@ def train(tc: TrainConfig) -> dict:
     # the EMA ramps up (decay 1 - (1 + step)^(-2/3), capped at ema_decay) so that early weights fade quickly
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     final_model = ema.module if ema is not None else model  # evaluated and saved
+    if tc.compile and tc.arch == "matmamba":  # after the EMA's copy: that one only runs inference
+        model.compile_training()
     mixup = (Mixup(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob,
                    label_smoothing=tc.label_smoothing, num_classes=config.num_classes) if tc.mix_prob > 0 else None)
     ckpt_path = out / "checkpoint.pt"
@@ -466,6 +526,7 @@ def train(tc: TrainConfig) -> dict:
         planned = True
         if _is_main():
             print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
+    share_stem = not ddp and tc.arch == "matmamba" and current_fusions().shared_stem
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if tc.amp and device.type == "cuda" else nullcontext()
     metrics_file = open(out / "metrics.jsonl", "a")
@@ -489,18 +550,7 @@ def train(tc: TrainConfig) -> dict:
                 # timm's Mixup draws from numpy's global RNG: seeded by the step, for resuming
                 np.random.seed((tc.seed * 1_000_003 + step * world + rank) % 2 ** 32)
                 xb, yb = mixup(xb, yb)
-            if tc.schedule == "all":
-                mnm = [mnm_widths(config, tc, step, k) for k in range(tc.mnm_samples)]
-                losses = level_losses(train_model, xb, yb, tc, tc.levels, amp_ctx, mnm, teacher)
-            elif tc.schedule == "cycle":  # micro-batch j runs only level j
-                losses = {}
-                for xm, ym, lv in zip(xb.chunk(len(tc.levels)), yb.chunk(len(tc.levels)), tc.levels):
-                    losses.update(level_losses(train_model, xm, ym, tc, [lv], amp_ctx, teacher=teacher))
-            else:
-                raise ValueError(f"unknown schedule {tc.schedule!r}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            losses, grad_norm = train_step(train_model, model, opt, xb, yb, tc, step, amp_ctx, teacher, share_stem)
             step += 1
             if ema is not None:
                 ema.update(model, step)
@@ -605,7 +655,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DataLoader worker processes decoding ImageFolder images (0: in the training process)")
     p.add_argument("--out", default=d.out, help="run folder: checkpoint, metrics.jsonl, final model/")
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="granularities trained jointly")
-    p.add_argument("--schedule", choices=["all", "cycle"], default=d.schedule)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="all: every level every step; cycle: one level per micro-batch; sampled: D plus one "
+                        "narrower level in turn, weighted to the same expected gradient (see the module docstring)")
     p.add_argument("--distill", type=float, default=d.distill, help="self-distillation weight (0: off)")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature,
                    help="softmax temperature of the distillation terms (self and teacher)")
@@ -636,6 +688,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the first N images (ImageFolder: N picked by --seed) (smoke tests)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then save")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stem and the blocks' training forward (fuses their elementwise ops; "
+                        "compiling takes a while at the start)")
 
 
 def _parse_override(item: str):
@@ -660,6 +715,6 @@ def run(args) -> int:
                      mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
                      ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
-                     backend=args.backend, max_minutes=args.max_minutes)
+                     backend=args.backend, max_minutes=args.max_minutes, compile=args.compile)
     train(tc)
     return 0

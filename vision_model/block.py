@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor
 
-from .ops.backends import causal_conv1d_silu, gated_rms_norm, resolve_backend, rms_norm, row_rstd, ssd_scan
+from .ops.backends import (causal_conv1d_silu, current_fusions, gated_rms_norm, norm_linear, resolve_backend, rms_norm,
+                           row_rstd, ssd_scan)
 from .cache import DerivedTensorCache
 
 
@@ -118,26 +119,33 @@ class MatMamba2(DerivedTensorCache):
         residual.view(b * l, d).addmm_(y, out_w.t())
         return residual
 
-    def _mix(self, u: Tensor, inner: int | None, backend: str,
-             prenorm: nn.RMSNorm | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _mix(self, u: Tensor, inner: int | None, backend: str, prenorm: nn.Module | None = None,
+             fold: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """Everything before out_proj: the gated norm's output (b, l, inner), and the weights.
 
-        With `prenorm` (the block's RMSNorm, weight w) u is the un-normalised stream and the norm is folded in:
-        in_proj(RMSNorm(u)) = rstd ⊙ (u @ (W·diag(w))ᵀ), one rstd per row. Only the rstd is computed (one read of
-        the stream, no normalised copy written), and it is applied where in_proj's output is read: the conv's input,
-        dt and the gate."""
+        With `prenorm` (the block's norm) u is the un-normalised stream. With `fold` (inference; RMSNorm, weight w)
+        the norm is folded in: in_proj(RMSNorm(u)) = rstd ⊙ (u @ (W·diag(w))ᵀ), one rstd per row. Only the rstd is
+        computed (one read of the stream, no normalised copy written), and it is applied where in_proj's output is
+        read: the conv's input, dt and the gate. Without `fold` (training) the norm runs on in_proj's input
+        (`norm_linear`): folded, autograd would run each rstd product as separate full-width kernels."""
         inner = self.d_inner if inner is None else inner
         if not 0 < inner <= self.d_inner or inner % self.headdim:
             raise ValueError(f"inner={inner} must be a positive multiple of headdim={self.headdim} "
                              f"and at most d_inner={self.d_inner}")
         b, l, _ = u.shape
         backend = resolve_backend(backend, u.device)
-        rstd = row_rstd(u, prenorm.eps, backend) if prenorm is not None else None
-        w = self._weights_for(inner, prenorm.weight if prenorm is not None else None)
+        rstd = row_rstd(u, prenorm.eps, backend) if prenorm is not None and fold else None
+        w = self._weights_for(inner, prenorm.weight if rstd is not None else None)
         h, N = inner // self.headdim, self.d_state
-        zxbcdt = F.linear(u, w["in_proj.weight"])  # at inference it may carry zero padding rows after dt
+        if prenorm is not None and not fold:
+            zxbcdt = norm_linear(u, prenorm, w["in_proj.weight"], backend)
+        else:
+            zxbcdt = F.linear(u, w["in_proj.weight"])  # at inference it may carry zero padding rows after dt
         xbc_end = 2 * inner + 2 * N
-        z, xBC, dt = zxbcdt[..., :inner], zxbcdt[..., inner:xbc_end], zxbcdt[..., xbc_end:xbc_end + h]
+        if current_fusions().split:  # views either way; under autograd one split has a one-pass backward
+            z, xBC, dt, _ = torch.split(zxbcdt, [inner, inner + 2 * N, h, zxbcdt.shape[-1] - xbc_end - h], dim=-1)
+        else:
+            z, xBC, dt = zxbcdt[..., :inner], zxbcdt[..., inner:xbc_end], zxbcdt[..., xbc_end:xbc_end + h]
         xBC = causal_conv1d_silu(xBC, w["conv1d.weight"], w["conv1d.bias"], backend, row_scale=rstd)
         x, B, C = torch.split(xBC, [inner, N, N], dim=-1)
         y = ssd_scan(x.reshape(b, l, h, self.headdim), dt, w["A"], B.reshape(b, l, 1, N), C.reshape(b, l, 1, N),
@@ -157,7 +165,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x), inner, backend))
+        """The training block: the norm feeds in_proj (fused with it on the triton backend, `norm_linear`)."""
+        y, w = self.mixer._mix(x, inner, backend, prenorm=self.norm, fold=False)
+        return x + self.drop_path(F.linear(y, w["out_proj.weight"]))
 
     def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto",
                       fold_norm: bool | None = None) -> Tensor:

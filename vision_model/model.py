@@ -16,7 +16,7 @@ from PIL import Image
 from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
-from .ops.backends import resolve_backend
+from .ops.backends import current_fusions, resolve_backend
 from .block import Block, make_norm
 from .cache import DerivedTensorCache
 from .config import MatMambaVisionConfig
@@ -34,6 +34,21 @@ class CosineClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """tokens[:, order] for a permutation `order` of the token axis, backpropagated as the gather by its inverse:
+    autograd's default for indexing zero-fills a gradient the size of the stream and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return tokens.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
 
 
 class MatMambaVision(DerivedTensorCache):
@@ -98,32 +113,50 @@ class MatMambaVision(DerivedTensorCache):
         """(b, c, H, W) -> (b, H/p * W/p, d_model), row-major patches: the conv stem, or the patch embedding's strided
         conv computed as one GEMM over unfolded patches (cuDNN runs that conv slowly in bf16; docs/notes.md, 6)."""
         if self.config.stem == "conv":
+            if torch.is_grad_enabled() and current_fusions().stem_channels_last:
+                # training: channels-last convolutions and BatchNorm (see `train_fusions`); the 1x1 projection's
+                # channels-last output flattens into (b, tokens, d_model) rows without a copy
+                x = x.contiguous(memory_format=torch.channels_last)
             return self.stem(x).flatten(2).transpose(1, 2)
         proj = self.patch_embed.proj
         patches = patchify_ref(x, self.config.patch_size)
         return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
 
     def embed(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
-              backend: str | None = None) -> Tensor:
+              backend: str | None = None, tokens: Tensor | None = None) -> Tensor:
         """(b, c, h, w) images -> (b, d_model) final-norm CLS features (pool="avg": the mean of the final-norm patch
-        tokens): the retrieval embedding."""
+        tokens): the retrieval embedding. `tokens`, what `stem_tokens(x)` returned, skips the stem: a joint training
+        step runs it once for all its levels."""
+        self._check_images(x)
+        inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
+        return self._embed_inners(x, inners, backend or self.ssd_backend, tokens)
+
+    def stem_tokens(self, x: Tensor, backend: str | None = None) -> Tensor:
+        """The width-independent start of `embed`: (b, tokens, d_model), the stem's patches and the CLS token."""
+        self._check_images(x)
+        return self._tokens(x, resolve_backend(backend or self.ssd_backend, x.device))
+
+    def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images (b, {self.config.in_chans}, h, w), got {tuple(x.shape)}")
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of the patch size {p}")
-        inners = [self.config.inner_of(w) for w in self.widths(level, widths)]
-        return self._embed_inners(x, inners, backend or self.ssd_backend)
 
-    def _embed_inners(self, x: Tensor, inners: Sequence[int | None], backend: str) -> Tensor:
+    def _embed_inners(self, x: Tensor, inners: Sequence[int | None], backend: str,
+                      tokens: Tensor | None = None) -> Tensor:
         """Embed with an explicit inner size per block (None: the block's own full size)."""
         p = self.config.patch_size
-        tokens = self._tokens(x, resolve_backend(backend, x.device))
-        reorders = self._reorders((x.shape[-2] // p, x.shape[-1] // p), x.device)
-        for blk, inner, reorder in zip(self.blocks, inners, reorders):
+        if tokens is None:
+            tokens = self._tokens(x, resolve_backend(backend, x.device))
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        reorders, inverses = self._reorders(grid, x.device), self._reorders(grid, x.device, inverse=True)
+        gather = tokens.requires_grad and torch.is_grad_enabled() and current_fusions().reorder_gather
+        for blk, inner, reorder, inverse in zip(self.blocks, inners, reorders, inverses):
             if reorder is not None:
-                tokens = tokens[:, reorder]
-            if self.training and self.config.drop_path_rate > 0:
+                tokens = _PermuteTokens.apply(tokens, reorder, inverse) if gather else tokens[:, reorder]
+            if self.training and torch.is_grad_enabled() and (self.config.drop_path_rate > 0
+                                                               or current_fusions().block):
                 tokens = blk(tokens, inner, backend)
             else:
                 tokens = blk.forward_fused(tokens, inner, backend)
@@ -171,10 +204,15 @@ class MatMambaVision(DerivedTensorCache):
             return build()
         return self.derived((grid, dtype, self.pos_embed.device), params, build)
 
-    def _reorders(self, grid: tuple[int, int], device: torch.device) -> list[Tensor | None]:
+    def _reorders(self, grid: tuple[int, int], device: torch.device, inverse: bool = False) -> list[Tensor | None]:
         """Per block, the gather that takes the tokens from the previous block's scan order into its own (None: same
-        order); the CLS token stays last."""
+        order); the CLS token stays last. With `inverse`, the gathers that undo them (their backward)."""
         key = (grid, device)
+        if inverse:
+            if (key, "inverse") not in self._reorder_cache:
+                self._reorder_cache[key, "inverse"] = [None if r is None else torch.argsort(r)
+                                                       for r in self._reorders(grid, device)]
+            return self._reorder_cache[key, "inverse"]
         if key not in self._reorder_cache:
             rows, cols = grid
             index = torch.arange(rows * cols, device=device).reshape(rows, cols)
@@ -191,10 +229,22 @@ class MatMambaVision(DerivedTensorCache):
         return self._reorder_cache[key]
 
     def forward(self, x: Tensor, level: int | None = None, widths: Sequence[int] | None = None,
-                backend: str | None = None, return_embedding: bool = False):
+                backend: str | None = None, return_embedding: bool = False, tokens: Tensor | None = None):
         """Class logits; with return_embedding, (logits, embedding) from one pass (training uses both)."""
-        emb = self.embed(x, level, widths, backend)
+        emb = self.embed(x, level, widths, backend, tokens)
         return (self.head(emb), emb) if return_embedding else self.head(emb)
+
+    def compile_training(self) -> None:
+        """torch.compile the stem and every block's training forward in place (parameter names unchanged): it fuses
+        the elementwise ops around the Triton kernels, which run as they are (graph breaks). One compiled graph per
+        level and scan order; the cache limit is raised to hold them all."""
+        import torch._dynamo
+        limit = 8 * len(self.config.levels) * len(set(self.config.scan_orders))
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
+                                                                 8 * limit)
+        for module in [*self.blocks, *([self.stem] if self.config.stem == "conv" else [])]:
+            module.compile()
 
     # -- submodels as standalone weights ------------------------------------------------------------------------
     def submodel_state_dict(self, level: int | None = None, widths: Sequence[int] | None = None) -> dict[str, Tensor]:

@@ -7,9 +7,23 @@ our fused causal conv + SiLU from `vision_model.ops.conv`. backend="torch" runs 
 of them (`ssd_minimal`, and the `*_ref` beside each kernel).
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
+
+Training (autograd) on the triton backend has its own fusions, each of which `train_fusions` can turn off (a context
+variable, so it holds for one thread's calls only): the conv's forward and backward in Triton, the pre-norm fused
+into in_proj's input (mamba-ssm's layer_norm_linear_fn: one pass writes the bf16 normalised rows, and its backward
+recomputes them instead of saving them), in_proj's output split with one `torch.split` (its backward is one
+concatenation, where three slices each zero-fill and copy a full-size gradient), the stem computed once for every
+level of a joint step (`training.train`), the reorders between scan orders backpropagated as a gather by the inverse
+permutation (autograd's default for indexing zero-fills the gradient and scatter-adds into it, sorting the
+indices), and the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
+activations may be transposed in and out around each convolution).  `block=False` restores the earlier training path (the inference block,
+norm folded into in_proj, with autograd) to measure against.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import importlib.util
 import sys
@@ -19,12 +33,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_triton
+from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1d_silu_triton
 from .rmsnorm import gated_rms_norm_ref, rms_norm_ref, rms_norm_triton, rms_rstd_triton, row_rstd_ref
 from .ssd_minimal import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFusions:
+    """Which training-time fusions are on (see the module docstring); all on by default."""
+    block: bool = True  # training runs Block.forward (pre-norm into in_proj) rather than the inference block
+    norm_linear: bool = True  # the pre-norm fused into in_proj's input (triton backend)
+    conv: bool = True  # the causal conv + SiLU forward and backward in Triton (triton backend)
+    split: bool = True  # one torch.split of in_proj's output instead of three slices
+    shared_stem: bool = True  # a joint step computes the stem once for all its levels
+    reorder_gather: bool = True  # a scan-order reorder backpropagates as a gather by the inverse permutation
+    stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+_FUSIONS: contextvars.ContextVar[TrainFusions] = contextvars.ContextVar("train_fusions", default=TrainFusions())
+
+
+def current_fusions() -> TrainFusions:
+    return _FUSIONS.get()
+
+
+@contextlib.contextmanager
+def train_fusions(**flags: bool):
+    """Turn training fusions on or off for the calls inside, e.g. `with train_fusions(conv=False): ...`."""
+    unknown = set(flags) - set(TrainFusions.names())
+    if unknown:
+        raise ValueError(f"unknown training fusion(s) {sorted(unknown)}; known: {TrainFusions.names()}")
+    token = _FUSIONS.set(dataclasses.replace(_FUSIONS.get(), **flags))
+    try:
+        yield _FUSIONS.get()
+    finally:
+        _FUSIONS.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +85,8 @@ def _mamba_ssm_op(module: str, name: str):
         # path never uses it, so stand in an empty module when the real one is not installed.
         if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
             sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-        return getattr(importlib.import_module(f"mamba_ssm.ops.triton.{module}"), name)
+        # torch.compile of a training block (`MatMambaVision.compile_training`) runs these as they are
+        return torch.compiler.disable(getattr(importlib.import_module(f"mamba_ssm.ops.triton.{module}"), name))
     except Exception:  # ImportError, or Triton failing to initialise without a GPU
         return None
 
@@ -86,8 +137,10 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: 
     """silu(causal depthwise conv1d) of x (b, l, c) with weight (c, 1, k), or of x * row_scale[..., None]: fused
     Triton kernel at inference."""
     backend = resolve_backend(backend, x.device)
-    if backend == "triton" and not _needs_grad(x, weight, bias):  # no backward: training takes the reference
+    if backend == "triton" and not _needs_grad(x, weight, bias):
         return causal_conv1d_silu_triton(x, weight, bias, row_scale)
+    if backend == "triton" and row_scale is None and current_fusions().conv:  # training: both passes in Triton
+        return causal_conv1d_silu_train(x, weight, bias)
     return causal_conv1d_silu_ref(x, weight, bias, row_scale)
 
 
@@ -104,6 +157,18 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: st
         rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
         return rmsnorm_fn(y, weight, None, z=z.to(y.dtype), eps=eps, group_size=None, norm_before_gate=False)
     return gated_rms_norm_ref(y, z, weight, eps, z_scale)
+
+
+def norm_linear(x: Tensor, norm: torch.nn.Module, weight: Tensor, backend: str = "auto") -> Tensor:
+    """F.linear(norm(x), weight) for the block's pre-norm (nn.RMSNorm or nn.LayerNorm): on the triton backend with
+    autograd, mamba-ssm's layer_norm_linear_fn (the normalised rows written once in the autocast dtype, recomputed
+    in the backward)."""
+    backend = resolve_backend(backend, x.device)
+    fused = _mamba_ssm_op("layer_norm", "layer_norm_linear_fn") if backend == "triton" else None
+    if fused is not None and current_fusions().norm_linear and isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+        return fused(x, norm.weight, getattr(norm, "bias", None), weight, None, eps=norm.eps,
+                     is_rms_norm=isinstance(norm, torch.nn.RMSNorm))
+    return F.linear(norm(x), weight)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:

@@ -3,7 +3,10 @@
 The block's conv reads the x|B|C slice of in_proj's output, a channels-last view.  `causal_conv1d_silu_ref` is the
 readable definition (F.conv1d needs channels-first, so it transposes, pads and crops: three extra passes over the
 activations).  `causal_conv1d_silu_triton` reads the strided view in place and writes the activated output in one
-pass, with the bias and SiLU fused; it is forward-only (inference), and the tests hold it equal to the reference.
+pass, with the bias and SiLU fused (inference).  `causal_conv1d_silu_bwd_triton` is its backward: one pass over the
+input and the output gradient that recomputes the pre-activation (nothing but the input is saved), writes dx and
+reduces dweight and dbias per program; `CausalConv1dSiLU` ties the two into an autograd Function for training.  The
+tests hold both to the reference's values and gradients.
 """
 from __future__ import annotations
 
@@ -76,3 +79,120 @@ def causal_conv1d_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, ro
                                      K=k, HAS_BIAS=bias is not None, HAS_SCALE=row_scale is not None,
                                      BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps)
     return y
+
+
+if triton is not None:
+    @triton.jit
+    def _causal_conv1d_silu_bwd_kernel(X, W, Bias, DY, DX, DWp, DBp, Bsz, L, C, stride_xb, stride_xl, stride_dyb,
+                                       stride_dyl, stride_dxb, stride_dxl, B_PER_PROGRAM,
+                                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                       BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program: BLOCK_C channels of B_PER_PROGRAM sequences, every position. With g = dy * silu'(pre) at
+        position t, dx[s] = sum_d w[K-1-d] g[s+d], dw[j] = sum_t g[t] x[t-(K-1)+j], db = sum_t g[t]; the
+        pre-activations at s..s+K-1 are recomputed from x (cache hits), and dw, db leave as one fp32 partial per
+        program, summed outside (deterministic, unlike atomics)."""
+        pid_c, pid_g = tl.program_id(0), tl.program_id(1)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        kk = tl.arange(0, KP)
+        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(Bias + c, mask=c_ok, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_C, KP), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        b_start = pid_g.to(tl.int64) * B_PER_PROGRAM
+        for i in range(0, B_PER_PROGRAM):
+            b = b_start + i
+            c_ok = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C) < C) & (b < Bsz)  # the last group may run short
+            x_row = X + b * stride_xb
+            dy_row = DY + b * stride_dyb
+            dx_row = DX + b * stride_dxb
+            for l0 in range(0, L, BLOCK_L):
+                s = l0 + tl.arange(0, BLOCK_L)
+                dx_acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+                for d in tl.static_range(K):  # the outputs at t = s + d that read x[s] through tap K-1-d
+                    t = s + d
+                    pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32) + bias[None, :]
+                    for j in tl.static_range(K):
+                        src = t - (K - 1) + j
+                        ok = ((src >= 0) & (src < L))[:, None] & c_ok[None, :]
+                        xv = tl.load(x_row + src[:, None] * stride_xl + c[None, :], mask=ok, other=0.0)
+                        pre += xv.to(tl.float32) * tl.load(W + c * K + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    t_ok = (t < L)[:, None] & c_ok[None, :]
+                    dy = tl.load(dy_row + t[:, None] * stride_dyl + c[None, :], mask=t_ok, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(pre)
+                    g = dy * sig * (1.0 + pre * (1.0 - sig))
+                    w_back = tl.load(W + c * K + (K - 1 - d), mask=c_ok, other=0.0).to(tl.float32)
+                    dx_acc += g * w_back[None, :]
+                    if d == 0:  # g at this tile's own positions: its share of dw and db
+                        db_acc += tl.sum(g, axis=0)
+                        for j in tl.static_range(K):
+                            src = s - (K - 1) + j
+                            ok = ((src >= 0) & (src < L))[:, None] & c_ok[None, :]
+                            xv = tl.load(x_row + src[:, None] * stride_xl + c[None, :], mask=ok, other=0.0)
+                            part = tl.sum(g * xv.to(tl.float32), axis=0)
+                            dw_acc += tl.where(kk[None, :] == j, part[:, None], 0.0)
+                s_ok = (s < L)[:, None] & c_ok[None, :]
+                tl.store(dx_row + s[:, None] * stride_dxl + c[None, :], dx_acc.to(DX.dtype.element_ty), mask=s_ok)
+        part_ptr = pid_g.to(tl.int64) * C
+        c_ok = c < C
+        tl.store(DWp + (part_ptr + c)[:, None] * KP + kk[None, :], dw_acc, mask=c_ok[:, None] & (kk < K)[None, :])
+        tl.store(DBp + part_ptr + c, db_acc, mask=c_ok)
+
+
+def causal_conv1d_silu_bwd_triton(x: Tensor, weight: Tensor, bias: Tensor | None, dy: Tensor, block_l: int = 32,
+                                  block_c: int = 64, programs: int | None = None,
+                                  num_warps: int = 4) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients (dx, dweight, dbias) of `causal_conv1d_silu_ref(x, weight, bias)` for the output gradient dy.
+    x and dy may be any views whose channel stride is 1; dx is a new (b, l, c) tensor of x's dtype, dweight and dbias
+    have weight's and bias's shapes and dtypes. `programs` is the number of sequence groups (default: enough to
+    fill a GPU, about 1024 programs with the channel tiles); each writes one fp32 partial of dweight and dbias."""
+    if triton is None:
+        raise RuntimeError("causal_conv1d_silu_bwd_triton needs Triton")
+    b, l, c = x.shape
+    k = weight.shape[-1]
+    if dy.shape != x.shape or weight.shape[0] != c or (bias is not None and bias.shape != (c,)):
+        raise ValueError(f"conv backward shapes do not match: x {tuple(x.shape)}, dy {tuple(dy.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    w2 = weight.reshape(c, k).contiguous()
+    c_tiles = triton.cdiv(c, block_c)
+    groups = programs or max(1, min(b, triton.cdiv(1024, c_tiles)))
+    per_program = triton.cdiv(b, groups)
+    groups = triton.cdiv(b, per_program)
+    kp = triton.next_power_of_2(k)
+    dx = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
+    dw_part = torch.empty((groups, c, kp), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((groups, c), dtype=torch.float32, device=x.device)
+    _causal_conv1d_silu_bwd_kernel[(c_tiles, groups)](
+        x, w2, bias if bias is not None else w2, dy, dx, dw_part, db_part, b, l, c, x.stride(0), x.stride(1),
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), per_program, K=k, KP=kp, HAS_BIAS=bias is not None,
+        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps)
+    dweight = dw_part.sum(0)[:, :k].reshape(weight.shape).to(weight.dtype)
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+class CausalConv1dSiLU(torch.autograd.Function):
+    """silu(causal depthwise conv1d) with both passes in Triton: the forward saves only its inputs (the backward
+    recomputes the pre-activation, which costs K multiply-adds a value against writing and reading a copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        return causal_conv1d_silu_triton(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = causal_conv1d_silu_bwd_triton(x, weight, bias, dy)
+        return dx, dweight, dbias
+
+
+@torch.compiler.disable  # a compiled training block calls the kernels as they are
+def causal_conv1d_silu_train(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`causal_conv1d_silu_ref(x, weight, bias)` with autograd, forward and backward in Triton."""
+    if triton is None:
+        raise RuntimeError("causal_conv1d_silu_train needs Triton")
+    return CausalConv1dSiLU.apply(x, weight, bias)
