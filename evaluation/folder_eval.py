@@ -101,7 +101,9 @@ def _model_encoder(name: str, kind: str, model, source: str, batch_size: int) ->
 def load_encoders(model_spec: str | None, compare: list[str], device: str, batch_size: int) -> list[Encoder]:
     """The evaluated model first, then the comparisons (see the module docstring)."""
     main = vision_model.load_model(model_spec, device=device)
-    out = [_model_encoder(Path(str(model_spec or "shipped")).name, "model", main, str(model_spec), batch_size)]
+    folder = Path(str(model_spec or "shipped"))
+    name = "/".join(folder.parts[-2:]) if folder.name == "model" else folder.name  # train runs save to RUN/model
+    out = [_model_encoder(name, "model", main, str(model_spec), batch_size)]
     for item in compare:
         name, _, spec = item.rpartition("=")
         if spec == "pixels":

@@ -255,3 +255,52 @@ def train_ssl(tc) -> dict:
     (out / "result.json").write_text(json.dumps({**result, "skipped": cache.skipped}, indent=2))
     print(json.dumps(result))
     return result
+
+
+def write_model_card(model_dir: str | Path, report: dict, name: str) -> Path:
+    """README.md of a self-supervised model folder, from its saved train config and result and a folder-eval report
+    (evaluation/folder_eval.py) that measured it first among its baselines."""
+    from vision_model.hub import atomic_write_bytes, read_config, weights_hash
+
+    from evaluation.folder_eval import TRANSFORMS
+
+    model_dir = Path(model_dir)
+    config, meta = read_config(model_dir)
+    tc, res = meta.get("train_config", {}), meta.get("result", {})
+    records = report["records"]
+    ours = records[0]["encoder"]
+    row = lambda r: (f"| {r['encoder']} | {r['level']} | {100 * r['topic_top1']:.1f} | {100 * r['topic_map@10']:.1f} | "
+                     + " | ".join(f"{100 * r['copy_' + t]:.1f}" for t in TRANSFORMS) + " |")
+    header = ["| encoder | query level | topic 1-NN (%) | topic mAP@10 (%) | "
+              + " | ".join(f"copy {t} (%)" for t in TRANSFORMS) + " |", "|---" * (4 + len(TRANSFORMS)) + "|"]
+    lines = [
+        f"# {name}: nested MatMamba-Vision for colour clip art, trained without labels", "",
+        "A MatMamba-Vision encoder whose four granularities (D, D/2, D/4, D/8) embed into one space: index a folder "
+        "at D, query it at any level. Load it with `vision_model.load_model(\"" + name + "\")`.", "",
+        "## Data", "",
+        f"{res.get('images')} distinct images of Debian's `openclipart-png` ({res.get('duplicates_dropped')} "
+        f"duplicates by decoded pixels dropped, {res.get('skipped_images')} files skipped), alpha composited on "
+        f"white, fitted into {config.img_size}x{config.img_size} ({config.crop}). The topic folders were never "
+        "read in training; evaluation uses them as held-out labels.", "",
+        "## Objective and recipe", "",
+        f"Self-supervised (`matsearch train --objective self-supervised`, training/ssl.py): multi-crop InfoNCE at D "
+        f"through a projection head (2 global views + {tc.get('local_crops')} local views of half the size, "
+        f"temperature {tc.get('temperature')}); each narrower level is distilled into D's embedding space (InfoNCE "
+        "to the other view's D embedding plus cosine to the same view's, D as a fixed target). Augmentations on the "
+        "GPU: random resized crop, flip, colour jitter, greyscale, blur, JPEG-like compression. AdamW (weight "
+        f"decay {tc.get('weight_decay')}), lr {tc.get('lr')}, batch {tc.get('batch_size')}, warm-up "
+        f"{tc.get('warmup_epochs')} epochs then cosine, bf16 autocast. Trained {res.get('epochs_done', 0):.0f} "
+        f"epochs ({res.get('steps')} steps) in {res.get('train_seconds_total', 0) / 60:.1f} min on one "
+        f"{res.get('device')}" + (f", planned to a {tc['max_minutes']:g}-minute budget" if tc.get("max_minutes")
+                                  else "") + ". Retrieval uses the backbone's final-norm CLS feature (pre-head).", "",
+        "## Config", "", "| field | value |", "|---|---|",
+        *[f"| {k} | {getattr(config, k)} |" for k in ("img_size", "patch_size", "stem", "d_model", "depth", "d_state",
+                                                        "headdim", "scan_orders")], "",
+        f"## Results ({report['images']} images; {report['topic_queries']} held-out topic queries over "
+        f"{len(report['topics'])} topics, leave-one-out, database at D; {report['copy_queries']} copy queries per "
+        "transform against the whole collection at D)", "", *header,
+        *[row(r) for r in records if r["encoder"] == ours], "", "Baselines measured in the same run:", "", *header,
+        *[row(r) for r in records if r["encoder"] != ours], "",
+        f"Weights: `model.safetensors` (bf16), sha256 `{weights_hash(model_dir)}`."]
+    atomic_write_bytes(model_dir / "README.md", ("\n".join(lines) + "\n").encode())
+    return model_dir / "README.md"
