@@ -249,7 +249,8 @@ def train_ssl(tc) -> dict:
               "duplicates_dropped": len(cache.duplicates), "steps": step, "total_steps": total_steps,
               "epochs_done": step / steps_per_epoch, "train_seconds_total": earlier + wall,
               "train_seconds_this_run": time.time() - t_start, "final_losses": {str(k): v for k, v in losses.items()},
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+              "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                         else platform.processor() or platform.machine()),
               "torch": torch.__version__, "data": str(cache.source or cache.directory)}
     save_pretrained(final, out / "model", dtype=torch.bfloat16, extra={"train_config": asdict(tc), "result": result})
     (out / "result.json").write_text(json.dumps({**result, "skipped": cache.skipped}, indent=2))
