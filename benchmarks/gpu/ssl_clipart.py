@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                                                "wall_seconds": time.time() - started}, indent=2, default=str))
     write_model_card(model_dir, result, SHIPPED_NAME)
     print(folder_eval.markdown(result, title))
-    print(f"done in {time.time() - started:.0f} s: {sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())}")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    print(f"done in {time.time() - started:.0f} s: {files}")
     return 0
 
 
