@@ -33,7 +33,7 @@ import vision_model
 from vision_model.views import DEFAULT_VIEWS, VIEW_SETS, describe, views_of
 
 from retrieval import knn
-from . import metrics
+from . import folder_eval, metrics
 from .datasets import encode_database, fashion_mnist, fashion_mnist_rows
 from retrieval.encoder import QueryEncoder
 from retrieval.cascade import Cascade, cascade_search
@@ -392,9 +392,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embed each database image as the average of these views (vision_model.views: 1, flip, "
                              "shift1, shift2; default 1, or the --index folder's own)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    folder_eval.add_arguments(parser)  # --folder DIR: topic retrieval and copy detection on a folder of images
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.folder:
+        return folder_eval.run(args)
     started = time.perf_counter()
     records = evaluate(args.model, args.index, args.limit_db, args.limit_queries, args.control_model,
                        args.escalation_rates, args.shortlist, args.latency_queries, args.batch_size, args.device,

@@ -107,6 +107,10 @@ class TrainConfig:
     backend: str = "auto"
     max_minutes: float | None = None  # wall-clock guard: stop (and still evaluate + save) after this long
     compile: bool = False  # torch.compile the stem and the blocks' training forward (MatMambaVision.compile_training)
+    objective: str = "supervised"  # "self-supervised": a plain folder, no labels (training/ssl.py)
+    temperature: float = 0.15  # self-supervised: InfoNCE temperature at D
+    local_crops: int = 4  # self-supervised: small views per image (multi-crop)
+    cache: str | None = None  # self-supervised: where the folder's decoded cache goes (default OUT/cache)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -438,6 +442,11 @@ def _is_main() -> bool:
 
 
 def train(tc: TrainConfig) -> dict:
+    if tc.objective == "self-supervised":
+        from .ssl import train_ssl
+        return train_ssl(tc)
+    if tc.objective != "supervised":
+        raise ValueError(f"unknown objective {tc.objective!r}: 'supervised' or 'self-supervised'")
     if tc.mnm_samples and tc.schedule == "cycle":
         raise ValueError("--mnm-samples needs --schedule all or sampled (each Mix'n'Match pass runs on the whole "
                          "micro-batch)")
@@ -691,6 +700,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the stem and the blocks' training forward (fuses their elementwise ops; "
                         "compiling takes a while at the start)")
+    p.add_argument("--objective", choices=["supervised", "self-supervised"], default=d.objective,
+                   help="'self-supervised': --data is a plain folder (recursive; subfolders are not labels), decoded "
+                        "once into a cache; multi-crop InfoNCE at D, narrower levels distilled into D's space")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="self-supervised InfoNCE temperature")
+    p.add_argument("--local-crops", type=int, default=d.local_crops,
+                   help="self-supervised: small (img_size/2) views per image besides the two global ones")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="self-supervised: folder for the decoded training cache (default OUT/cache; resumable)")
 
 
 def _parse_override(item: str):
@@ -715,6 +732,8 @@ def run(args) -> int:
                      mix_prob=args.mix_prob, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
                      ema_decay=args.ema_decay, seed=args.seed, ckpt_every=args.ckpt_every,
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
-                     backend=args.backend, max_minutes=args.max_minutes, compile=args.compile)
+                     backend=args.backend, max_minutes=args.max_minutes, compile=args.compile,
+                     objective=args.objective, temperature=args.temperature, local_crops=args.local_crops,
+                     cache=args.cache)
     train(tc)
     return 0

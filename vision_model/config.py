@@ -185,6 +185,15 @@ CONFIGS: dict[str, MatMambaVisionConfig] = {
         name="matmamba_vision_fmnist", img_size=28, patch_size=4, stem="conv", in_chans=1, num_classes=10,
         d_model=192, depth=8, expand=2, d_state=32, headdim=16, chunk_size=64, drop_path_rate=0.05,
         mean=(0.2860,), std=(0.3530,), crop="pad", dark_background=True, class_names=FASHION_MNIST_CLASSES),
+    # colour clip art (openclipart-png), trained self-supervised in minutes of one GPU (docs/notes/ssl22.md): 96 px
+    # keeps line art legible; the conv stem's four stride-2 layers (shared by every width) give each of the 6x6
+    # tokens a convolutional receptive field, which small unlabelled datasets need, and keep the sequence short
+    # enough for hundreds of epochs in the time box; 'pad' never cuts a drawing off. No class head: retrieval
+    # uses the embedding.
+    "matmamba_vision_clipart": MatMambaVisionConfig(
+        name="matmamba_vision_clipart", img_size=96, patch_size=16, stem="conv", in_chans=3, num_classes=0,
+        d_model=256, depth=8, expand=2, d_state=64, headdim=16, chunk_size=64,
+        scan_orders=("row", "row_rev", "col", "col_rev"), crop="pad"),
 }
 
 

@@ -18,7 +18,8 @@ from .model import MatMambaVision
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "matmamba_vision_fmnist"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped model folders, each loadable by its folder name
+DEFAULT_MODEL_DIR = WEIGHTS_DIR / "matmamba_vision_fmnist"
 
 
 def save_pretrained(model: MatMambaVision, directory: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
@@ -84,9 +85,18 @@ def weights_hash(directory: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def shipped_path(name: str | os.PathLike) -> Path:
+    """A model folder: `name` itself if it is a folder, else the shipped model of that name (a bare name)."""
+    path = Path(name)
+    if not path.exists() and len(path.parts) == 1 and (WEIGHTS_DIR / path).is_dir():
+        return WEIGHTS_DIR / path
+    return path
+
+
 def load_model(path: str | os.PathLike | None = None, **kwargs) -> MatMambaVision:
-    """The shipped default model (trained on Fashion-MNIST), or the model saved in `path`."""
-    directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    """The shipped default model (trained on Fashion-MNIST), a shipped model by name (e.g.
+    "matmamba_vision_openclipart_ssl"), or the model saved in the folder `path`."""
+    directory = shipped_path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (directory / WEIGHTS_FILE).is_file():
         if path is None:
             raise FileNotFoundError(

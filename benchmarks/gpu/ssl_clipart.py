@@ -1,0 +1,122 @@
+"""The clip-art run on one GPU, in one command: self-supervised training (time-boxed), a supervised reference
+(time-boxed), the folder evaluation against every baseline, and the shippable model folder with its card.
+
+    python3 -m benchmarks.gpu.ssl_clipart --pack .data/clipart --out $OUT          # the GPU run (about 8 minutes)
+    python3 -m benchmarks.gpu.ssl_clipart --folder DIR --tiny --out /tmp/x         # CPU smoke test, tiny model
+
+Writes to --out (8 files): model/{model.safetensors, config.json, README.md} (the encoder and its card, ready for
+vision_model/weights/matmamba_vision_openclipart_ssl), report.md, report.json, report.png (topic retrieval and copy
+detection of every encoder), ssl_metrics.jsonl (the training curve) and runs.json (both runs' results and settings).
+The supervised reference trains on the topic labels of the images that are *not* topic queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evaluation import folder_eval
+from training.cache import build_cache, open_cache, topic_of
+from training.ssl import write_model_card
+from training.train import TrainConfig, train
+from vision_model.config import get_config
+
+from .pack_clipart import unpack
+
+MODEL = "matmamba_vision_clipart"
+SHIPPED_NAME = "matmamba_vision_openclipart_ssl"
+UNLABELLED = ("unsorted",)
+QUERY_FRACTION = 0.2
+TINY = {"img_size": 32, "d_model": 64, "depth": 2, "d_state": 16}
+
+
+def labelled_tree(cache, directory: Path) -> Path:
+    """An ImageFolder tree (topic/NNNNN.png) of the labelled images that are not topic queries."""
+    labels, names = folder_eval.topic_labels(cache.keys, UNLABELLED)
+    queries = folder_eval.query_rows(cache.keys, QUERY_FRACTION)
+    rows = [i for i in range(len(cache)) if labels[i] >= 0 and not queries[i]]
+    for name in names:
+        (directory / name).mkdir(parents=True, exist_ok=True)
+
+    def write(i):
+        Image.fromarray(np.ascontiguousarray(cache.images[i].transpose(1, 2, 0))).save(
+            directory / topic_of(cache.keys[i]) / f"{i:05d}.png", compress_level=1)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, rows))
+    return directory
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pack", default=".data/clipart", help="pack folder (benchmarks/gpu/pack_clipart.py)")
+    p.add_argument("--folder", help="instead of --pack: a folder of images, decoded here")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/ssl_clipart", help="scratch: cache, checkpoints, the labelled tree")
+    p.add_argument("--ssl-minutes", type=float, default=5.0)
+    p.add_argument("--sup-minutes", type=float, default=1.25)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--temperature", type=float, default=0.15)
+    p.add_argument("--local-crops", type=int, default=4)
+    p.add_argument("--copies", type=int, default=500)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, few images, few steps")
+    args = p.parse_args(argv)
+    started = time.time()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(TINY) if args.tiny else {}
+    config = get_config(MODEL, **overrides)
+    if args.folder:
+        cache = build_cache(args.folder, work / f"cache{config.img_size}", config.img_size, config.crop,
+                            limit=96 if args.tiny else None)
+    else:
+        cache = open_cache(unpack(args.pack, work / "cache"))
+    print(f"{len(cache)} images at {cache.size} px ({time.time() - started:.0f} s)")
+    small = dict(epochs=3, batch_size=16, ckpt_every=4) if args.tiny else dict(epochs=2000, batch_size=args.batch_size)
+    ssl_tc = TrainConfig(model=MODEL, overrides=overrides, data=str(cache.directory), objective="self-supervised",
+                         out=str(work / "ssl"), lr=args.lr, warmup_epochs=5, weight_decay=0.05,
+                         temperature=args.temperature, local_crops=args.local_crops,
+                         max_minutes=None if args.tiny else args.ssl_minutes, **small)
+    ssl_result = train(ssl_tc)
+    tree = labelled_tree(cache, work / "labelled")
+    sup_tc = TrainConfig(model=MODEL, overrides=overrides, data=f"imagefolder:{tree}", out=str(work / "supervised"),
+                         lr=2e-3, warmup_epochs=2, val_fraction=0.05, workers=2 if args.tiny else 12,
+                         max_minutes=None if args.tiny else args.sup_minutes,
+                         **({**small, "epochs": 1} if args.tiny else dict(epochs=200, batch_size=256)))
+    sup_result = train(sup_tc)
+    model_dir = out / "model"
+    shutil.copytree(work / "ssl" / "model", model_dir, dirs_exist_ok=True)
+    compare = ["pixels", "random", "shipped", f"supervised reference (topic labels)={work / 'supervised' / 'model'}"]
+    encoders = folder_eval.load_encoders(str(model_dir), compare, "cuda" if not args.tiny and _cuda() else "cpu", 512)
+    encoders[0].name = f"{SHIPPED_NAME} (self-supervised)"
+    title = f"{SHIPPED_NAME}: openclipart-png, topic retrieval and copy detection"
+    result = folder_eval.evaluate_folder(cache, encoders, QUERY_FRACTION, 20 if args.tiny else args.copies,
+                                         UNLABELLED, crop=config.crop)
+    result["eval_seconds"] = time.time() - started
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(folder_eval.markdown(result, title))
+    folder_eval.plot(result, out / "report.png", title)
+    shutil.copyfile(work / "ssl" / "metrics.jsonl", out / "ssl_metrics.jsonl")
+    (out / "runs.json").write_text(json.dumps({"ssl": {"result": ssl_result, "train_config": ssl_tc.__dict__},
+                                               "supervised": {"result": sup_result, "train_config": sup_tc.__dict__},
+                                               "wall_seconds": time.time() - started}, indent=2, default=str))
+    write_model_card(model_dir, result, SHIPPED_NAME)
+    print(folder_eval.markdown(result, title))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    print(f"done in {time.time() - started:.0f} s: {files}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
