@@ -139,8 +139,13 @@ def _imagefolder_source(folder: Path, limit: int | None) -> ImageSource:
 
 
 # -- decoding ------------------------------------------------------------------------------------------------------
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Fully decode an encoded image, or raise UnreadableImage. Modes are left as they are (see to_mode)."""
+def decode_image(data: bytes, max_pixels: int | None = None, target_size: int | None = None) -> Image.Image:
+    """Decode an encoded image, or raise UnreadableImage. Modes are left as they are (see to_mode).
+
+    target_size: a hint that the image will be resized to about target_size pixels on its short side. A JPEG is
+    then decoded at the smallest DCT scale (1/2, 1/4, 1/8: Pillow's draft mode) that keeps both sides at least
+    target_size, which skips most of the decoding work for a photo; other formats decode fully. The image's
+    `original_size` attribute is its stored size either way."""
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
@@ -148,7 +153,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)  # reads the header only
         if limit and img.width * img.height > limit:  # before decoding: the header is all a bomb has to offer
             raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()  # decodes everything, so a truncated file fails here and not later
+        original_size = img.size
+        if target_size and img.format == "JPEG":
+            img.draft(None, (target_size, target_size))
+        img.load()
+        img.original_size = original_size  # decodes everything, so a truncated file fails here and not later
         return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UnreadableImage(f"too many pixels, possible decompression bomb (limit {limit} pixels): {e}") from None
@@ -177,11 +186,13 @@ def read_item(item: SourceItem) -> RawItem:
     return RawItem(hashlib.sha256(data).hexdigest(), data=data)
 
 
-def decode_item(raw: RawItem, max_pixels: int | None = None) -> LoadedImage:
+def decode_item(raw: RawItem, max_pixels: int | None = None, target_size: int | None = None) -> LoadedImage:
+    """A read item decoded (see decode_image for target_size); width and height are the stored size."""
     if raw.array is not None:
         return LoadedImage(raw.sha256, raw.array.shape[-1], raw.array.shape[-2], array=raw.array)
-    img = decode_image(raw.data, max_pixels)
-    return LoadedImage(raw.sha256, img.width, img.height, image=img)
+    img = decode_image(raw.data, max_pixels, target_size)
+    width, height = img.original_size
+    return LoadedImage(raw.sha256, width, height, image=img)
 
 
 def load_item(item: SourceItem, max_pixels: int | None = None) -> LoadedImage:

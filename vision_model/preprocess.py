@@ -54,14 +54,18 @@ def _border(img: Tensor) -> Tensor:
     return frame.mean(-1)
 
 
-def preprocess_image(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+def preprocess_uint8(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+    """PIL image -> uint8 (in_chans, img_size, img_size): the model's pixels before normalisation (what index
+    builds move between processes and to the GPU: a quarter of the bytes of the float input)."""
     img = to_mode(img, config.in_chans)
     x = TF.pil_to_tensor(img)  # uint8 (c, h, w)
     if config.dark_background and _border(x).mean() > 127:
         x = 255 - x  # a product photo on white, for a model trained on light-on-dark images
-    x = _fit(x, config.img_size, config.crop)
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(config.mean), list(config.std))
+    return _fit(x, config.img_size, config.crop)
+
+
+def preprocess_image(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+    return normalize_uint8(config, preprocess_uint8(config, img))
 
 
 def preprocess_images(config: MatMambaVisionConfig, images: Image.Image | Sequence[Image.Image]) -> Tensor:
