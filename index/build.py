@@ -128,8 +128,14 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
-        encoded = _encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size, workers,
-                          max_image_pixels, progress, on_shard, on_checkpoint, views, checkpoint_seconds)
+        threads = torch.get_num_threads()
+        if torch_device.type == "cpu" and workers:  # the decoding processes have the other cores: no spinning
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+        try:
+            encoded = _encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size, workers,
+                              max_image_pixels, progress, on_shard, on_checkpoint, views, checkpoint_seconds)
+        finally:
+            torch.set_num_threads(threads)
 
         dtype = pipeline.autocast_dtype(torch_device) or torch.float32
         stats = {

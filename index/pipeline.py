@@ -91,7 +91,7 @@ def to_model_pixels(config, image: Image.Image | None, array: np.ndarray | None)
     """A decoded image or an item's array -> uint8 (c, s, s) model pixels (normalisation happens on the device)."""
     if array is not None:
         if array.shape == (config.in_chans, config.img_size, config.img_size):
-            return torch.from_numpy(np.ascontiguousarray(array))  # as the model trained on: used as they are
+            return torch.from_numpy(np.array(array))  # as the model trained on: used as they are (a writable copy)
         image = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
     return preprocess_uint8(config, image)  # converts odd modes via to_mode
 

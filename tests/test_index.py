@@ -504,6 +504,7 @@ def test_cli_build_add_and_info(image_folder, tmp_path, model_dir, other_model_d
     printed = capsys.readouterr().out
     assert f"items       {len(GOOD) + len(ODD)}" in printed and "Flat (auto:" in printed
     assert "level 1, l2-normalised, inner_product" in printed and f"skipped     {len(BAD)} files" in printed
+    assert "img/s over" in printed and "stages      read " in printed and ", decode " in printed
 
     assert main(["index", "info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == len(GOOD) + len(ODD)
