@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = model.config
         src = open_source(source, args.limit)
 
+        workers = default_workers(device) if args.workers is None else args.workers
+        if device.type == "cpu" and workers:  # the threads the build's encoder gets beside its workers (build.py)
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
         decoded = predecode(src.items, cfg, min(args.batch_size, len(src)))
         encoder = encoder_only(model, device, decoded, args.batch_size, "1", args.encoder_seconds)
         print(f"encoder-only: {encoder['images_per_second']} img/s", flush=True)
@@ -150,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.keep_index or scratch / "index"
         if args.keep_index:
             shutil.rmtree(out_dir, ignore_errors=True)
-        workers = default_workers(device) if args.workers is None else args.workers
         cpu0, start = cpu_seconds(), time.perf_counter()
         result = build_index(source, out_dir, model_dir=model_dir, batch_size=args.batch_size, device=str(device),
                              workers=workers, limit=args.limit, progress=sys.stderr.isatty())

@@ -523,3 +523,21 @@ def test_cli_build_add_and_info(image_folder, tmp_path, model_dir, other_model_d
     assert main(["index", "info", str(tmp_path / "missing")]) == 1
     assert "no index at" in capsys.readouterr().err
     assert main(["index"]) == 2
+
+
+def test_bench_index_measures_encoder_only_and_the_build_in_one_run(tmp_path, model_dir, capsys):
+    from app.cli import main
+
+    folder = tmp_path / "images"
+    for seed in range(6):
+        _write_image(folder / f"{seed}.jpg", seed)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "index", "--source", str(folder), "--model", str(model_dir), "--device", "cpu",
+                 "--batch-size", "4", "--workers", "1", "--encoder-seconds", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["items"] == 6 and report["batch_size"] == 4 and report["workers"] == 1
+    assert report["encoder_only"]["images_per_second"] > 0 and report["build"]["images_per_second"] > 0
+    assert report["build_vs_encoder"] == pytest.approx(
+        report["build"]["images_per_second"] / report["encoder_only"]["images_per_second"], abs=0.002)
+    assert report["build"]["stage_seconds"]["decode"] > 0
+    assert "encoder-only" in capsys.readouterr().out
