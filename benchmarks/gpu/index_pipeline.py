@@ -27,11 +27,16 @@ import torch
 
 def copies(folder: Path, unique: int, total: int) -> None:
     """photo-NNNNNN.jpg for unique..total-1: the bytes of photo (i % unique) plus 8 trailing bytes of i."""
-    for i in range(unique, total):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def copy(i: int) -> None:
         path = folder / f"photo-{i:06d}.jpg"
         if not path.exists():
             data = (folder / f"photo-{i % unique:06d}.jpg").read_bytes()
             path.write_bytes(data + i.to_bytes(8, "little"))
+
+    with ThreadPoolExecutor(16) as pool:  # file I/O: threads suffice
+        list(pool.map(copy, range(unique, total)))
 
 
 def bf16_check(n: int = 10_000) -> dict:
