@@ -39,7 +39,7 @@ def copies(folder: Path, unique: int, total: int) -> None:
         list(pool.map(copy, range(unique, total)))
 
 
-def bf16_check(n: int = 10_000) -> dict:
+def bf16_check(n: int = 10_000, device: str = "cuda") -> dict:
     import numpy as np
 
     import vision_model
@@ -47,9 +47,9 @@ def bf16_check(n: int = 10_000) -> dict:
     from index.pipeline import embed_batch
     from vision_model.preprocess import normalize_uint8
 
-    model = vision_model.load_model(device="cuda").eval()
+    model = vision_model.load_model(device=device).eval()
     src = open_source("fashion-mnist:test", n)
-    pixels = torch.from_numpy(np.stack([item.array for item in src.items])).cuda()
+    pixels = torch.from_numpy(np.stack([item.array for item in src.items])).to(device)
     bf16 = torch.cat([embed_batch(model, pixels[i:i + 1024]) for i in range(0, len(pixels), 1024)])
     with torch.inference_mode():
         fp32 = torch.cat([torch.nn.functional.normalize(model.embed(normalize_uint8(model.config, pixels[i:i + 1024]),
