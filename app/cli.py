@@ -17,17 +17,17 @@ SUBCOMMANDS = {
     "budget": ("evaluation.frontier", "measure the Pareto frontier of Mix'n'Match submodels (accuracy vs cost) for a model"),
     "eval": ("evaluation.evaluate", "retrieval accuracy of every granularity, Mix'n'Match, funnel and adaptive mode"),
     "bench": ("benchmarks.resolution", "encoder throughput, latency and memory vs resolution (and ViT); "
-              "`bench train`: training speed"),
+              "`bench train`: training speed; `bench index`: index-build vs encoder-only throughput"),
     "model": ("app.model_cli", "import the paper's released checkpoints as model folders; list the shipped models"),
     "app": ("app.launch", "start the Streamlit search UI"),
     "demo": ("app.demo", "the main job: index Fashion-MNIST with the shipped model, query it at every granularity"),
 }
 
-
-
-# subjects of a subcommand with their own options: `matsearch bench train ...` runs benchmarks.train_speed
+# subjects of a subcommand with options of their own: `matsearch bench train ...` runs benchmarks.train_speed
 SUBJECTS = {("bench", "train"): ("benchmarks.train_speed", "training speed: fwd+bwd+AdamW img/s per level, the "
-                                                           "joint nested step and a ViT of the same token count")}
+                                                           "joint nested step and a ViT of the same token count"),
+            ("bench", "index"): ("benchmarks.index_build", "index-build throughput against encoder-only throughput, "
+                                                           "per stage")}
 
 
 def _subject(argv: list[str]) -> tuple[str, str] | None:

@@ -30,13 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: flat; with --add, the index's own type)")
     build.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     build.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    build.add_argument("--workers", type=int, help="image decoding threads (default: min(8, CPU count))")
+    build.add_argument("--workers", type=int, help="image decoding processes (default: one per CPU core; 0: decode in "
+                                                   "the main process)")
     build.add_argument("--add", action="store_true",
                        help="index only images (key + content hash) the index lacks, with the index's model")
     build.add_argument("--memory-budget-mb", type=float, default=4096,
                        help="memory the index may take, for --index-type auto (default 4096)")
     build.add_argument("--limit", type=int, help="index only the first N images of SOURCE (quick runs)")
-    build.add_argument("--shard-size", type=int, default=2048, help="images per resumable shard (default 2048)")
+    build.add_argument("--shard-size", type=int, default=2048, help="images per shard: batches restart at each "
+                                                                    "(default 2048)")
+    build.add_argument("--checkpoint-seconds", type=float, default=20.0,
+                       help="save the work at least this often, so a killed build resumes from there (default 20)")
     build.add_argument("--max-image-pixels", type=int,
                        help="skip larger images as possible decompression bombs (default: Pillow's limit)")
     build.add_argument("--views", choices=list(VIEW_SETS), metavar="SET",
@@ -67,7 +71,8 @@ def _build(args: argparse.Namespace) -> int:
     result = build_index(args.source, args.out, model_dir=args.model, index_type=args.index_type,
                          batch_size=args.batch_size, device=args.device, workers=args.workers, add=args.add,
                          memory_budget_mb=args.memory_budget_mb, progress=not args.no_progress, limit=args.limit,
-                         shard_size=args.shard_size, max_image_pixels=args.max_image_pixels, views=args.views)
+                         shard_size=args.shard_size, max_image_pixels=args.max_image_pixels, views=args.views,
+                         checkpoint_seconds=args.checkpoint_seconds)
     manifest = result.manifest
     verb = "added" if args.add else "indexed"
     print(f"{verb} {result.added} images from {args.source}: {manifest['count']} in {result.version_dir} "
@@ -88,6 +93,8 @@ def _info(args: argparse.Namespace) -> int:
     labels = f", {len(m['label_names'])} label names" if m.get("label_names") else ", unlabelled"
     params = ", ".join(f"{k}={v}" for k, v in m.get("search_params", {}).items()) or "none"
     rate = f", {build['images_per_second']} img/s" if build.get("images_per_second") else ""
+    if build.get("pipeline_seconds"):  # counted over every run that made the build's pieces
+        rate = f", {build['images_per_second']} img/s over {build['pipeline_seconds']} s of build"
     views = describe(m.get("views", DEFAULT_VIEWS))
     views = f", {views}" if views else ""
     blank = count_blank(version_dir)
@@ -105,6 +112,11 @@ def _info(args: argparse.Namespace) -> int:
                        f"{build['device']}"),
         ("builds", str(len(m.get("history", [])))),
     ]
+    if build.get("stage_seconds"):  # builds since the pipeline: where the time went, over every run of the build
+        stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in build["stage_seconds"].items())
+        resumed = f" (resumed after {build['resumed_items']} items)" if build.get("resumed_items") else ""
+        lines.insert(-1, ("stages", f"{stages} s; read, decode and preprocess summed over {build['workers']} "
+                                    f"worker processes; {build['pipeline_seconds']} s in all{resumed}"))
     for name, value in lines:
         print(f"{name:<11} {value}")
     _print_skipped(m.get("skipped", []))

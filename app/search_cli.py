@@ -56,7 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+# Up to this many query images on the CPU are encoded with one thread: a batch this small gains nothing from
+# more, and on a busy machine the extra threads' spin-waiting cost many times the work (docs/notes).
+SINGLE_THREAD_QUERIES = 8
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from retrieval.encoder import UnreadableQuery, load_query_image
     from retrieval.search import Searcher
     from retrieval.submodel import Submodel
@@ -65,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     gate = cascade.gate if cascade is not None else None
     submodel = Submodel.parse(args.widths) if args.widths else Submodel(level=args.level or 1)
 
+    if args.device == "cpu" and len(args.images) <= SINGLE_THREAD_QUERIES:
+        torch.set_num_threads(1)
     searcher = Searcher(args.index, args.model, device=args.device)
     if gate is not None:
         try:

@@ -1,54 +1,54 @@
-"""Build (or extend) an index: decode images in threads, encode them at full granularity, store and publish.
+"""Build (or extend) an index: the runner of pipeline.py's stages, then assembly and publication.
 
-The work is cut into fixed shards of the source's sorted items. Each finished shard (embeddings, per-item
-metadata, skipped files) is written atomically to DIR/shards/<plan>/, so a build that is killed resumes where
-it stopped, and — batches being cut the same way inside each shard — ends with exactly the index an
-uninterrupted build makes. The finished index is assembled in a new version folder and published by
-replacing DIR/CURRENT (see store.py), so the previous index stays readable until then, whatever happens.
+    reader   the source's sorted items (sources.open_source), cut into shards and chunks (pipeline.plan_chunks)
+    mapper   worker processes read, hash, decode and resize each chunk to uint8 model pixels
+    encoder  this thread stages full batches in pinned memory and encodes them on the device (bf16 on CUDA)
+    writer   a thread collects the vectors and writes pieces; at the end the FAISS index is built from them
+
+The work is saved as it goes: pieces (embeddings, per-item metadata, skipped files) are written atomically to
+DIR/shards/<plan>/ at every shard's end and at least every `checkpoint_seconds`, so a build that is killed resumes
+where it stopped, and, batches being cut the same way inside each shard and piece, ends with exactly the index an
+uninterrupted build makes. The finished index is assembled in a new version folder and published by replacing
+DIR/CURRENT (see store.py), so the previous index stays readable until then, whatever happens.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vision_model import load_model, weights_hash
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
-from vision_model.preprocess import decode_size, to_model_input
-from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
+from vision_model.views import DEFAULT_VIEWS, views_of
 
-from . import store
+from . import pipeline, store
 from .index_types import add_vectors, choose_index, default_search_params, train_and_fill
-from .sources import (IMAGE_EXTENSIONS, ImageSource, SourceItem, UnreadableImage, decode_item, open_source,
-                      read_item)
+from .pipeline import LEVEL, default_workers
+from .sources import IMAGE_EXTENSIONS, ImageSource, open_source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 2048
 DEFAULT_MEMORY_BUDGET_MB = 4096
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_CHECKPOINT_SECONDS = 20.0  # a killed build loses at most about this much work, plus the batches in flight
 SHARDS_DIR = "shards"
 LOCK_FILE = ".lock"
-LEVEL = 1  # indexes always hold full-granularity embeddings; queries may use any submodel
 
 
 @dataclass
@@ -60,23 +60,6 @@ class BuildResult:
     skipped: list[dict] = field(default_factory=list)  # this run's skipped items: {"key", "source", "reason"}
 
 
-@dataclass
-class _Prepared:
-    """What a decode worker made of one item."""
-    item: SourceItem
-    sha256: str | None = None
-    width: int = 0
-    height: int = 0
-    pixels: torch.Tensor | None = None  # model input (c, h, w)
-    blank: bool = False  # no content: one colour (vision_model.images.is_blank)
-    skip_reason: str | None = None
-    already_indexed: bool = False
-
-
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
-
-
 # -- the public entry point ----------------------------------------------------------------------------------------
 def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                 index_type: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
@@ -84,7 +67,9 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, progress: bool = True,
                 limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                 max_image_pixels: int | None = None, views: str | None = None,
-                on_shard: Callable[[int, int], None] | None = None) -> BuildResult:
+                on_shard: Callable[[int, int], None] | None = None,
+                on_checkpoint: Callable[[int, int], None] | None = None,
+                checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS) -> BuildResult:
     """Index the images of SOURCE (see sources.py) into the index folder `out_dir`.
 
     model_dir: the encoder (default: the shipped model; with `add`, the model the index was built with).
@@ -98,12 +83,14 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
     views: each image embedded as the normalised sum of the embeddings of these views (vision_model.views: 1, flip,
         shift1, shift2). None means "1" for a new index; with `add`, the index's own, and another set is refused
         (the stored vectors would mix two embeddings).
-    on_shard(shards_done, shards_total): called after each shard this run writes.
+    workers: decoding processes (default: one per core this process may use; 0: decode in this process).
+    on_shard(shards_done, shards_total): called after each shard this run finishes.
+    checkpoint_seconds: work is saved at least this often (and at every shard's end); on_checkpoint(items_done,
+        items_total) is called after each save.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
     started = time.perf_counter()
-    workers = workers or default_workers()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(root):
@@ -115,6 +102,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             log.info("%s holds no index yet: --add builds a new one", root)
 
         torch_device = resolve_device(device)
+        workers = default_workers(torch_device) if workers is None else workers
         model = _load_encoder(model_dir, base, torch_device)
         model_sha = weights_hash(model.source_dir)
         if base is not None and model_sha != base["weights_sha256"]:
@@ -132,13 +120,20 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             choose_index(index_type, (base["count"] if base else 0) + len(src), model.config.d_model,
                          memory_budget_mb)
         known = _indexed_contents(previous_dir) if base is not None else frozenset()
-        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base, views)
+        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base, views, batch_size, torch_device)
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
-        encoded = _encode_in_shards(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
-                                    workers, max_image_pixels, progress, on_shard, views)
+        threads = torch.get_num_threads()
+        if torch_device.type == "cpu" and workers:  # the decoding processes have the other cores: no spinning
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+        try:
+            encoded = _encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size, workers,
+                              max_image_pixels, progress, on_shard, on_checkpoint, views, checkpoint_seconds)
+        finally:
+            torch.set_num_threads(threads)
 
+        dtype = pipeline.autocast_dtype(torch_device) or torch.float32
         stats = {
             "mode": "add" if base is not None else "build",
             "source": src.spec,
@@ -148,9 +143,10 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             "already_indexed": encoded.already_indexed,
             "shards": encoded.shards_total,
             "resumed_shards": encoded.shards_resumed,
-            "encode_seconds": round(encoded.seconds, 3),
-            "images_per_second": round(encoded.items_processed / encoded.seconds, 1) if encoded.seconds else None,
+            "resumed_items": encoded.resumed_items,
+            "pieces": len(encoded.pieces),
             "device": str(torch_device),
+            "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "workers": workers,
         }
@@ -252,159 +248,180 @@ def _indexed_contents(version_dir: Path) -> frozenset[tuple[str, str]]:
 
 
 def _plan_id(src: ImageSource, model, model_sha: str, shard_size: int, max_pixels: int | None,
-             base: dict | None, views: str) -> str:
-    """Fingerprint of everything a shard's content depends on: shards of another plan are never reused."""
+             base: dict | None, views: str, batch_size: int, device: torch.device) -> str:
+    """Fingerprint of everything a piece's content depends on: pieces of another plan are never reused. (The
+    decoder is part of it: JPEGs are decoded at reduced size, see pipeline.prepare_item.)"""
     keys = hashlib.sha256("\n".join(item.key for item in src.items).encode()).hexdigest()
-    plan = {"format": store.FORMAT_VERSION, "weights": model_sha, "config": model.config.to_dict(),
-            "source": src.spec, "keys": keys, "shard_size": shard_size, "max_pixels": max_pixels,
+    dtype = pipeline.autocast_dtype(device)
+    plan = {"format": store.FORMAT_VERSION, "pieces": 1, "decode": "draft", "weights": model_sha,
+            "config": model.config.to_dict(), "source": src.spec, "keys": keys, "shard_size": shard_size,
+            "batch_size": batch_size, "dtype": str(dtype or torch.float32), "views": views, "max_pixels": max_pixels,
             "base": None if base is None else [base["version"], base["count"]]}
-    if views != DEFAULT_VIEWS:  # absent for one view: plans (and resumable shards) of earlier builds stay valid
-        plan["views"] = views
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# -- decoding and encoding -----------------------------------------------------------------------------------------
-def _prepare(item: SourceItem, config, known: frozenset, max_pixels: int | None) -> _Prepared:
-    """Runs in a worker thread: read, hash, skip if indexed, decode, preprocess. Never raises for bad input."""
-    try:
-        raw = read_item(item)
-        if (item.key, raw.sha256) in known:
-            return _Prepared(item, raw.sha256, already_indexed=True)
-        loaded = decode_item(raw, max_pixels, decode_size(config))  # decoded as a query is: same pixels
-        pixels = to_model_input(config, loaded.array.copy() if loaded.array is not None else loaded.image)[0]
-        return _Prepared(item, raw.sha256, loaded.width, loaded.height, pixels, loaded.blank)
-    except UnreadableImage as e:
-        return _Prepared(item, skip_reason=e.reason)
-    except Exception as e:  # a file Pillow decodes but cannot convert, etc.: skip it, the build goes on
-        return _Prepared(item, skip_reason=f"cannot decode or preprocess: {type(e).__name__}: {e}")
-
-
-def _ordered_map(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, lookahead: int) -> Iterator:
-    """fn(item) in the pool's threads, yielded in input order, with at most `lookahead` items in flight."""
-    items = iter(items)
-    pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, lookahead))
-    while pending:
-        result = pending.popleft().result()
-        for item in itertools.islice(items, 1):
-            pending.append(pool.submit(fn, item))
-        yield result
-
-
+# -- the runner: reader -> mapper (worker processes) -> encoder (this thread, the device) -> writer (a thread) -------
 @dataclass
 class _Encoded:
-    shard_files: list[Path]
+    pieces: list[Path]  # in item order, covering every item of the source
+    metas: list[dict]
     indexed: int = 0
     already_indexed: int = 0
     skipped: list[dict] = field(default_factory=list)
     shards_total: int = 0
-    shards_resumed: int = 0
-    items_processed: int = 0  # this run, resumed shards excluded
-    seconds: float = 0.0
+    shards_resumed: int = 0  # whole shards done before this run
+    resumed_items: int = 0  # items done before this run
+    seconds: float = 0.0  # this run's pipeline wall time
 
 
-def _shard_path(shard_dir: Path, number: int) -> Path:
-    return shard_dir / f"shard-{number:06d}.npz"
+class _Piece:
+    """The piece the main thread is filling: items [start, ...) with their outcome."""
+
+    def __init__(self, start: int):
+        self.start, self.indexed, self.skipped, self.already = start, [], [], 0
+        self.seconds = dict.fromkeys(("read", "decode", "preprocess", "wait"), 0.0)
+        self.opened = time.perf_counter()
 
 
-def _read_shard_meta(path: Path) -> dict | None:
-    """A finished shard's metadata (its embeddings stay on disk), or None if there is no readable shard."""
-    try:
-        with np.load(path, allow_pickle=False) as data:  # an .npz reads only the members asked for
-            return json.loads(str(data["meta"])) if "embeddings" in data.files else None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None
+def _resume_point(shard_dir: Path, plan: str, n_items: int) -> tuple[list[Path], list[dict]]:
+    """The pieces of this plan that follow each other from item 0, and their metadata; other pieces are removed."""
+    found = {}
+    for path in shard_dir.glob("piece-*.npz"):
+        meta = pipeline.read_piece_meta(path)
+        if (meta is not None and meta.get("plan") == plan and 0 <= meta["start"] < meta["stop"] <= n_items
+                and len(meta["indexed"]) + len(meta["skipped"]) + meta["already_indexed"]
+                == meta["stop"] - meta["start"]):
+            found[meta["start"]] = (path, meta)
+    chain, metas, position = [], [], 0
+    while position in found:
+        path, meta = found.pop(position)
+        chain.append(path)
+        metas.append(meta)
+        position = meta["stop"]
+    for path in set(shard_dir.iterdir()) - set(chain):  # stale: another run's tail, temporary files
+        path.unlink(missing_ok=True)
+    return chain, metas
 
 
-def _is_finished(meta: dict | None, plan: str, number: int, items: list[SourceItem]) -> bool:
-    return (meta is not None and meta.get("plan") == plan and meta.get("shard") == number
-            and meta.get("count") == len(items)
-            and len(meta["indexed"]) + len(meta["skipped"]) + meta["already_indexed"] == len(items))
+def _encode(src: ImageSource, model, device: torch.device, known: frozenset, shard_dir: Path, plan: str,
+            shard_size: int, batch_size: int, workers: int, max_pixels: int | None, progress: bool,
+            on_shard: Callable[[int, int], None] | None, on_checkpoint: Callable[[int, int], None] | None,
+            views: str, checkpoint_seconds: float) -> _Encoded:
+    items, n = src.items, len(src.items)
+    pieces, metas = _resume_point(shard_dir, plan, n)
+    position = metas[-1]["stop"] if metas else 0
+    shards_total = -(-n // shard_size)
+    result = _Encoded(pieces, metas, shards_total=shards_total, shards_resumed=position // shard_size,
+                      resumed_items=position)
+    skipped_count = sum(len(m["skipped"]) for m in metas)
+    bar = tqdm(total=n, initial=position, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True,
+               smoothing=0.05)  # img/s and the ETA; skipped in the postfix
+    bar.set_postfix(skipped=skipped_count)
 
+    def written(meta: dict) -> None:  # in the writer thread, after each piece
+        stop = meta["stop"]
+        if on_checkpoint is not None:
+            on_checkpoint(stop, n)
+        if on_shard is not None and (stop % shard_size == 0 or stop == n):
+            on_shard(-(-stop // shard_size), shards_total)
 
-def _write_shard(path: Path, embeddings: np.ndarray, meta: dict) -> None:
-    atomic_write(path, lambda f: np.savez(f, embeddings=embeddings, meta=np.array(json.dumps(meta))))
-
-
-def _encode_in_shards(src: ImageSource, model, device: torch.device, known: frozenset, shard_dir: Path, plan: str,
-                      shard_size: int, batch_size: int, workers: int, max_pixels: int | None, progress: bool,
-                      on_shard: Callable[[int, int], None] | None, views: str) -> _Encoded:
-    shards = [list(src.items[start:start + shard_size]) for start in range(0, len(src.items), shard_size)]
-    result = _Encoded([_shard_path(shard_dir, i) for i in range(len(shards))], shards_total=len(shards))
-    todo = [number for number, items in enumerate(shards)
-            if not _is_finished(_read_shard_meta(result.shard_files[number]), plan, number, items)]
-    result.shards_resumed = len(shards) - len(todo)
-    resumed_items = len(src.items) - sum(len(shards[number]) for number in todo)
-    bar = tqdm(total=len(src.items), initial=resumed_items, unit="img", desc="indexing", disable=not progress,
-               dynamic_ncols=True)  # shows images/s and the ETA
-    skipped_so_far = 0
-    config = model.config
     started = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    encoder = pipeline.BatchEncoder(model, device, batch_size, views)
+    writer = pipeline.PieceWriter(model.config.d_model, written)
+    ranges = pipeline.plan_chunks(n, position, shard_size, pipeline.chunk_size_for(items))
+    chunks = pipeline.decoded_chunks(items, ranges, model.config, known, max_pixels, workers)
+    piece = _Piece(position)
+    buffer, fill = encoder.buffer(), 0
+
+    def encode_batch() -> None:
+        nonlocal buffer, fill
+        if fill:
+            writer.put_batch(encoder.encode(fill))
+            buffer, fill = encoder.buffer(), 0
+
+    def close_piece(stop: int) -> None:
+        nonlocal piece
+        encode_batch()
+        meta = {"plan": plan, "start": piece.start, "stop": stop, "indexed": piece.indexed, "skipped": piece.skipped,
+                "already_indexed": piece.already, "wall": time.perf_counter() - piece.opened,
+                "seconds": piece.seconds}
+        path = pipeline.piece_path(shard_dir, piece.start, stop)
+        writer.put_piece(path, meta)
+        result.pieces.append(path)
+        result.metas.append(meta)
+        piece = _Piece(stop)
+
     try:
-        stream = _ordered_map(lambda item: _prepare(item, config, known, max_pixels),
-                              (item for number in todo for item in shards[number]), pool,
-                              lookahead=max(2 * batch_size, 4 * workers))
-        for done, number in enumerate(todo, start=1):
-            embeddings, meta = _encode_shard(model, device, shards[number], stream, batch_size, bar, views)
-            meta.update(plan=plan, shard=number, count=len(shards[number]))
-            _write_shard(result.shard_files[number], embeddings, meta)
-            skipped_so_far += len(meta["skipped"])
-            bar.set_postfix(skipped=skipped_so_far)
-            result.items_processed += len(shards[number])
-            if on_shard is not None:
-                on_shard(result.shards_resumed + done, len(shards))
+        while True:
+            waited = time.perf_counter()
+            chunk = next(chunks, None)
+            piece.seconds["wait"] += time.perf_counter() - waited
+            if chunk is None:
+                break
+            for stage in ("read", "decode", "preprocess"):
+                piece.seconds[stage] += chunk.seconds[stage]
+            copied = 0  # chunk.pixels[:copied] are in buffers already; the next ones go to buffer[fill - pending:]
+            pending = 0
+            for offset, record in enumerate(chunk.records):
+                at = chunk.start + offset
+                item = items[at]
+                if record[0] == "ok":
+                    piece.indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
+                                          "sha256": record[1], "width": record[2], "height": record[3],
+                                          "blank": record[4]})
+                    pending += 1
+                    fill += 1
+                    if fill == batch_size:
+                        buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                        copied, pending = copied + pending, 0
+                        encode_batch()
+                        if time.perf_counter() - piece.opened >= checkpoint_seconds:
+                            close_piece(at + 1)
+                elif record[0] == "skip":
+                    log.info("skipping %s: %s", item.key, record[1])
+                    piece.skipped.append({"key": item.key, "reason": record[1]})
+                    skipped_count += 1
+                else:
+                    piece.already += 1
+                if (at + 1) % shard_size == 0 or at + 1 == n:  # a shard ends: its batches end with it
+                    if pending:
+                        buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                        copied, pending = copied + pending, 0
+                    if piece.start < at + 1:
+                        close_piece(at + 1)
+            if pending:
+                buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+            bar.update(chunk.stop - chunk.start)
+            bar.set_postfix(skipped=skipped_count, refresh=False)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        del chunks  # stops the worker processes
         bar.close()
     result.seconds = time.perf_counter() - started
 
-    for path in result.shard_files:  # totals over every shard, resumed ones included
-        meta = _read_shard_meta(path)
+    for meta in result.metas:  # totals over every piece, earlier runs' included
         result.indexed += len(meta["indexed"])
         result.already_indexed += meta["already_indexed"]
         result.skipped.extend({"key": s["key"], "source": src.spec, "reason": s["reason"]} for s in meta["skipped"])
     return result
 
 
-def _encode_shard(model, device: torch.device, items: list[SourceItem], stream: Iterator[_Prepared],
-                  batch_size: int, bar, views: str) -> tuple[np.ndarray, dict]:
-    """Encode one shard's items, pulled in order from the decode stream, in batches cut the same way each run."""
-    indexed, skipped, already, chunks, batch = [], [], 0, [], []
-
-    def flush():
-        if batch:
-            chunks.append(_embed(model, device, torch.stack([p.pixels for p in batch]), views))
-            batch.clear()
-
-    for _ in items:
-        prepared = next(stream)
-        if prepared.already_indexed:
-            already += 1
-        elif prepared.skip_reason is not None:
-            log.info("skipping %s: %s", prepared.item.key, prepared.skip_reason)
-            skipped.append({"key": prepared.item.key, "reason": prepared.skip_reason})
-        else:
-            item = prepared.item
-            indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
-                            "sha256": prepared.sha256, "width": prepared.width, "height": prepared.height,
-                            "blank": prepared.blank})
-            batch.append(prepared)
-            if len(batch) == batch_size:
-                flush()
-        bar.update(1)
-    flush()
-    d = model.config.d_model
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, d), dtype=np.float32)
-    return embeddings, {"indexed": indexed, "skipped": skipped, "already_indexed": already}
-
-
-def _embed(model, device: torch.device, pixels: torch.Tensor, views: str) -> np.ndarray:
-    def one_view(x: torch.Tensor) -> np.ndarray:
-        return F.normalize(model.embed(x, level=LEVEL).float(), dim=-1).cpu().numpy()
-
-    with torch.inference_mode():
-        pixels = pixels.to(device, non_blocking=True)
-        return embed_views(one_view, pixels, views, black(model.config).to(pixels))
+def _stage_stats(encoded: _Encoded, assemble_seconds: float, n_items: int) -> dict:
+    """Seconds per stage and throughput over the whole build (every run that made its pieces)."""
+    stages = {stage: sum(m["seconds"].get(stage, 0.0) for m in encoded.metas) for stage in pipeline.STAGES}
+    stages["assemble"] = assemble_seconds
+    wall = sum(m["wall"] for m in encoded.metas)
+    this_run = n_items - encoded.resumed_items
+    return {
+        "pipeline_seconds": round(wall, 3),
+        "images_per_second": round(n_items / wall, 1) if wall else None,
+        "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "this_run": {"items": this_run, "seconds": round(encoded.seconds, 3),
+                     "images_per_second": round(this_run / encoded.seconds, 1) if encoded.seconds else None},
+    }
 
 
 # -- assembly ------------------------------------------------------------------------------------------------------
@@ -428,6 +445,7 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
               base_dir: Path | None, index_type: str | None, memory_budget_mb: float, stats: dict,
               started: float, views: str) -> dict:
     """Write a complete version folder (not yet live)."""
+    assembling = time.perf_counter()
     version_dir.mkdir()
     d = model.config.d_model
     n_base = base["count"] if base is not None else 0
@@ -447,9 +465,8 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
             vectors[start:stop] = old[start:stop]
         row = n_base
     rows = []
-    for path in encoded.shard_files:
-        with np.load(path, allow_pickle=False) as data:
-            embeddings, meta = data["embeddings"], json.loads(str(data["meta"]))
+    for path in encoded.pieces:
+        embeddings, meta = pipeline.read_piece(path)
         if embeddings.shape != (len(meta["indexed"]), d):
             raise RuntimeError(f"shard {path} is damaged: delete {path.parent} and build again")
         vectors[row:row + len(embeddings)] = embeddings
@@ -493,7 +510,8 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
     retried = {(src.spec, r[1]) for r in rows} | {(s["source"], s["key"]) for s in encoded.skipped}
     skipped = [s for s in (base["skipped"] if base is not None else []) if (s["source"], s["key"]) not in retried]
     skipped += encoded.skipped
-    stats = dict(stats, seconds=round(time.perf_counter() - started, 3),
+    stats = dict(stats, **_stage_stats(encoded, time.perf_counter() - assembling, len(src)),
+                 seconds=round(time.perf_counter() - started, 3),
                  finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     manifest = {
         "format": store.FORMAT,

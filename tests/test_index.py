@@ -21,6 +21,7 @@ import vision_model
 from conftest import save_small_model
 from index import CorruptIndexError, IndexStore, build_index, open_source
 from index import build as build_module
+from index import pipeline
 from retrieval import knn
 from vision_model.config import FASHION_MNIST_CLASSES
 from vision_model.datasets import load_fashion_mnist
@@ -219,7 +220,7 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_build(image_folder, tm
     with pytest.raises(SimulatedKill):
         _build(image_folder, out, model_dir, shard_size=4, batch_size=3, on_shard=kill_after_two_shards)
     assert not (out / "CURRENT").exists()
-    assert len(list((out / "shards").rglob("shard-*.npz"))) == 2
+    assert len(list((out / "shards").rglob("piece-*.npz"))) == 2  # one piece per shard: no checkpoint was due
     with pytest.raises(FileNotFoundError, match="unfinished build"):
         _open(out)
 
@@ -234,6 +235,46 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_build(image_folder, tm
     assert np.array_equal(a.vectors, b.vectors)  # bit for bit
     assert a.manifest["skipped"] == b.manifest["skipped"] == reference.manifest["skipped"]
     assert [x.tolist() for x in a.search(a.vectors, 3)] == [x.tolist() for x in b.search(b.vectors, 3)]
+
+
+def test_build_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, model_dir):
+    """Work is saved on a time basis inside a shard, not only at its end: a build of one big shard killed half-way
+    keeps what it saved, resumes from there, and stores the bits an uninterrupted build stores. Its manifest counts
+    the stage times and the throughput of the whole build, both runs."""
+    folder = tmp_path / "images"
+    for seed in range(23):
+        _write_image(folder / f"{seed:02d}.png", seed)
+    (folder / "08bad.jpg").write_bytes(b"not a jpeg")  # item 9, skipped, inside the saved part
+    common = {"shard_size": 1000, "batch_size": 4}  # one shard holds everything
+    killed_at = []
+
+    def kill_at_the_third_checkpoint(done: int, total: int) -> None:
+        killed_at.append(done)
+        if len(killed_at) == 3:
+            raise SimulatedKill
+
+    out = tmp_path / "resumed"
+    with pytest.raises(SimulatedKill):  # checkpoint_seconds=0: a checkpoint after every batch
+        _build(folder, out, model_dir, checkpoint_seconds=0, on_checkpoint=kill_at_the_third_checkpoint, **common)
+    assert killed_at == [4, 8, 13]  # the skipped item 9 is saved with the batch it falls in
+    pieces = list((out / "shards").rglob("piece-*.npz"))
+    assert len(pieces) == 3
+    first_run_seconds = sum(pipeline.read_piece_meta(path)["wall"] for path in pieces)
+
+    resumed = _build(folder, out, model_dir, **common).manifest["build"]
+    assert (resumed["resumed_items"], resumed["resumed_shards"], resumed["pieces"]) == (13, 0, 4)
+    assert resumed["this_run"]["items"] == 24 - 13 and resumed["skipped"] == 1
+    stages = resumed["stage_seconds"]
+    assert set(stages) == {"read", "decode", "preprocess", "wait", "encode", "write", "assemble"}
+    assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0 and stages["encode"] > 0
+    assert resumed["pipeline_seconds"] > first_run_seconds > 0  # the first run's time counts too
+    assert resumed["images_per_second"] == pytest.approx(24 / resumed["pipeline_seconds"], rel=0.01)
+
+    _build(folder, tmp_path / "reference", model_dir, **common)
+    a, b = _open(out), _open(tmp_path / "reference")
+    assert _all_rows(a) == _all_rows(b) and len(a) == 23
+    assert np.array_equal(a.vectors, b.vectors)  # bit for bit
+    assert a.manifest["skipped"] == b.manifest["skipped"]
 
 
 # -- adding to an index --------------------------------------------------------------------------------------------
@@ -466,6 +507,7 @@ def test_cli_build_add_and_info(image_folder, tmp_path, model_dir, other_model_d
     printed = capsys.readouterr().out
     assert f"items       {len(GOOD) + len(ODD)}" in printed and "Flat (auto:" in printed
     assert "level 1, l2-normalised, inner_product" in printed and f"skipped     {len(BAD)} files" in printed
+    assert "img/s over" in printed and "stages      read " in printed and ", decode " in printed
 
     assert main(["index", "info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == len(GOOD) + len(ODD)
@@ -481,3 +523,21 @@ def test_cli_build_add_and_info(image_folder, tmp_path, model_dir, other_model_d
     assert main(["index", "info", str(tmp_path / "missing")]) == 1
     assert "no index at" in capsys.readouterr().err
     assert main(["index"]) == 2
+
+
+def test_bench_index_measures_encoder_only_and_the_build_in_one_run(tmp_path, model_dir, capsys):
+    from app.cli import main
+
+    folder = tmp_path / "images"
+    for seed in range(6):
+        _write_image(folder / f"{seed}.jpg", seed)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "index", "--source", str(folder), "--model", str(model_dir), "--device", "cpu",
+                 "--batch-size", "4", "--workers", "1", "--encoder-seconds", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["items"] == 6 and report["batch_size"] == 4 and report["workers"] == 1
+    assert report["encoder_only"]["images_per_second"] > 0 and report["build"]["images_per_second"] > 0
+    assert report["build_vs_encoder"] == pytest.approx(
+        report["build"]["images_per_second"] / report["encoder_only"]["images_per_second"], abs=0.002)
+    assert report["build"]["stage_seconds"]["decode"] > 0
+    assert "encoder-only" in capsys.readouterr().out

@@ -81,8 +81,14 @@ def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
     return TF.normalize(x, list(config.mean), list(config.std))
 
 
+def fitted_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
+    """uint8 (in_chans, img_size, img_size): the model's pixels before normalisation, what an index build moves
+    between processes and to the GPU (a quarter of the bytes of the float input); `to_model_input` normalises them."""
+    return _fit(model_pixels(config, img), config.img_size, config.crop, config.resize_size)
+
+
 def _from_pil(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
-    return _normalize(config, _fit(model_pixels(config, img), config.img_size, config.crop, config.resize_size))
+    return _normalize(config, fitted_pixels(config, img))
 
 
 def to_model_input(config: MatMambaVisionConfig, images: ModelInput) -> Tensor:
