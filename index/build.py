@@ -37,7 +37,7 @@ from vision_model.preprocess import normalize_uint8, preprocess_image
 from vision_model.views import DEFAULT_VIEWS, black, embed_views, views_of
 
 from . import store
-from .index_types import add_vectors, choose_index, default_search_params, train_and_fill
+from .index_types import choose_index, default_search_params, extend_index, write_new_index
 from .sources import (IMAGE_EXTENSIONS, ImageSource, SourceItem, UnreadableImage, decode_item, open_source,
                       read_item)
 
@@ -89,7 +89,9 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, progress: bool = True,
                 limit: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                 max_image_pixels: int | None = None, views: str | None = None,
-                on_shard: Callable[[int, int], None] | None = None) -> BuildResult:
+                on_shard: Callable[[int, int], None] | None = None, engine: str = "local",
+                address: str | None = None, ray_actors: int | None = None,
+                ray_gpus_per_actor: float | None = None) -> BuildResult:
     """Index the images of SOURCE (see sources.py) into the index folder `out_dir`.
 
     model_dir: the encoder (default: the shipped model; with `add`, the model the index was built with).
@@ -104,7 +106,11 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         shift1, shift2). None means "1" for a new index; with `add`, the index's own, and another set is refused
         (the stored vectors would mix two embeddings).
     on_shard(shards_done, shards_total): called after each shard this run writes.
+    engine: "local" (this process: decoding threads, one model) or "ray" (ray_engine.py: a Ray Data pipeline on
+        the cluster at `address`, or on a local Ray; ray_actors / ray_gpus_per_actor size its pool of models).
     """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
     started = time.perf_counter()
@@ -144,8 +150,12 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         with warnings.catch_warnings():
             # Pillow only warns about images between its pixel limit and twice that: make it an error to skip
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            encoded = _encode_in_shards(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
-                                        workers, max_image_pixels, progress, on_shard, views)
+            encode, extra = _encode_in_shards, {}
+            if engine == "ray":
+                from .ray_engine import encode_in_shards as encode
+                extra = {"address": address, "actors": ray_actors, "gpus_per_actor": ray_gpus_per_actor}
+            encoded = encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size,
+                             workers, max_image_pixels, progress, on_shard, views, **extra)
 
         stats = {
             "mode": "add" if base is not None else "build",
@@ -159,6 +169,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             "encode_seconds": round(encoded.seconds, 3),
             "images_per_second": round(encoded.items_processed / encoded.seconds, 1) if encoded.seconds else None,
             "device": str(torch_device),
+            "engine": engine,
             "batch_size": batch_size,
             "workers": workers,
         }
@@ -511,13 +522,13 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
     choice = None if index_type is None and base is not None else \
         choose_index(index_type or "flat", n_total, d, memory_budget_mb)
     if base is not None and (choice is None or choice.factory == base["index_factory"]):
-        index = faiss.read_index(str(base_dir / store.INDEX_FILE))
-        add_vectors(index, vectors[n_base:])
+        index, storage = extend_index(base_dir / store.INDEX_FILE, vectors, n_base, version_dir / store.INDEX_FILE,
+                                      version_dir.parent / SHARDS_DIR / "ivf")
         kind, factory, reason = base["index_type"], base["index_factory"], base["index_choice"]
     else:
-        index = train_and_fill(choice.factory, vectors)
+        index, storage = write_new_index(choice, vectors, version_dir / store.INDEX_FILE,
+                                         version_dir.parent / SHARDS_DIR / "ivf")
         kind, factory, reason = choice.index_type, choice.factory, choice.reason
-    faiss.write_index(index, str(version_dir / store.INDEX_FILE))
 
     # skipped files: this run's, plus the base's that this run neither indexed nor tried again
     retried = {(src.spec, r[1]) for r in rows} | {(s["source"], s["key"]) for s in encoded.skipped}
@@ -541,6 +552,7 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "index_type": kind,
         "index_factory": factory,
         "index_choice": reason,
+        "index_storage": storage,
         "search_params": default_search_params(index),
         "model_name": model.config.name,
         "model_dir": str(Path(model.source_dir).resolve()),
@@ -554,6 +566,6 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "skipped": skipped,
     }
     _atomic_write(version_dir / store.MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    for name in (store.INDEX_FILE, store.EMBEDDINGS_FILE, store.METADATA_FILE):
-        _fsync(version_dir / name)
+    for path in version_dir.iterdir():
+        _fsync(path)
     return manifest
