@@ -254,15 +254,23 @@ def build(factory: str, vectors, index_path: str | os.PathLike, work_dir: str | 
 
 
 # -- search --------------------------------------------------------------------------------------------------------
-def rerank(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def rerank(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int,
+           block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product re-ranking of each query's candidate ids (-1: none) against `vectors` (e.g. the
-    stored embeddings, memory-mapped; only the candidates' rows are read). Returns the top k (scores, ids)."""
-    n_q, n_c = candidates.shape
-    safe = np.where(candidates >= 0, candidates, 0)
-    order = np.argsort(safe, axis=None)  # read the memory map in row order
-    rows = np.empty((n_q * n_c, vectors.shape[1]), dtype=np.float32)
-    rows[order] = vectors[safe.ravel()[order]]
-    scores = np.einsum("qcd,qd->qc", rows.reshape(n_q, n_c, -1), queries.astype(np.float32))
-    scores[candidates < 0] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, top, 1), np.take_along_axis(candidates, top, 1)
+    stored embeddings, memory-mapped; only the candidates' rows are read, `block` queries at a time).
+    Returns the top k (scores, ids)."""
+    out_scores = np.empty((len(queries), k), dtype=np.float32)
+    out_ids = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), block):
+        cand = candidates[s:s + block]
+        n_q, n_c = cand.shape
+        safe = np.where(cand >= 0, cand, 0).ravel()
+        order = np.argsort(safe, kind="stable")  # read the memory map in row order
+        rows = np.empty((n_q * n_c, vectors.shape[1]), dtype=np.float32)
+        rows[order] = vectors[safe[order]]
+        scores = np.einsum("qcd,qd->qc", rows.reshape(n_q, n_c, -1), queries[s:s + block].astype(np.float32))
+        scores[cand < 0] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_scores[s:s + n_q] = np.take_along_axis(scores, top, 1)
+        out_ids[s:s + n_q] = np.take_along_axis(cand, top, 1)
+    return out_scores, out_ids

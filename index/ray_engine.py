@@ -141,7 +141,9 @@ def encode_in_shards(src, model, device, known, shard_dir, plan, shard_size, bat
         rows = [_slice_row(number, i, piece) for number in todo for i, piece in enumerate(slices[number])]
         if rows:
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-            ds = ds.map(_decode_slice, fn_args=(model.config, known, max_pixels), num_cpus=1)
+            # SPREAD: decoding goes to every node; it also keeps Ray from fusing these CPU tasks into the actors
+            ds = ds.map(_decode_slice, fn_args=(model.config, known, max_pixels), num_cpus=1,
+                        scheduling_strategy="SPREAD")
             ds = ds.map(_Embed, fn_constructor_args=(str(model.source_dir), local.weights_hash(model.source_dir),
                                                      views),
                         compute=ActorPoolStrategy(size=pool), num_gpus=per_actor, num_cpus=1)
