@@ -97,6 +97,10 @@ class _Embed:
                 "embeddings": embeddings, "device": str(self.device)}
 
 
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def cluster_gpus(ray) -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
@@ -141,9 +145,10 @@ def encode_in_shards(src, model, device, known, shard_dir, plan, shard_size, bat
         rows = [_slice_row(number, i, piece) for number in todo for i, piece in enumerate(slices[number])]
         if rows:
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-            # SPREAD: decoding goes to every node; it also keeps Ray from fusing these CPU tasks into the actors
+            # decoding spreads over every node; remote args given by a function also keep Ray Data from fusing
+            # these CPU tasks into the embedding actors (it fuses maps whose resources match, as CPU actors' do)
             ds = ds.map(_decode_slice, fn_args=(model.config, known, max_pixels), num_cpus=1,
-                        scheduling_strategy="SPREAD")
+                        ray_remote_args_fn=_spread)
             ds = ds.map(_Embed, fn_constructor_args=(str(model.source_dir), local.weights_hash(model.source_dir),
                                                      views),
                         compute=ActorPoolStrategy(size=pool), num_gpus=per_actor, num_cpus=1)
