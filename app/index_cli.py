@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "--add, the model the index was built with)")
     build.add_argument("--index-type", metavar="TYPE",
                        help=f"{' | '.join(NAMED_TYPES)} | a FAISS factory string such as 'IVF1024,PQ32' "
-                            "(default: flat; with --add, the index's own type)")
+                            "(default: flat; with --add, the index's own type). auto picks flat, HNSW, IVF-Flat, "
+                            "IVF-PQ in RAM or IVF-PQ on disk (memory-mapped lists) for --memory-budget-mb and says "
+                            "why in the manifest; ondisk forces the last")
     build.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     build.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     build.add_argument("--workers", type=int, help="image decoding processes (default: one per CPU core; 0: decode in "
@@ -47,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="embed each image as the average of these views: 1 (default), flip, shift1 (10 views), "
                             "shift2 (18): more build compute for better 1-NN at every query level (docs/notes.md "
                             "section 17); with --add: the index's own")
+    build.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process (default); ray: a Ray Data pipeline, CPU tasks decoding and one "
+                            "embedding actor per GPU (needs pip install 'matmamba-search[distributed]')")
+    build.add_argument("--address", metavar="ADDR",
+                       help="with --engine ray: join the Ray cluster at ADDR (e.g. auto, or HOST:6379 of `ray start "
+                            "--head`); default: start a local Ray for this build")
+    build.add_argument("--ray-actors", type=int, metavar="N",
+                       help="with --engine ray: embedding actors (default: one per GPU; CPU actors where none)")
+    build.add_argument("--ray-gpus-per-actor", type=float, metavar="F",
+                       help="with --engine ray: GPUs each actor reserves (default 1; 0.5 shares a GPU between two)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -72,11 +84,14 @@ def _build(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, device=args.device, workers=args.workers, add=args.add,
                          memory_budget_mb=args.memory_budget_mb, progress=not args.no_progress, limit=args.limit,
                          shard_size=args.shard_size, max_image_pixels=args.max_image_pixels, views=args.views,
-                         checkpoint_seconds=args.checkpoint_seconds)
+                         checkpoint_seconds=args.checkpoint_seconds, engine=args.engine, address=args.address,
+                         ray_actors=args.ray_actors, ray_gpus_per_actor=args.ray_gpus_per_actor)
     manifest = result.manifest
     verb = "added" if args.add else "indexed"
     print(f"{verb} {result.added} images from {args.source}: {manifest['count']} in {result.version_dir} "
           f"({manifest['index_factory']}, dim {manifest['embedding_dim']})")
+    if manifest.get("index_type") == "auto":
+        print(f"index type (auto): {manifest['index_choice']}")
     _print_skipped(result.skipped)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +37,7 @@ from vision_model.fileio import atomic_write
 from vision_model.views import DEFAULT_VIEWS, views_of
 
 from . import pipeline, store
-from .index_types import add_vectors, choose_index, default_search_params, train_and_fill
+from .index_types import choose_index, default_search_params, extend_index, write_new_index
 from .pipeline import LEVEL, default_workers
 from .sources import IMAGE_EXTENSIONS, ImageSource, open_source
 
@@ -69,7 +69,9 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 max_image_pixels: int | None = None, views: str | None = None,
                 on_shard: Callable[[int, int], None] | None = None,
                 on_checkpoint: Callable[[int, int], None] | None = None,
-                checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS) -> BuildResult:
+                checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS, engine: str = "local",
+                address: str | None = None, ray_actors: int | None = None,
+                ray_gpus_per_actor: float | None = None) -> BuildResult:
     """Index the images of SOURCE (see sources.py) into the index folder `out_dir`.
 
     model_dir: the encoder (default: the shipped model; with `add`, the model the index was built with).
@@ -87,7 +89,12 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
     on_shard(shards_done, shards_total): called after each shard this run finishes.
     checkpoint_seconds: work is saved at least this often (and at every shard's end); on_checkpoint(items_done,
         items_total) is called after each save.
+    engine: "local" (this process: decoding processes, one model) or "ray" (ray_engine.py: a Ray Data pipeline on
+        the cluster at `address`, or on a local Ray; ray_actors / ray_gpus_per_actor size its pool of models). Both
+        write the same pieces, so either resumes the other's build.
     """
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
     started = time.perf_counter()
@@ -124,11 +131,16 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
+        encode = _encode
+        if engine == "ray":  # imported only here: Ray is an optional extra
+            from .ray_engine import encode_with_ray
+            encode = functools.partial(encode_with_ray, address=address, actors=ray_actors,
+                                       gpus_per_actor=ray_gpus_per_actor)
         threads = torch.get_num_threads()
         if torch_device.type == "cpu" and workers:  # the decoding processes have the other cores: no spinning
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
         try:
-            encoded = _encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size, workers,
+            encoded = encode(src, model, torch_device, known, shard_dir, plan, shard_size, batch_size, workers,
                               max_image_pixels, progress, on_shard, on_checkpoint, views, checkpoint_seconds)
         finally:
             torch.set_num_threads(threads)
@@ -146,6 +158,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             "resumed_items": encoded.resumed_items,
             "pieces": len(encoded.pieces),
             "device": str(torch_device),
+            "engine": engine,
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "workers": workers,
@@ -282,6 +295,24 @@ class _Piece:
         self.seconds = dict.fromkeys(("read", "decode", "preprocess", "wait"), 0.0)
         self.opened = time.perf_counter()
 
+    def record(self, item, record: tuple) -> bool:
+        """Note one item's outcome (a pipeline.Chunk record); True if it has pixels to encode."""
+        if record[0] == "ok":
+            self.indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
+                                 "sha256": record[1], "width": record[2], "height": record[3], "blank": record[4]})
+            return True
+        if record[0] == "skip":
+            log.info("skipping %s: %s", item.key, record[1])
+            self.skipped.append({"key": item.key, "reason": record[1]})
+        else:
+            self.already += 1
+        return False
+
+    def meta(self, plan: str, stop: int) -> dict:
+        """The piece's metadata, items [start, stop); the writer adds the encode and write seconds."""
+        return {"plan": plan, "start": self.start, "stop": stop, "indexed": self.indexed, "skipped": self.skipped,
+                "already_indexed": self.already, "wall": time.perf_counter() - self.opened, "seconds": self.seconds}
+
 
 def _resume_point(shard_dir: Path, plan: str, n_items: int) -> tuple[list[Path], list[dict]]:
     """The pieces of this plan that follow each other from item 0, and their metadata; other pieces are removed."""
@@ -308,26 +339,13 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
             on_shard: Callable[[int, int], None] | None, on_checkpoint: Callable[[int, int], None] | None,
             views: str, checkpoint_seconds: float) -> _Encoded:
     items, n = src.items, len(src.items)
-    pieces, metas = _resume_point(shard_dir, plan, n)
-    position = metas[-1]["stop"] if metas else 0
-    shards_total = -(-n // shard_size)
-    result = _Encoded(pieces, metas, shards_total=shards_total, shards_resumed=position // shard_size,
-                      resumed_items=position)
-    skipped_count = sum(len(m["skipped"]) for m in metas)
-    bar = tqdm(total=n, initial=position, unit="img", desc="indexing", disable=not progress, dynamic_ncols=True,
-               smoothing=0.05)  # img/s and the ETA; skipped in the postfix
-    bar.set_postfix(skipped=skipped_count)
-
-    def written(meta: dict) -> None:  # in the writer thread, after each piece
-        stop = meta["stop"]
-        if on_checkpoint is not None:
-            on_checkpoint(stop, n)
-        if on_shard is not None and (stop % shard_size == 0 or stop == n):
-            on_shard(-(-stop // shard_size), shards_total)
-
+    result = _resume(shard_dir, plan, n, shard_size)
+    position = result.resumed_items
+    skipped_count = sum(len(m["skipped"]) for m in result.metas)
+    bar = _progress_bar(n, position, skipped_count, progress)
     started = time.perf_counter()
     encoder = pipeline.BatchEncoder(model, device, batch_size, views)
-    writer = pipeline.PieceWriter(model.config.d_model, written)
+    writer = pipeline.PieceWriter(model.config.d_model, _on_written(n, shard_size, on_shard, on_checkpoint))
     ranges = pipeline.plan_chunks(n, position, shard_size, pipeline.chunk_size_for(items))
     chunks = pipeline.decoded_chunks(items, ranges, model.config, known, max_pixels, workers)
     piece = _Piece(position)
@@ -342,14 +360,7 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
     def close_piece(stop: int) -> None:
         nonlocal piece
         encode_batch()
-        meta = {"plan": plan, "start": piece.start, "stop": stop, "indexed": piece.indexed, "skipped": piece.skipped,
-                "already_indexed": piece.already, "wall": time.perf_counter() - piece.opened,
-                "seconds": piece.seconds}
-        path = pipeline.piece_path(shard_dir, piece.start, stop)
-        writer.put_piece(path, meta)
-        result.pieces.append(path)
-        result.metas.append(meta)
-        piece = _Piece(stop)
+        piece = _close_piece(result, writer, shard_dir, plan, piece, stop)
 
     try:
         while True:
@@ -364,11 +375,7 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
             pending = 0
             for offset, record in enumerate(chunk.records):
                 at = chunk.start + offset
-                item = items[at]
-                if record[0] == "ok":
-                    piece.indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
-                                          "sha256": record[1], "width": record[2], "height": record[3],
-                                          "blank": record[4]})
+                if piece.record(items[at], record):
                     pending += 1
                     fill += 1
                     if fill == batch_size:
@@ -378,11 +385,7 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
                         if time.perf_counter() - piece.opened >= checkpoint_seconds:
                             close_piece(at + 1)
                 elif record[0] == "skip":
-                    log.info("skipping %s: %s", item.key, record[1])
-                    piece.skipped.append({"key": item.key, "reason": record[1]})
                     skipped_count += 1
-                else:
-                    piece.already += 1
                 if (at + 1) % shard_size == 0 or at + 1 == n:  # a shard ends: its batches end with it
                     if pending:
                         buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
@@ -401,8 +404,51 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
         del chunks  # stops the worker processes
         bar.close()
     result.seconds = time.perf_counter() - started
+    return _add_totals(result, src)
 
-    for meta in result.metas:  # totals over every piece, earlier runs' included
+
+# -- what every engine's runner shares: where to resume, progress, totals --------------------------------------------
+def _resume(shard_dir: Path, plan: str, n_items: int, shard_size: int) -> _Encoded:
+    """The result so far: this plan's finished pieces; resumed_items is where this run starts."""
+    pieces, metas = _resume_point(shard_dir, plan, n_items)
+    position = metas[-1]["stop"] if metas else 0
+    return _Encoded(pieces, metas, shards_total=-(-n_items // shard_size), shards_resumed=position // shard_size,
+                    resumed_items=position)
+
+
+def _progress_bar(n_items: int, position: int, skipped: int, progress: bool) -> tqdm:
+    bar = tqdm(total=n_items, initial=position, unit="img", desc="indexing", disable=not progress,
+               dynamic_ncols=True, smoothing=0.05)  # img/s and the ETA; skipped in the postfix
+    bar.set_postfix(skipped=skipped)
+    return bar
+
+
+def _on_written(n_items: int, shard_size: int, on_shard: Callable[[int, int], None] | None,
+                on_checkpoint: Callable[[int, int], None] | None) -> Callable[[dict], None]:
+    """The callback run after each piece is written: on_checkpoint, and on_shard where a shard ends."""
+    def written(meta: dict) -> None:
+        stop = meta["stop"]
+        if on_checkpoint is not None:
+            on_checkpoint(stop, n_items)
+        if on_shard is not None and (stop % shard_size == 0 or stop == n_items):
+            on_shard(-(-stop // shard_size), -(-n_items // shard_size))
+    return written
+
+
+def _close_piece(result: _Encoded, writer: pipeline.PieceWriter, shard_dir: Path, plan: str, piece: _Piece,
+                 stop: int) -> _Piece:
+    """Hand the piece (items up to `stop`, its batches already queued) to the writer; the next piece."""
+    meta = piece.meta(plan, stop)
+    path = pipeline.piece_path(shard_dir, piece.start, stop)
+    writer.put_piece(path, meta)
+    result.pieces.append(path)
+    result.metas.append(meta)
+    return _Piece(stop)
+
+
+def _add_totals(result: _Encoded, src: ImageSource) -> _Encoded:
+    """Totals over every piece, earlier runs' included."""
+    for meta in result.metas:
         result.indexed += len(meta["indexed"])
         result.already_indexed += meta["already_indexed"]
         result.skipped.extend({"key": s["key"], "source": src.spec, "reason": s["reason"]} for s in meta["skipped"])
@@ -498,13 +544,13 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
     choice = None if index_type is None and base is not None else \
         choose_index(index_type or "flat", n_total, d, memory_budget_mb)
     if base is not None and (choice is None or choice.factory == base["index_factory"]):
-        index = faiss.read_index(str(base_dir / store.INDEX_FILE))
-        add_vectors(index, vectors[n_base:])
+        index, storage = extend_index(base_dir / store.INDEX_FILE, vectors, n_base, version_dir / store.INDEX_FILE,
+                                      version_dir.parent / SHARDS_DIR / "ivf")
         kind, factory, reason = base["index_type"], base["index_factory"], base["index_choice"]
     else:
-        index = train_and_fill(choice.factory, vectors)
+        index, storage = write_new_index(choice, vectors, version_dir / store.INDEX_FILE,
+                                         version_dir.parent / SHARDS_DIR / "ivf")
         kind, factory, reason = choice.index_type, choice.factory, choice.reason
-    faiss.write_index(index, str(version_dir / store.INDEX_FILE))
 
     # skipped files: this run's, plus the base's that this run neither indexed nor tried again
     retried = {(src.spec, r[1]) for r in rows} | {(s["source"], s["key"]) for s in encoded.skipped}
@@ -529,6 +575,7 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "index_type": kind,
         "index_factory": factory,
         "index_choice": reason,
+        "index_storage": storage,
         "search_params": default_search_params(index),
         "model_name": model.config.name,
         "model_dir": str(Path(model.source_dir).resolve()),
@@ -542,6 +589,6 @@ def _assemble(version_dir: Path, src: ImageSource, model, model_sha: str, encode
         "skipped": skipped,
     }
     atomic_write(version_dir / store.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-    for name in (store.INDEX_FILE, store.EMBEDDINGS_FILE, store.METADATA_FILE):
-        _fsync(version_dir / name)
+    for path in version_dir.iterdir():  # the index, its .ivfdata if on disk, embeddings, metadata, manifest
+        _fsync(path)
     return manifest

@@ -5,6 +5,7 @@ On-disk layout (DIR is what `matsearch index build --out DIR` names):
     DIR/CURRENT                  the name of the live version folder, e.g. "v000003" (replaced atomically)
     DIR/v000003/manifest.json    model, embedding and index description, build stats, skipped files
     DIR/v000003/index.faiss      faiss.write_index; FAISS id i == row i of embeddings.npy == metadata id i
+    DIR/v000003/index.ivfdata    on-disk indexes only: their inverted lists, memory-mapped (ondisk.py)
     DIR/v000003/embeddings.npy   float32 (n, d), L2-normalised full-model (level 1) embeddings
     DIR/v000003/metadata.sqlite  table items(id, key, label, label_name, sha256, width, height, source, blank)
     DIR/shards/<plan>/...        per-shard work of an unfinished build (resumable); removed once it is published
@@ -25,7 +26,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 
-from . import sources
+from . import ondisk, sources
 from .index_types import apply_search_params
 
 CURRENT_FILE = "CURRENT"
@@ -224,7 +225,7 @@ class IndexStore:
     @staticmethod
     def _read_faiss(path: Path, count: int, dim: int) -> faiss.Index:
         try:
-            index = faiss.read_index(str(path))
+            index = ondisk.read_index(path)  # inverted lists in an .ivfdata file beside it are memory-mapped
         except RuntimeError as e:
             raise CorruptIndexError(f"{path} is not a readable FAISS index: {str(e).strip()[:200]}") from None
         if index.ntotal != count or index.d != dim:

@@ -416,8 +416,10 @@ def test_auto_index_choice_follows_size_and_memory_budget():
     large = choose_index("auto", 20_000_000, d, memory_budget_mb=2048)  # large: compressed to fit the budget
     m = int(large.factory.split(",PQ")[1].split("x")[0])
     assert large.factory.startswith("IVF17889,PQ") and d % m == 0 and 20_000_000 * (m + 8) < 2048 * 2 ** 20
+    huge = choose_index("auto", 100_000_000, d, memory_budget_mb=64)  # codes on disk, memory-mapped
+    assert huge.storage == "ondisk" and huge.factory.startswith("IVF40000_HNSW32,PQ")
     with pytest.raises(ValueError, match="memory budget"):
-        choose_index("auto", 100_000_000, d, memory_budget_mb=64)
+        choose_index("auto", 100_000_000, d, memory_budget_mb=16)
 
 
 def test_unknown_index_type_is_a_clear_error(image_folder, tmp_path, model_dir):
