@@ -275,6 +275,54 @@ def load_eval_records(paths: Sequence[Path]) -> tuple[list[dict], Path | None, s
     return [], None, None
 
 
+# `matsearch eval` measures on Fashion-MNIST only: train images as the database, test images as queries. Its
+# records say so (database_source, query_source); older ones did not, and mean the same.
+EVAL_DATABASE_SOURCE = "fashion-mnist:train"
+EVAL_QUERY_SOURCE = "fashion-mnist:test"
+
+
+@dataclass(frozen=True)
+class EvalScope:
+    """What evaluation records were measured on."""
+    database_source: str
+    query_source: str
+    database: int | None = None  # database size, if recorded
+    queries: int | None = None
+
+    @classmethod
+    def of(cls, records: Sequence[dict]) -> "EvalScope":
+        first = records[0] if records else {}
+
+        def count(key):
+            value = first.get(key)
+            return int(value) if _is_number(value) else None
+
+        return cls(str(first.get("database_source") or EVAL_DATABASE_SOURCE),
+                   str(first.get("query_source") or EVAL_QUERY_SOURCE), count("database"), count("queries"))
+
+    def matches(self, store) -> bool:
+        """Measured on this index: the same source (and only it), and as many images if the records say."""
+        sources = store.manifest.get("sources") or [store.manifest.get("build", {}).get("source")]
+        return list(sources) == [self.database_source] and self.database in (None, len(store))
+
+    def describe(self) -> str:
+        def part(source: str, n: int | None, role: str) -> str:
+            size = f"{n:,} " if n is not None else ""
+            return f"{size}{source_name(source)} images as {role}"
+
+        return f"{part(self.database_source, self.database, 'the database')}, " \
+               f"{part(self.query_source, self.queries, 'queries')}"
+
+
+def source_name(spec: str) -> str:
+    """A source string in words: fashion-mnist:train -> Fashion-MNIST train; a folder stays its path."""
+    from index.sources import FASHION_MNIST_PREFIX
+
+    if spec.startswith(FASHION_MNIST_PREFIX):
+        return f"Fashion-MNIST {spec[len(FASHION_MNIST_PREFIX):]}"
+    return f"`{spec}`"
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 

@@ -348,10 +348,17 @@ def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: 
     import altair as alt
     import pandas as pd
 
-    st.subheader("Accuracy vs cost")
     records, path, problem = engine.load_eval_records(engine.eval_candidates(settings, searcher.model_dir))
+    scope = engine.EvalScope.of(records)
+    on_index = bool(records) and scope.matches(searcher.store)
+    elsewhere = f" (measured on {engine.source_name(scope.database_source)}, not on this index)"
+    st.subheader("Accuracy vs cost" + ("" if on_index or not records else elsewhere))
     if problem:
         st.warning(problem)
+    if records and not on_index:  # the numbers describe the model on its evaluation set, not searches here
+        sources = ", ".join(engine.source_name(s) for s in searcher.store.manifest.get("sources", [])) or "?"
+        st.info(f"Measured on {scope.describe()}, not on this index ({sources}): the chart compares the "
+                "settings on that data; it does not say how accurately they search these images.")
     if not records:
         looked = ", ".join(f"`{p}`" for p in engine.eval_candidates(settings, searcher.model_dir))
         st.info(f"No evaluation results to chart (looked for {looked}). Make them with "
@@ -387,11 +394,14 @@ def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: 
     if not match.empty:
         layers.append(alt.Chart(match).mark_point(shape="diamond", size=420, filled=False, color="#e4572e",
                                                   strokeWidth=3).encode(x=x, y=y, tooltip=tooltip))
-    st.altair_chart(alt.layer(*layers).properties(height=340), width="stretch")
+    title = f"measured on {scope.describe()}" + ("" if on_index else " (not this index)")
+    st.altair_chart(alt.layer(*layers).properties(height=340, title=alt.TitleParams(title, fontSize=12)),
+                    width="stretch")
     how = "measured on the last query" if measured else "from the cost model"
     found = (f"the current setting **{current_name}** is the ringed point" if not match.empty
              else f"the current setting **{current_name}** was not evaluated; the dashed line marks its cost")
-    st.caption(f"From `{path}` ({len(records)} settings); {found} ({current_mflops:.1f} MFLOPs, {how}).")
+    where = "on this index" if on_index else "not on this index"
+    st.caption(f"From `{path}` ({len(records)} settings, {where}); {found} ({current_mflops:.1f} MFLOPs, {how}).")
 
 
 # -- the page -------------------------------------------------------------------------------------------------------
