@@ -110,7 +110,20 @@ class IndexBuilder:
 def open_searcher(settings: Settings):
     from retrieval.search import Searcher
 
-    return Searcher(settings.index_dir, model_dir=settings.model_dir, device=settings.device)
+    searcher = Searcher(settings.index_dir, model_dir=settings.model_dir, device=settings.device)
+    if next(searcher.model.parameters()).device.type == "cpu":
+        serve_queries_one_thread_each()
+    return searcher
+
+
+def serve_queries_one_thread_each() -> None:
+    """Each session's script runs in its own thread; a query is a batch of one image. Intra-op threads do not
+    make such a small encode faster, but every session thread that calls into torch gets its own team of them,
+    so ten sessions at once would run twenty busy threads on two cores and each waits for the others' spinning.
+    One intra-op thread per query lets the sessions themselves use the cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @dataclass
