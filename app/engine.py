@@ -110,7 +110,20 @@ class IndexBuilder:
 def open_searcher(settings: Settings):
     from retrieval.search import Searcher
 
-    return Searcher(settings.index_dir, model_dir=settings.model_dir, device=settings.device)
+    searcher = Searcher(settings.index_dir, model_dir=settings.model_dir, device=settings.device)
+    if next(searcher.model.parameters()).device.type == "cpu":
+        serve_queries_one_thread_each()
+    return searcher
+
+
+def serve_queries_one_thread_each() -> None:
+    """Each session's script runs in its own thread; a query is a batch of one image. Intra-op threads do not
+    make such a small encode faster, but every session thread that calls into torch gets its own team of them,
+    so ten sessions at once would run twenty busy threads on two cores and each waits for the others' spinning.
+    One intra-op thread per query lets the sessions themselves use the cores."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @dataclass
@@ -273,6 +286,54 @@ def load_eval_records(paths: Sequence[Path]) -> tuple[list[dict], Path | None, s
             return [], path, f"{path} holds no records with setting, top1 and query_mflops"
         return good, path, None
     return [], None, None
+
+
+# `matsearch eval` measures on Fashion-MNIST only: train images as the database, test images as queries. Its
+# records say so (database_source, query_source); older ones did not, and mean the same.
+EVAL_DATABASE_SOURCE = "fashion-mnist:train"
+EVAL_QUERY_SOURCE = "fashion-mnist:test"
+
+
+@dataclass(frozen=True)
+class EvalScope:
+    """What evaluation records were measured on."""
+    database_source: str
+    query_source: str
+    database: int | None = None  # database size, if recorded
+    queries: int | None = None
+
+    @classmethod
+    def of(cls, records: Sequence[dict]) -> "EvalScope":
+        first = records[0] if records else {}
+
+        def count(key):
+            value = first.get(key)
+            return int(value) if _is_number(value) else None
+
+        return cls(str(first.get("database_source") or EVAL_DATABASE_SOURCE),
+                   str(first.get("query_source") or EVAL_QUERY_SOURCE), count("database"), count("queries"))
+
+    def matches(self, store) -> bool:
+        """Measured on this index: the same source (and only it), and as many images if the records say."""
+        sources = store.manifest.get("sources") or [store.manifest.get("build", {}).get("source")]
+        return list(sources) == [self.database_source] and self.database in (None, len(store))
+
+    def describe(self) -> str:
+        def part(source: str, n: int | None, role: str) -> str:
+            size = f"{n:,} " if n is not None else ""
+            return f"{size}{source_name(source)} images as {role}"
+
+        return f"{part(self.database_source, self.database, 'the database')}, " \
+               f"{part(self.query_source, self.queries, 'queries')}"
+
+
+def source_name(spec: str) -> str:
+    """A source string in words: fashion-mnist:train -> Fashion-MNIST train; a folder stays its path."""
+    from index.sources import FASHION_MNIST_PREFIX
+
+    if spec.startswith(FASHION_MNIST_PREFIX):
+        return f"Fashion-MNIST {spec[len(FASHION_MNIST_PREFIX):]}"
+    return f"`{spec}`"
 
 
 def _is_number(x) -> bool:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from .settings import add_app_arguments, resolve, to_argv
 
 SCRIPT = Path(__file__).with_name("streamlit_app.py")
 DEFAULT_PORT = 8501
+DISCONNECTED_SESSION_TTL_S = 15  # long enough to survive a network blip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,8 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
             "--server.runOnSave=false",
             "--browser.gatherUsageStats=false",
             "--client.toolbarMode=minimal",
+            # a closed browser tab's session (its uploads, images, state) goes after this, not Streamlit's 2 min
+            f"--server.disconnectedSessionTTL={DISCONNECTED_SESSION_TTL_S}",
             "--", *to_argv(values)]
 
 
@@ -50,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     command = streamlit_command(args)
     print(f"matsearch app: serving on http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    process = subprocess.Popen(command)
+    # every session runs in its own thread: glibc's per-thread malloc arenas would keep what ten sessions once
+    # used; two arenas hand freed memory back
+    env = {"MALLOC_ARENA_MAX": "2", **os.environ}
+    process = subprocess.Popen(command, env=env)
 
     def stop(signum, frame):  # `kill` of this launcher stops the server too, not just the launcher
         process.send_signal(signal.SIGTERM)

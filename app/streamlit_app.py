@@ -60,7 +60,7 @@ def get_searcher(key: str, _settings: Settings):
     return engine.open_searcher(_settings)
 
 
-@st.cache_data(max_entries=4096, show_spinner=False)
+@st.cache_data(max_entries=1024, ttl=3600, show_spinner=False)  # PNG bytes: bounded, shared by the sessions
 def item_thumbnail(index_version: str, item_id: int, _store) -> bytes:
     return engine.item_thumbnail_png(_store, item_id)
 
@@ -344,22 +344,13 @@ def kind_colors(kinds):
     return alt.Scale(domain=domain, range=[KIND_COLORS.get(kind) or next(spare) for kind in domain])
 
 
-def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: float, measured: bool) -> None:
+@st.cache_data(max_entries=256, show_spinner=False)  # building an Altair chart validates it: once per setting
+def cost_chart_spec(records: list[dict], metric: str, current_name: str, current_mflops: float,
+                    title: str) -> tuple[dict, bool]:
+    """(the Vega-Lite spec of the accuracy-vs-cost chart, whether the current setting is one of its points)."""
     import altair as alt
     import pandas as pd
 
-    st.subheader("Accuracy vs cost")
-    records, path, problem = engine.load_eval_records(engine.eval_candidates(settings, searcher.model_dir))
-    if problem:
-        st.warning(problem)
-    if not records:
-        looked = ", ".join(f"`{p}`" for p in engine.eval_candidates(settings, searcher.model_dir))
-        st.info(f"No evaluation results to chart (looked for {looked}). Make them with "
-                f"`matsearch eval --json {engine.eval_candidates(settings, searcher.model_dir)[0]}`, or start the "
-                "app with `--eval-json FILE`.")
-        return
-    metric = st.radio("Accuracy", ["top1", "map@10"], key="chart_metric", horizontal=True,
-                      format_func={"top1": "top-1", "map@10": "mAP@10"}.get)
     def percent(value) -> float:  # `matsearch eval` writes fractions; accept percentages too
         value = float(value or 0.0)
         return value if value > 1.0 else 100 * value
@@ -387,11 +378,38 @@ def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: 
     if not match.empty:
         layers.append(alt.Chart(match).mark_point(shape="diamond", size=420, filled=False, color="#e4572e",
                                                   strokeWidth=3).encode(x=x, y=y, tooltip=tooltip))
-    st.altair_chart(alt.layer(*layers).properties(height=340), width="stretch")
+    chart = alt.layer(*layers).properties(height=340, title=alt.TitleParams(title, fontSize=12))
+    return chart.to_dict(), not match.empty
+
+
+def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: float, measured: bool) -> None:
+    records, path, problem = engine.load_eval_records(engine.eval_candidates(settings, searcher.model_dir))
+    scope = engine.EvalScope.of(records)
+    on_index = bool(records) and scope.matches(searcher.store)
+    elsewhere = f" (measured on {engine.source_name(scope.database_source)}, not on this index)"
+    st.subheader("Accuracy vs cost" + ("" if on_index or not records else elsewhere))
+    if problem:
+        st.warning(problem)
+    if records and not on_index:  # the numbers describe the model on its evaluation set, not searches here
+        sources = ", ".join(engine.source_name(s) for s in searcher.store.manifest.get("sources", [])) or "?"
+        st.info(f"Measured on {scope.describe()}, not on this index ({sources}): the chart compares the "
+                "settings on that data; it does not say how accurately they search these images.")
+    if not records:
+        looked = ", ".join(f"`{p}`" for p in engine.eval_candidates(settings, searcher.model_dir))
+        st.info(f"No evaluation results to chart (looked for {looked}). Make them with "
+                f"`matsearch eval --json {engine.eval_candidates(settings, searcher.model_dir)[0]}`, or start the "
+                "app with `--eval-json FILE`.")
+        return
+    metric = st.radio("Accuracy", ["top1", "map@10"], key="chart_metric", horizontal=True,
+                      format_func={"top1": "top-1", "map@10": "mAP@10"}.get)
+    title = f"measured on {scope.describe()}" + ("" if on_index else " (not this index)")
+    spec, ringed = cost_chart_spec(records, metric, current_name, current_mflops, title)
+    st.vega_lite_chart(spec=spec, width="stretch")
     how = "measured on the last query" if measured else "from the cost model"
-    found = (f"the current setting **{current_name}** is the ringed point" if not match.empty
+    found = (f"the current setting **{current_name}** is the ringed point" if ringed
              else f"the current setting **{current_name}** was not evaluated; the dashed line marks its cost")
-    st.caption(f"From `{path}` ({len(records)} settings); {found} ({current_mflops:.1f} MFLOPs, {how}).")
+    where = "on this index" if on_index else "not on this index"
+    st.caption(f"From `{path}` ({len(records)} settings, {where}); {found} ({current_mflops:.1f} MFLOPs, {how}).")
 
 
 # -- the page -------------------------------------------------------------------------------------------------------

@@ -226,7 +226,9 @@ def _measure(setting: Setting, database: Database, cache: EmbeddingCache, query_
         "escalation_rate": staged.escalation_rate,
         "submodels": [s.name for s in staged.submodels],
         "queries": n,
+        "query_source": "fashion-mnist:test",
         "database": len(database.db),
+        "database_source": "fashion-mnist:train",  # what the page compares with an index's sources
         "database_views": database.views,
         **setting.gate_record(),
     }

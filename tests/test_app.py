@@ -382,6 +382,43 @@ def test_accuracy_vs_cost_chart_marks_the_current_setting(app_env, monkeypatch):
     assert not at.get("vega_lite_chart") and any("No evaluation results" in i.value for i in at.info)
 
 
+def test_chart_measured_elsewhere_is_labelled_with_its_dataset(app_env, monkeypatch, tmp_path):
+    """An index of other images (a folder made here) gets no unlabelled Fashion-MNIST chart."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.png")
+    build_index(str(folder), tmp_path / "index", model_dir=app_env.model_dir, progress=False, device="cpu")
+    monkeypatch.setenv("MATSEARCH_APP_INDEX", str(tmp_path / "index"))
+    at = _open_app()
+    assert not at.exception
+    headings = [h.value for h in at.subheader]
+    assert any(h.startswith("Accuracy vs cost") and "Fashion-MNIST train, not on this index" in h for h in headings)
+    note = " ".join(i.value for i in at.info)
+    assert "Fashion-MNIST train images as the database" in note and "not on this index" in note
+    assert str(folder) in note
+    charts = at.get("vega_lite_chart")  # the chart carries its dataset in its own title
+    assert len(charts) == 1 and "Fashion-MNIST train images" in charts[0].proto.spec
+    assert "not this index" in charts[0].proto.spec
+    assert "not on this index" in " ".join(c.value for c in at.caption)
+
+    # the same Fashion-MNIST source but another database size than the evaluation's: not this index either
+    records = json.loads((app_env.model_dir / "retrieval_eval.json").read_text())
+    sized = tmp_path / "eval.json"
+    sized.write_text(json.dumps([{**r, "database": 60_000, "queries": 10_000,
+                                  "database_source": "fashion-mnist:train"} for r in records]))
+    monkeypatch.setenv("MATSEARCH_APP_INDEX", str(app_env.index_dir))
+    monkeypatch.setenv("MATSEARCH_APP_EVAL_JSON", str(sized))
+    at = _open_app()
+    assert "60,000 Fashion-MNIST train images" in " ".join(i.value for i in at.info)
+    sized.write_text(json.dumps([{**r, "database": N_INDEX, "database_source": "fashion-mnist:train"}
+                                 for r in records]))
+    at = _open_app()  # measured on this very index: the chart, no note
+    assert at.subheader[-1].value == "Accuracy vs cost" and not any("not on this index" in i.value for i in at.info)
+    assert "on this index" in " ".join(c.value for c in at.caption)
+
+
 def test_missing_or_damaged_index_is_an_error_message(app_env, monkeypatch, tmp_path):
     monkeypatch.setenv("MATSEARCH_APP_INDEX", str(tmp_path / "nowhere"))
     at = _open_app()

@@ -1,0 +1,210 @@
+"""The search page under load: N headless-Chromium sessions upload a query at once against one real server.
+
+    python -m benchmarks.app_load --index DIR --queries FOLDER [--model DIR] [--sessions 10] [--json OUT]
+
+Starts `matsearch app` on a free port, warms it up with one session, then measures
+  - one session alone: seconds from the upload to all k results drawn (median of --single runs),
+  - --sessions sessions uploading together: the same, per session,
+  - the server's resident memory (RSS of the streamlit process, from /proc): idle after the warm-up, peak under
+    load, and --settle seconds after the sessions closed.
+Needs playwright and Debian's /usr/bin/chromium. The browsers run on the same machine as the server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+K = 12  # the page's default number of results
+UPLOADER = '[data-testid="stFileUploaderDropzoneInput"]'
+DONE = """() => !document.querySelector('[data-testid="stStatusWidgetRunningIcon"]')
+                && !document.querySelector('[data-testid="stStatusWidgetRunningManIcon"]')
+                && !document.querySelector('[data-stale="true"]')"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _streamlit_pid(launcher: int, deadline: float) -> int:
+    """The streamlit server: the launcher's child process."""
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.2)
+    raise RuntimeError("the launcher started no server")
+
+
+def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, int]:
+    command = [sys.executable, "-m", "app.cli", "app", "--index", str(args.index), "--port", str(port),
+               "--host", "127.0.0.1"]
+    if args.model:
+        command += ["--model", str(args.model)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    log = open(log_path, "wb")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.3)
+    return process, _streamlit_pid(process.pid, deadline)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+
+
+async def _open(browser, url: str):
+    context = await browser.new_context(viewport={"width": 1200, "height": 900})
+    page = await context.new_page()
+    await page.goto(url, timeout=180_000)
+    await page.wait_for_selector(UPLOADER, state="attached", timeout=120_000)
+    await page.wait_for_function(DONE, timeout=120_000)
+    return page
+
+
+async def _search(page, query: Path) -> float:
+    """Seconds from the upload to k results drawn and the run finished."""
+    start = time.perf_counter()
+    await page.set_input_files(UPLOADER, str(query))
+    await page.locator('[class*="st-key-hit-0-"]').nth(K - 1).wait_for(timeout=180_000)
+    await page.wait_for_function(DONE, timeout=180_000)
+    return time.perf_counter() - start
+
+
+async def measure(args, url: str, server_pid: int) -> dict:
+    from playwright.async_api import async_playwright
+
+    queries = sorted(p for p in Path(args.queries).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    queries = [q for q in queries if q.stat().st_size < 2 ** 20][: max(args.sessions, args.single) + 1]
+    if len(queries) < args.sessions:
+        raise SystemExit(f"{args.queries}: need {args.sessions} query images under 1 MB")
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await _open(browser, url)  # warm-up: model, index and page code loaded
+            await _search(page, queries[-1])
+            await page.context.close()
+            await asyncio.sleep(args.settle)
+            idle = _rss_mb(server_pid)
+
+            single, cpu = [], _cpu_s(server_pid)
+            for i in range(args.single):
+                page = await _open(browser, url)
+                single.append(await _search(page, queries[i]))
+                await page.context.close()
+            single_cpu = (_cpu_s(server_pid) - cpu) / args.single
+
+            peak = [idle]
+            sampling = threading.Event()
+
+            def sample():
+                while not sampling.is_set():
+                    peak[0] = max(peak[0], _rss_mb(server_pid))
+                    time.sleep(0.1)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            pages = await asyncio.gather(*[_open(browser, url) for _ in range(args.sessions)])
+            sampler.start()
+            started, cpu = time.perf_counter(), _cpu_s(server_pid)
+            concurrent = await asyncio.gather(*[_search(pg, queries[i]) for i, pg in enumerate(pages)])
+            wall, concurrent_cpu = time.perf_counter() - started, _cpu_s(server_pid) - cpu
+            loaded = _rss_mb(server_pid)
+            for pg in pages:
+                await pg.context.close()
+            await asyncio.sleep(args.settle)
+            sampling.set()
+            after = _rss_mb(server_pid)
+        finally:
+            await browser.close()
+    one = statistics.median(single)
+    return {"sessions": args.sessions, "single_s": single, "single_median_s": one,
+            "concurrent_s": sorted(concurrent), "concurrent_wall_s": wall,
+            "worst_over_single": max(concurrent) / one,
+            "server_cpu_s": {"per_single_session": single_cpu, "all_concurrent": concurrent_cpu},
+            "rss_mb": {"idle": idle, "peak": peak[0], "after_load": loaded, "after_close": after},
+            "settle_s": args.settle, "cpus": len(os.sched_getaffinity(0))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index", required=True, type=Path)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--queries", required=True, type=Path, help="folder of query images (under 1 MB each)")
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--single", type=int, default=3, help="lone-session runs (median)")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds to wait before reading idle memory")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    port = _free_port()
+    log_path = Path(args.json).with_suffix(".server.log") if args.json else Path(f"/tmp/app_load-{port}.log")
+    process, pid = start_server(args, port, log_path)
+    try:
+        result = asyncio.run(measure(args, f"http://127.0.0.1:{port}", pid))
+    finally:
+        stop_server(process)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    rss = result["rss_mb"]
+    print(f"one session: {result['single_median_s']:.2f} s (runs {', '.join(f'{s:.2f}' for s in result['single_s'])})")
+    print(f"{result['sessions']} at once: " + ", ".join(f"{s:.2f}" for s in result["concurrent_s"])
+          + f" s; worst {result['worst_over_single']:.1f}x one session")
+    cpu = result["server_cpu_s"]
+    print(f"server CPU: {cpu['per_single_session']:.2f} s per lone session (open + search), "
+          f"{cpu['all_concurrent']:.2f} s for the {result['sessions']} concurrent searches")
+    print(f"server RSS: idle {rss['idle']:.0f} MB, peak {rss['peak']:.0f} MB, {result['settle_s']:.0f} s after "
+          f"closing {rss['after_close']:.0f} MB ({100 * (rss['after_close'] / rss['idle'] - 1):+.1f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
