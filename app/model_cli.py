@@ -56,18 +56,18 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_model(directory: Path) -> dict:
-    """One row about a model folder: what `model list` prints."""
+def describe_model(directory: Path, name: str | None = None) -> dict:
+    """One row about a model folder: what `model list` prints (`name`: what it is loaded by, default its config's)."""
     from safetensors import safe_open
 
     from vision_model.hub import WEIGHTS_FILE, read_config
     config, meta = read_config(directory)
     with safe_open(str(Path(directory) / WEIGHTS_FILE), "pt") as f:
         params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    return {"dir": str(directory), "name": config.name, "params_m": round(params / 1e6, 1),
+    return {"dir": str(directory), "name": name or config.name, "params_m": round(params / 1e6, 1),
             "input": f"{config.img_size}px {'grey' if config.in_chans == 1 else 'RGB'}",
             "levels": ["D" if lv == 1 else f"D/{lv}" for lv in config.levels],
-            "trained_on": trained_on(meta), "source": meta.get("source", "trained by this project")}
+            "trained_on": config.describe_training(), "source": meta.get("source", "trained by this project")}
 
 
 def _numel(shape) -> int:
@@ -77,21 +77,12 @@ def _numel(shape) -> int:
     return n
 
 
-def trained_on(meta: dict) -> str:
-    """What a model folder says it was trained on: an import's `trained_on`, or the training run's data."""
-    if meta.get("trained_on"):
-        return meta["trained_on"]
-    data = meta.get("train_config", {}).get("data")
-    names = {"fashion-mnist": "Fashion-MNIST classification (10 classes, 28x28 grey)"}
-    return names.get(data, data) if data else "unknown (no record in config.json)"
-
-
 def _list(args: argparse.Namespace) -> int:
     from vision_model.hub import DEFAULT_MODEL_DIR, WEIGHTS_FILE
     shipped = sorted(p for p in DEFAULT_MODEL_DIR.parent.iterdir() if (p / WEIGHTS_FILE).is_file())
     rows = []
     for directory in shipped + [Path(d) for d in args.dirs]:
-        row = describe_model(directory)
+        row = describe_model(directory, directory.name if directory in shipped else None)
         row["default"] = directory.resolve() == DEFAULT_MODEL_DIR.resolve()
         rows.append(row)
     if args.json:

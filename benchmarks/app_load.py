@@ -68,16 +68,20 @@ def _streamlit_pid(launcher: int, deadline: float) -> int:
     raise RuntimeError("the launcher started no server")
 
 
-def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "app.cli", "app", "--index", str(args.index), "--port", str(port),
+def start_server(index: Path, port: int, log_path: Path, model: Path | str | None = None,
+                 env: dict | None = None, cwd: Path = ROOT, timeout: float = 90) -> tuple[subprocess.Popen, int]:
+    """`matsearch app` on 127.0.0.1:port in a process group of its own, once its health check answers: (the
+    launcher process, the Streamlit server's pid). `env` defaults to this process's environment."""
+    command = [sys.executable, "-m", "app.cli", "app", "--index", str(index), "--port", str(port),
                "--host", "127.0.0.1"]
-    if args.model:
-        command += ["--model", str(args.model)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.monotonic() + 90
+    if model:
+        command += ["--model", str(model)]
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
@@ -86,6 +90,7 @@ def start_server(args, port: int, log_path: Path) -> tuple[subprocess.Popen, int
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            stop_server(process)
             raise RuntimeError(f"the app did not start: {log_path.read_text()[-2000:]}")
         time.sleep(0.3)
     return process, _streamlit_pid(process.pid, deadline)
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     port = _free_port()
     log_path = Path(args.json).with_suffix(".server.log") if args.json else Path(f"/tmp/app_load-{port}.log")
-    process, pid = start_server(args, port, log_path)
+    process, pid = start_server(args.index, port, log_path, args.model)
     try:
         result = asyncio.run(measure(args, f"http://127.0.0.1:{port}", pid))
     finally:

@@ -11,14 +11,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -542,40 +537,16 @@ def server(app_data):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) for browser tests")
     pytest.importorskip("playwright")
+    from benchmarks.app_load import start_server, stop_server
+
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    log = open(app_data.root / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "app", "--index", str(app_data.index_dir), "--model",
-         str(app_data.model_dir), "--port", str(port), "--host", "127.0.0.1"],
-        cwd=app_data.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    process, _ = start_server(app_data.index_dir, port, app_data.root / "server.log", app_data.model_dir, env=env,
+                              cwd=app_data.root, timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"the app did not start: {(app_data.root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # the launcher and the streamlit server it started
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=10)
-        log.close()
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

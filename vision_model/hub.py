@@ -50,9 +50,15 @@ def read_config(directory: str | os.PathLike) -> tuple[MatMambaVisionConfig, dic
 
 
 def with_training_data(config: MatMambaVisionConfig, meta: dict) -> MatMambaVisionConfig:
-    """`config` with `trained_on` filled in from the training record (meta.train_config.data) where it is empty."""
-    data = (meta.get("train_config") or {}).get("data") if isinstance(meta, dict) else None
-    if config.trained_on or not isinstance(data, str):
+    """`config` with `trained_on` filled in, where it is empty, from an import's meta.trained_on or the training
+    record (meta.train_config.data)."""
+    meta = meta if isinstance(meta, dict) else {}
+    if config.trained_on:
+        return config
+    if meta.get("trained_on"):  # an imported checkpoint says it in words
+        return dataclasses.replace(config, trained_on=str(meta["trained_on"]))
+    data = (meta.get("train_config") or {}).get("data")
+    if not isinstance(data, str):
         return config
     if data == "fashion-mnist":
         return dataclasses.replace(config, trained_on="Fashion-MNIST")
