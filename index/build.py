@@ -363,43 +363,40 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
         piece = _close_piece(result, writer, shard_dir, plan, piece, stop)
 
     try:
-        while True:
-            waited = time.perf_counter()
-            chunk = next(chunks, None)
-            piece.seconds["wait"] += time.perf_counter() - waited
-            if chunk is None:
-                break
-            for stage in ("read", "decode", "preprocess"):
-                piece.seconds[stage] += chunk.seconds[stage]
-            copied = 0  # chunk.pixels[:copied] are in buffers already; the next ones go to buffer[fill - pending:]
-            pending = 0
-            for offset, record in enumerate(chunk.records):
-                at = chunk.start + offset
-                if piece.record(items[at], record):
-                    pending += 1
-                    fill += 1
-                    if fill == batch_size:
-                        buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
-                        copied, pending = copied + pending, 0
-                        encode_batch()
-                        if time.perf_counter() - piece.opened >= checkpoint_seconds:
+        with writer:
+            while True:
+                waited = time.perf_counter()
+                chunk = next(chunks, None)
+                piece.seconds["wait"] += time.perf_counter() - waited
+                if chunk is None:
+                    break
+                for stage in ("read", "decode", "preprocess"):
+                    piece.seconds[stage] += chunk.seconds[stage]
+                copied = 0  # chunk.pixels[:copied] are in buffers already; the next ones go to buffer[fill - pending:]
+                pending = 0
+                for offset, record in enumerate(chunk.records):
+                    at = chunk.start + offset
+                    if piece.record(items[at], record):
+                        pending += 1
+                        fill += 1
+                        if fill == batch_size:
+                            buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                            copied, pending = copied + pending, 0
+                            encode_batch()
+                            if time.perf_counter() - piece.opened >= checkpoint_seconds:
+                                close_piece(at + 1)
+                    elif record[0] == "skip":
+                        skipped_count += 1
+                    if (at + 1) % shard_size == 0 or at + 1 == n:  # a shard ends: its batches end with it
+                        if pending:
+                            buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                            copied, pending = copied + pending, 0
+                        if piece.start < at + 1:
                             close_piece(at + 1)
-                elif record[0] == "skip":
-                    skipped_count += 1
-                if (at + 1) % shard_size == 0 or at + 1 == n:  # a shard ends: its batches end with it
-                    if pending:
-                        buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
-                        copied, pending = copied + pending, 0
-                    if piece.start < at + 1:
-                        close_piece(at + 1)
-            if pending:
-                buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
-            bar.update(chunk.stop - chunk.start)
-            bar.set_postfix(skipped=skipped_count, refresh=False)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+                if pending:
+                    buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                bar.update(chunk.stop - chunk.start)
+                bar.set_postfix(skipped=skipped_count, refresh=False)
     finally:
         del chunks  # stops the worker processes
         bar.close()

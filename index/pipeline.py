@@ -310,6 +310,17 @@ class PieceWriter:
         self._check()
         self._queue.put(("piece", (path, meta)))
 
+    def __enter__(self) -> "PieceWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> bool:
+        """Closing waits for every write; an exception in the block aborts the writes still queued."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()

@@ -151,42 +151,43 @@ def encode_with_ray(src: ImageSource, model, device: torch.device, known: frozen
     piece = local._Piece(position)
     slices = None
     try:
-        pool, per_actor = _pool_size(ray, device, actors, gpus_per_actor)
-        log.info("ray engine: %d embedding actors on %s, %.2f GPU each", pool, device.type, per_actor)
-        ctx.execution_options.preserve_order = True  # slices come back in item order: pieces are written at once
-        ctx.enable_progress_bars = False  # the build's own bar counts images
-        if rows:
-            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-            # decoding spreads over every node; remote args given by a function also keep Ray Data from fusing
-            # these CPU tasks into the embedding actors (it fuses maps whose resources match, as CPU actors' do)
-            ds = ds.map(_prepare_slice, fn_args=(model.config, max_pixels), num_cpus=1, ray_remote_args_fn=_spread)
-            ds = ds.map(_Embed, fn_constructor_args=(str(model.source_dir), weights_hash(model.source_dir), views,
-                                                     device.type),
-                        compute=ActorPoolStrategy(size=pool), num_gpus=per_actor, num_cpus=1)
-            slices = iter(ds.iter_rows())  # a generator: close() stops the pipeline
-            while True:
-                waited = time.perf_counter()
-                row = next(slices, None)
-                piece.seconds["wait"] += time.perf_counter() - waited
-                if row is None:
-                    break
-                start, stop = int(row["start"]), int(row["stop"])
-                for stage, seconds in json.loads(row["seconds"]).items():
-                    piece.seconds[stage] += seconds
-                for offset, record in enumerate(json.loads(row["records"])):
-                    piece.record(items[start + offset], record)
-                    skipped_count += record[0] == "skip"
-                embeddings = np.array(row["embeddings"], dtype=np.float32).reshape(-1, model.config.d_model)
-                writer.put_batch(pipeline.EncodedBatch(torch.from_numpy(embeddings),
-                                                       seconds=float(row["encode_seconds"])))
-                if stop % shard_size == 0 or stop == n or time.perf_counter() - piece.opened >= checkpoint_seconds:
-                    piece = local._close_piece(result, writer, shard_dir, plan, piece, stop)
-                bar.update(stop - start)
-                bar.set_postfix(skipped=skipped_count, refresh=False)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        with writer:
+            pool, per_actor = _pool_size(ray, device, actors, gpus_per_actor)
+            log.info("ray engine: %d embedding actors on %s, %.2f GPU each", pool, device.type, per_actor)
+            # slices come back in item order, so pieces are written at once
+            ctx.execution_options.preserve_order = True
+            ctx.enable_progress_bars = False  # the build's own bar counts images
+            if rows:
+                ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+                # decoding spreads over every node; remote args given by a function also keep Ray Data from
+                # fusing these CPU tasks into the embedding actors (it fuses maps whose resources match, as CPU
+                # actors' do)
+                ds = ds.map(_prepare_slice, fn_args=(model.config, max_pixels), num_cpus=1,
+                            ray_remote_args_fn=_spread)
+                ds = ds.map(_Embed, fn_constructor_args=(str(model.source_dir), weights_hash(model.source_dir),
+                                                         views, device.type),
+                            compute=ActorPoolStrategy(size=pool), num_gpus=per_actor, num_cpus=1)
+                slices = iter(ds.iter_rows())  # a generator: close() stops the pipeline
+                while True:
+                    waited = time.perf_counter()
+                    row = next(slices, None)
+                    piece.seconds["wait"] += time.perf_counter() - waited
+                    if row is None:
+                        break
+                    start, stop = int(row["start"]), int(row["stop"])
+                    for stage, seconds in json.loads(row["seconds"]).items():
+                        piece.seconds[stage] += seconds
+                    for offset, record in enumerate(json.loads(row["records"])):
+                        piece.record(items[start + offset], record)
+                        skipped_count += record[0] == "skip"
+                    embeddings = np.array(row["embeddings"], dtype=np.float32).reshape(-1, model.config.d_model)
+                    writer.put_batch(pipeline.EncodedBatch(torch.from_numpy(embeddings),
+                                                           seconds=float(row["encode_seconds"])))
+                    if (stop % shard_size == 0 or stop == n
+                            or time.perf_counter() - piece.opened >= checkpoint_seconds):
+                        piece = local._close_piece(result, writer, shard_dir, plan, piece, stop)
+                    bar.update(stop - start)
+                    bar.set_postfix(skipped=skipped_count, refresh=False)
     finally:
         bar.close()
         if slices is not None:
