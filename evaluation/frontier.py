@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 
 import vision_model
-
 from retrieval import knn
+from retrieval.budget import Frontier, FrontierPoint, pareto_front
+from retrieval.encoder import QueryEncoder
+from retrieval.submodel import Submodel
+
 from . import metrics
 from .datasets import encode_database, fashion_mnist_rows
-from retrieval.encoder import QueryEncoder
-from retrieval.budget import FRONTIER_FILE, Frontier, FrontierPoint, pareto_front  # noqa: F401
-from retrieval.submodel import Submodel
 
 
 

@@ -51,7 +51,7 @@ def _mflops(config, **submodel) -> float:
 
 @pytest.fixture(scope="session")
 def app_data(tmp_path_factory) -> SimpleNamespace:
-    from evaluation.frontier import Frontier, FrontierPoint
+    from retrieval.budget import Frontier, FrontierPoint
     from retrieval.submodel import Submodel
 
     root = tmp_path_factory.mktemp("app")

@@ -13,8 +13,8 @@ from PIL import Image
 import vision_model
 import training.train as train_module
 from app.cli import main as cli
-from training.data import (ImageFolderDataset, collate_skipping, fashion_mnist_dir, holdout_split,
-                               read_image, scan_imagefolder)
+from training.data import ImageFolderDataset, collate_skipping, holdout_split, read_image, scan_imagefolder
+from vision_model.datasets import fashion_mnist_dir
 from vision_model.images import decode_image
 from vision_model.preprocess import to_model_input
 

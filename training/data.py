@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -21,8 +20,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from vision_model.config import MatMambaVisionConfig
 from vision_model.images import UnreadableImage, decode_image  # noqa: F401  (UnreadableImage: re-exported)
 from vision_model.preprocess import _fit, model_pixels, to_mode, to_model_input
-
-from vision_model.datasets import DatasetNotFoundError, SPLITS, fashion_mnist_dir, load_fashion_mnist  # noqa: F401  (re-exported for training)
 
 
 # -- ImageFolder trees -----------------------------------------------------------------------------------------

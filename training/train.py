@@ -53,13 +53,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from vision_model.config import get_config
-from vision_model.ops.backends import current_fusions
-from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
-                   load_fashion_mnist, sample_seed, scan_imagefolder)
+from vision_model.datasets import load_fashion_mnist
 from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
 from vision_model.hub import save_pretrained, weights_hash
+from vision_model.ops.backends import current_fusions
 from vision_model.preprocess import to_model_input
+
+from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
+                   sample_seed, scan_imagefolder)
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
 
 

@@ -11,7 +11,6 @@ dropped). Keys keep the topic folder, which evaluation uses as the held-out labe
 from __future__ import annotations
 
 import argparse
-import json
 import lzma
 import shutil
 from pathlib import Path
