@@ -10,15 +10,19 @@ L2-normalised. Every chunk of --chunk rows is drawn from its own seed, so the co
 and never held in RAM. Queries are drawn from the same mixture with other seeds (they are not in the collection).
 
 Phases (each resumes from its files in --work):
-  1. generate: the vectors, stored as float16 (half the raw size; used to fill the index and to re-rank), and the
-     exact top-k of every query, by chunked brute force over the float32 vectors as they are generated
+  1. generate: the vectors, stored as float16 (half the raw size; used to fill the index and to re-rank), and a
+               digest of every chunk
   2. build:    index.ondisk.build: IVF-PQ trained on a sample, shards filled in parallel, merged on disk
-  3. search:   a fresh process opens the index memory-mapped and sweeps nprobe and re-ranking depth; it reports
+  3. truth:    the exact top-k of every query, by chunked brute force over the float32 vectors drawn again, and
+               the same digests, which must match phase 1's; `--groundtruth-only --gt-device cuda --gen-workers 16`
+               runs this phase alone on a GPU machine (copy its folder's files into --work here afterwards)
+  4. search:   a fresh process opens the index memory-mapped and sweeps nprobe and re-ranking depth; it reports
                queries/s over all queries and its RSS (anonymous and file-backed) while searching
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -64,38 +68,79 @@ def rss() -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def generate(args, work: Path, mix: Mixture) -> dict:
+def _draw_chunk(job):
+    mix, start, stop, part = job
+    return start, mix.draw(stop - start, stream=0, part=part)
+
+
+def chunks(args, mix: Mixture, workers: int):
+    """(start, float32 rows) for every chunk of the collection, in order; drawn by `workers` processes."""
+    jobs = [(mix, start, min(start + args.chunk, args.n), part)
+            for part, start in enumerate(range(0, args.n, args.chunk))]
+    if workers <= 1:
+        yield from map(_draw_chunk, jobs)
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_draw_chunk, jobs)
+
+
+def digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
+
+
+def groundtruth(args, work: Path, mix: Mixture) -> dict:
+    """Exact top-k of every query by chunked brute force (float32; on --gt-device), and a digest of every chunk so
+    that a collection generated elsewhere can be checked to be this one. Resumes from its files."""
     import torch
 
-    gt_path = work / GT_FILE
-    if gt_path.is_file():
-        return json.loads((work / "generate.json").read_text())
+    if (work / GT_FILE).is_file():
+        return json.loads((work / "groundtruth.json").read_text())
     started = time.perf_counter()
+    device = torch.device(args.gt_device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 scores
     queries = mix.draw(args.queries, stream=1, part=0)
-    np.save(work / QUERIES_FILE, queries)
-    vectors = np.lib.format.open_memmap(work / f".{VECTORS_FILE}", mode="w+", dtype=np.float16,
-                                        shape=(args.n, args.dim))
-    q = torch.from_numpy(queries)
-    best_scores = torch.full((len(q), args.k), -np.inf)
-    best_ids = torch.full((len(q), args.k), -1, dtype=torch.int64)
-    for part, start in enumerate(range(0, args.n, args.chunk)):
-        stop = min(start + args.chunk, args.n)
-        x = mix.draw(stop - start, stream=0, part=part)
-        vectors[start:stop] = x
-        scores = q @ torch.from_numpy(x).T  # exact, float32
-        top = torch.topk(scores, min(args.k, stop - start), dim=1)
+    q = torch.from_numpy(queries).to(device)
+    best_scores = torch.full((len(q), args.k), -np.inf, device=device)
+    best_ids = torch.full((len(q), args.k), -1, dtype=torch.int64, device=device)
+    digests = []
+    for start, x in chunks(args, mix, args.gen_workers):
+        digests.append(digest(x))
+        scores = q @ torch.from_numpy(x).to(device).T
+        top = torch.topk(scores, min(args.k, len(x)), dim=1)
         merged_scores = torch.cat([best_scores, top.values], 1)
         merged_ids = torch.cat([best_ids, top.indices + start], 1)
         keep = torch.topk(merged_scores, args.k, dim=1).indices
         best_scores, best_ids = merged_scores.gather(1, keep), merged_ids.gather(1, keep)
+        if len(digests) % 10 == 1:
+            print(f"groundtruth: {start + len(x)}/{args.n} rows, {time.perf_counter() - started:.0f} s", flush=True)
+    np.save(work / QUERIES_FILE, queries)
+    info = {"groundtruth_seconds": round(time.perf_counter() - started, 1), "groundtruth_device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "queries_digest": digest(queries), "chunk_digests": digests}
+    (work / "groundtruth.json").write_text(json.dumps(info))
+    np.save(work / GT_FILE, best_ids.cpu().numpy())
+    return info
+
+
+def generate(args, work: Path, mix: Mixture) -> dict:
+    """The collection as float16 (for filling the index and re-ranking), with a digest of every chunk."""
+    if (work / VECTORS_FILE).is_file():
+        return json.loads((work / "generate.json").read_text())
+    started = time.perf_counter()
+    digests = []
+    vectors = np.lib.format.open_memmap(work / f".{VECTORS_FILE}", mode="w+", dtype=np.float16,
+                                        shape=(args.n, args.dim))
+    for part, (start, x) in enumerate(chunks(args, mix, args.gen_workers)):
+        digests.append(digest(x))
+        vectors[start:start + len(x)] = x
         if part % 10 == 0:
-            print(f"generate: {stop}/{args.n} rows, {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"generate: {start + len(x)}/{args.n} rows, {time.perf_counter() - started:.0f} s", flush=True)
     vectors.flush()
     del vectors
     os.replace(work / f".{VECTORS_FILE}", work / VECTORS_FILE)
-    np.save(work / GT_FILE, best_ids.numpy())
-    info = {"generate_and_groundtruth_seconds": round(time.perf_counter() - started, 1),
-            "vectors_f16_bytes": (work / VECTORS_FILE).stat().st_size}
+    info = {"generate_seconds": round(time.perf_counter() - started, 1),
+            "vectors_f16_bytes": (work / VECTORS_FILE).stat().st_size,
+            "queries_digest": digest(mix.draw(args.queries, stream=1, part=0)), "chunk_digests": digests}
     (work / "generate.json").write_text(json.dumps(info))
     return info
 
@@ -188,6 +233,11 @@ def main(argv=None) -> int:
                         "OpenMP threads waiting on each other)")
     p.add_argument("--work", default="data/ann_scale", help="working folder (vectors, index)")
     p.add_argument("--out", default="results/ann", help="folder for the json and md results")
+    p.add_argument("--gt-device", default="cpu", help="where the exact ground truth is computed (cpu | cuda)")
+    p.add_argument("--gen-workers", type=int, default=1, help="processes drawing the collection's chunks")
+    p.add_argument("--groundtruth-only", action="store_true",
+                   help="stop after the ground truth (run it on a faster machine, then copy the files into --work)")
+    p.add_argument("--build-only", action="store_true", help="stop after the build (phases 1-2)")
     p.add_argument("--keep", action="store_true", help="keep the working folder afterwards")
     args = p.parse_args(argv)
     args.factory = args.factory or f"IVF{args.nlist},PQ{args.m}"
@@ -198,8 +248,18 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     mix = Mixture(args.dim, args.clusters, args.latent, args.seed)
+    if args.groundtruth_only:  # e.g. on a GPU machine: copy the folder's files into --work here, then run the rest
+        groundtruth(args, work, mix)
+        print(f"ground truth in {work}: {GT_FILE}, {QUERIES_FILE}, groundtruth.json")
+        return 0
     gen = generate(args, work, mix)
     built = build(args, work)
+    if args.build_only:
+        print(f"built {work / INDEX_FILE}")
+        return 0
+    truth = groundtruth(args, work, mix)
+    if (truth["queries_digest"], truth["chunk_digests"]) != (gen["queries_digest"], gen["chunk_digests"]):
+        raise SystemExit("the ground truth was computed on another collection (seed, size, chunk or NumPy differ)")
     rows = search(args, work)
     raw_gb = args.n * args.dim * 4 / 1e9
     auto = {f"{b} MB": (lambda c: {"factory": c.factory, "storage": c.storage, "reason": c.reason})(
@@ -207,7 +267,8 @@ def main(argv=None) -> int:
     result = {
         "n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k, "factory": args.factory,
         "raw_float32_gb": round(raw_gb, 2), "clusters": args.clusters, "latent": args.latent,
-        "generate": gen, "build": built, "search": rows, "auto_choice": auto,
+        "groundtruth": {k: v for k, v in truth.items() if k != "chunk_digests"},
+        "generate": {k: v for k, v in gen.items() if k != "chunk_digests"}, "build": built, "search": rows, "auto_choice": auto,
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "python": platform.python_version()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -227,7 +288,8 @@ def report(r: dict) -> str:
     lines = [f"# On-disk IVF-PQ at n = {r['n']:,}, dim {r['dim']} ({r['factory']})", "",
              f"- raw float32 size {r['raw_float32_gb']} GB; index on disk {b['index_bytes'] / 1e9:.2f} GB "
              f"(lists {b['ivfdata_bytes'] / 1e9:.2f} GB)",
-             f"- generate + exact top-{r['k']} of {r['queries']} queries: {r['generate']['generate_and_groundtruth_seconds']} s; "
+             f"- exact top-{r['k']} of {r['queries']} queries: {r['groundtruth']['groundtruth_seconds']} s on "
+             f"{r['groundtruth']['device_name']}; generate float16: {r['generate']['generate_seconds']} s; "
              f"build {b['build_seconds']} s (train {b['train_seconds']} s with k-means on {b['kmeans']}, "
              f"fill {b['fill_seconds']} s in {b['shards']} shards, merge {b['merge_seconds']} s)",
              f"- load average at the end {', '.join(f'{v:.1f}' for v in r['machine']['load_average_at_end'])} "

@@ -6,6 +6,8 @@ embedding space.
          views (img_size) and of the --local-crops small views (img_size / 2) must pick its own image's other
          global view(s) among the batch's, at temperature --temperature. Both sides
          carry gradients (SimCLR), so D learns invariance to crop, flip, colour, blur and recompression.
+         Plus --feature-nce x the same InfoNCE between the two global views on the retrieval vector itself (pre-head,
+         as SSCD trains its copy-detection descriptor), so what is searched is what was made invariant.
   D/l    on the backbone embedding itself (the retrieval vector, pre-head), with D's embeddings as fixed targets
          (stop-gradient): InfoNCE from each global view at D/l to the *other* view at D (the copy-detection query:
          a transformed copy searched at D/l in a database built at D) plus 1 - cos to the *same* view at D (so the
@@ -44,7 +46,10 @@ from .cache import build_cache, is_cache, open_cache, uint8_batch
 
 PROJ_HIDDEN, PROJ_DIM = 1024, 128
 LOCAL_SCALE = (0.08, 0.3)  # small views: a part of the picture, which must still name the whole (multi-crop)
-GLOBAL_SCALE = (0.3, 1.0)
+GLOBAL_SCALE = (0.25, 1.0)
+# a copy of an image is often brightened or darkened beyond photo-style jitter, and recompressed: the global views
+# cover x0.4-x1.6 brightness and JPEG-like recompression half the time
+GLOBAL_BRIGHTNESS, GLOBAL_JPEG = 0.6, 0.5
 ALIGN_TEMPERATURE = 0.1  # of the narrow levels' InfoNCE on backbone embeddings
 
 
@@ -77,7 +82,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
 
 
 def view_specs(img_size: int) -> tuple[ViewSpec, ViewSpec]:
-    return (ViewSpec(img_size, scale=GLOBAL_SCALE),
+    return (ViewSpec(img_size, scale=GLOBAL_SCALE, brightness=GLOBAL_BRIGHTNESS, jpeg=GLOBAL_JPEG),
             ViewSpec(max(16, img_size // 2), scale=LOCAL_SCALE, jpeg=0.0, blur=0.2))
 
 
@@ -91,7 +96,7 @@ def make_views(x: torch.Tensor, config, local_crops: int, gen: torch.Generator):
 
 
 def ssl_losses(net: SSLNet, globals_: torch.Tensor, locals_: torch.Tensor | None, levels, temperature: float,
-               amp_ctx) -> tuple[torch.Tensor, dict]:
+               amp_ctx, feature_nce: float = 0.0) -> tuple[torch.Tensor, dict]:
     """(the step's loss, each level's loss as a float) for one batch of views (see the module docstring)."""
     b = len(globals_) // 2
     enc = net.encoder
@@ -105,6 +110,9 @@ def ssl_losses(net: SSLNet, globals_: torch.Tensor, locals_: torch.Tensor | None
             n_local = len(pl) // b
             local = sum(info_nce(pl[i * b:(i + 1) * b], pg, temperature) for i in range(n_local) for pg in (p1, p2))
             loss_d = (loss_d + local / 2) / (1 + n_local)
+        if feature_nce:  # the searched vector itself: each global view's embedding picks the other view's
+            loss_d = loss_d + feature_nce * (info_nce(z[:b], z[b:], ALIGN_TEMPERATURE)
+                                             + info_nce(z[b:], z[:b], ALIGN_TEMPERATURE)) / 2
         losses, total = {1: loss_d.item()}, loss_d
         target = z.detach().float()
         t1, t2 = target[:b], target[b:]
@@ -210,7 +218,7 @@ def train_ssl(tc) -> dict:
         lr = lr_at(step, total_steps, int(tc.warmup_epochs * steps_per_epoch), tc.lr, tc.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, losses = ssl_losses(net, globals_, locals_, tc.levels, tc.temperature, amp_ctx)
+        loss, losses = ssl_losses(net, globals_, locals_, tc.levels, tc.temperature, amp_ctx, tc.feature_nce)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad).item()
         opt.step()
@@ -286,9 +294,13 @@ def write_model_card(model_dir: str | Path, report: dict, name: str) -> Path:
         "## Objective and recipe", "",
         f"Self-supervised (`matsearch train --objective self-supervised`, training/ssl.py): multi-crop InfoNCE at D "
         f"through a projection head (2 global views + {tc.get('local_crops')} local views of half the size, "
-        f"temperature {tc.get('temperature')}); each narrower level is distilled into D's embedding space (InfoNCE "
+        f"temperature {tc.get('temperature')})"
+        + (f", plus {tc['feature_nce']:g} x InfoNCE between the two global views on the retrieval vector itself"
+           if tc.get("feature_nce") else "")
+        + "; each narrower level is distilled into D's embedding space (InfoNCE "
         "to the other view's D embedding plus cosine to the same view's, D as a fixed target). Augmentations on the "
-        "GPU: random resized crop, flip, colour jitter, greyscale, blur, JPEG-like compression. AdamW (weight "
+        f"GPU: random resized crop, flip, colour jitter (brightness x{1 - GLOBAL_BRIGHTNESS:g}-{1 + GLOBAL_BRIGHTNESS:g} "
+        "on the global views), greyscale, blur, JPEG-like compression. AdamW (weight "
         f"decay {tc.get('weight_decay')}), lr {tc.get('lr')}, batch {tc.get('batch_size')}, warm-up "
         f"{tc.get('warmup_epochs')} epochs then cosine, bf16 autocast. Trained {res.get('epochs_done', 0):.0f} "
         f"epochs ({res.get('steps')} steps) in {res.get('train_seconds_total', 0) / 60:.1f} min on one "

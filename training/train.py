@@ -112,6 +112,7 @@ class TrainConfig:
     objective: str = "supervised"  # "self-supervised": a plain folder, no labels (training/ssl.py)
     temperature: float = 0.15  # self-supervised: InfoNCE temperature at D
     local_crops: int = 4  # self-supervised: small views per image (multi-crop)
+    feature_nce: float = 0.5  # self-supervised: weight of InfoNCE on D's retrieval vector itself (copy detection)
     cache: str | None = None  # self-supervised: where the folder's decoded cache goes (default OUT/cache)
 
 
@@ -706,6 +707,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'self-supervised': --data is a plain folder (recursive; subfolders are not labels), decoded "
                         "once into a cache; multi-crop InfoNCE at D, narrower levels distilled into D's space")
     p.add_argument("--temperature", type=float, default=d.temperature, help="self-supervised InfoNCE temperature")
+    p.add_argument("--feature-nce", type=float, default=d.feature_nce,
+                   help="self-supervised: weight of an InfoNCE term on D's retrieval vector (pre-head) between the two "
+                        "global views; it trains the searched vector itself to match transformed copies")
     p.add_argument("--local-crops", type=int, default=d.local_crops,
                    help="self-supervised: small (img_size/2) views per image besides the two global ones")
     p.add_argument("--cache", default=None, metavar="DIR",
@@ -736,6 +740,7 @@ def run(args) -> int:
                      eval_every=args.eval_every, device=args.device, amp=args.amp, limit=args.limit,
                      backend=args.backend, max_minutes=args.max_minutes, compile=args.compile,
                      objective=args.objective, temperature=args.temperature, local_crops=args.local_crops,
+                     feature_nce=args.feature_nce,
                      cache=args.cache)
     train(tc)
     return 0

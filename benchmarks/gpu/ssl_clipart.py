@@ -52,6 +52,41 @@ def labelled_tree(cache, directory: Path) -> Path:
     return directory
 
 
+def probe_batch(cache, config, candidates, local_crops: int, temperature: float, steps: int = 4) -> dict:
+    """Images/s of a full self-supervised step at each batch size (after two warm-up steps each), on the GPU.
+    A small encoder at 96 px is bound by kernel launches, not arithmetic, at small batches: a larger batch then
+    costs about the same time per step."""
+    import torch
+
+    from training.cache import uint8_batch
+    from training.ssl import SSLNet, make_views, ssl_losses
+    from vision_model.model import MatMambaVision
+
+    device = torch.device("cuda")
+    net = SSLNet(MatMambaVision(config)).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    rates = {}
+    for b in candidates:
+        x = uint8_batch(cache, np.arange(b) % len(cache), device)
+        for i in range(2 + steps):
+            if i == 2:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            g, l = make_views(x, config, local_crops, torch.Generator().manual_seed(i))
+            loss, _ = ssl_losses(net, g, l, (1, 2, 4, 8), temperature, amp, 0.5)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        rates[b] = b * steps / (time.perf_counter() - t0)
+        print(f"probe: batch {b}: {rates[b]:.0f} img/s ({(time.perf_counter() - t0) / steps * 1000:.0f} ms a step)",
+              flush=True)
+    del net, opt
+    torch.cuda.empty_cache()
+    return rates
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pack", default=".data/clipart", help="pack folder (benchmarks/gpu/pack_clipart.py)")
@@ -60,9 +95,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/ssl_clipart", help="scratch: cache, checkpoints, the labelled tree")
     p.add_argument("--ssl-minutes", type=float, default=5.0)
     p.add_argument("--sup-minutes", type=float, default=1.25)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--temperature", type=float, default=0.15)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="0: the fastest of --probe-batches on the GPU (512 on the CPU)")
+    p.add_argument("--probe-batches", default="512,1024,2048")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="at batch 512; scaled by sqrt(batch / 512)")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--feature-nce", type=float, default=0.5)
     p.add_argument("--local-crops", type=int, default=4)
     p.add_argument("--copies", type=int, default=500)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, few images, few steps")
@@ -78,10 +116,20 @@ def main(argv=None) -> int:
     else:
         cache = open_cache(unpack(args.pack, work / "cache"))
     print(f"{len(cache)} images at {cache.size} px ({time.time() - started:.0f} s)")
-    small = dict(epochs=3, batch_size=16, ckpt_every=4) if args.tiny else dict(epochs=2000, batch_size=args.batch_size)
+    batch, probe = args.batch_size, None
+    if not batch and not args.tiny and _cuda():
+        probe = probe_batch(cache, config, [int(b) for b in args.probe_batches.split(",")], args.local_crops,
+                            args.temperature)
+        best = max(probe.values())
+        batch = min(b for b, r in probe.items() if r >= 0.9 * best)  # the smallest within 10 % of the fastest
+        print(f"batch {batch} ({probe[batch]:.0f} img/s)")
+    batch = batch or 512
+    lr = args.lr * (batch / 512) ** 0.5
+    warmup = max(5.0, 60 * batch / len(cache))  # at least 60 warm-up steps
+    small = dict(epochs=3, batch_size=16, ckpt_every=4) if args.tiny else dict(epochs=5000, batch_size=batch)
     ssl_tc = TrainConfig(model=MODEL, overrides=overrides, data=str(cache.directory), objective="self-supervised",
-                         out=str(work / "ssl"), lr=args.lr, warmup_epochs=5, weight_decay=0.05,
-                         temperature=args.temperature, local_crops=args.local_crops,
+                         out=str(work / "ssl"), lr=lr, warmup_epochs=warmup, weight_decay=0.05,
+                         temperature=args.temperature, local_crops=args.local_crops, feature_nce=args.feature_nce,
                          max_minutes=None if args.tiny else args.ssl_minutes, **small)
     ssl_result = train(ssl_tc)
     tree = labelled_tree(cache, work / "labelled")
@@ -103,7 +151,8 @@ def main(argv=None) -> int:
     (out / "report.md").write_text(folder_eval.markdown(result, title))
     folder_eval.plot(result, out / "report.png", title)
     shutil.copyfile(work / "ssl" / "metrics.jsonl", out / "ssl_metrics.jsonl")
-    (out / "runs.json").write_text(json.dumps({"ssl": {"result": ssl_result, "train_config": ssl_tc.__dict__},
+    (out / "runs.json").write_text(json.dumps({"batch_probe_images_per_s": probe,
+                                               "ssl": {"result": ssl_result, "train_config": ssl_tc.__dict__},
                                                "supervised": {"result": sup_result, "train_config": sup_tc.__dict__},
                                                "wall_seconds": time.time() - started}, indent=2, default=str))
     write_model_card(model_dir, result, SHIPPED_NAME)
