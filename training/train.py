@@ -112,7 +112,7 @@ class TrainConfig:
     objective: str = "supervised"  # "self-supervised": a plain folder, no labels (training/ssl.py)
     temperature: float = 0.15  # self-supervised: InfoNCE temperature at D
     local_crops: int = 4  # self-supervised: small views per image (multi-crop)
-    feature_nce: float = 0.5  # self-supervised: weight of InfoNCE on D's retrieval vector itself (copy detection)
+    feature_nce: float = 0.0  # self-supervised: weight of InfoNCE on D's retrieval vector itself (copy detection)
     cache: str | None = None  # self-supervised: where the folder's decoded cache goes (default OUT/cache)
 
 

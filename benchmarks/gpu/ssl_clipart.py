@@ -95,12 +95,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/ssl_clipart", help="scratch: cache, checkpoints, the labelled tree")
     p.add_argument("--ssl-minutes", type=float, default=5.0)
     p.add_argument("--sup-minutes", type=float, default=1.25)
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="0: the fastest of --probe-batches on the GPU (512 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="0: the smallest of --probe-batches within 10 %% of the fastest on the GPU (512 on the CPU)")
     p.add_argument("--probe-batches", default="512,1024,2048")
     p.add_argument("--lr", type=float, default=1.5e-3, help="at batch 512; scaled by sqrt(batch / 512)")
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--feature-nce", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.15)
+    p.add_argument("--feature-nce", type=float, default=0.0)
     p.add_argument("--local-crops", type=int, default=4)
     p.add_argument("--copies", type=int, default=500)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, few images, few steps")
