@@ -177,7 +177,7 @@ def test_ssd_forward_launch_policy():
             check_cuda_launch(bad, headdim, d_state)
 
 
-# -- the several-heads-a-program SSD forward (head dims under 64: C·Bᵀ shared by the heads of a program) -------------
+# -- the several-heads-a-program SSD forward (head dims under 64: C·Bᵀ shared by the heads of a program) ---------
 
 def _ssd_inputs(b, l, h, p, n, with_d, scaled, seed=0):
     """x, dt, A, B, C, D, dt_bias, dt_scale as the block passes them: x, B, C, dt strided views of one in_proj row."""

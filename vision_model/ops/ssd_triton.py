@@ -179,12 +179,12 @@ if triton is not None:
                 cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
                                other=0.0)
                 cb = tl.dot(cmat, tl.trans(bmat), input_precision=PRECISION)  # shared by the program's heads
-                y = tl.zeros((CHUNK, BLOCK), dtype=tl.float32)
+                # carried in from earlier chunks, all heads in one dot; each head's columns decayed in the loop
+                y = tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION)
             if HAS_DT_SCALE:
                 row_scale = tl.load(DTScale + pid_b * L + t, mask=t_ok, other=0.0)
-            cs_cols = tl.zeros((CHUNK, BLOCK), dtype=tl.float32)  # each column: its head's cumulative log-decay
-            dt_cols = tl.zeros((CHUNK, BLOCK), dtype=tl.float32)
-            end_cols = tl.zeros((BLOCK,), dtype=tl.float32)
+            x_to_end = tl.zeros((CHUNK, BLOCK), dtype=x.dtype)  # each column: x dt decayed to the chunk's end
+            end_cols = tl.zeros((BLOCK,), dtype=tl.float32)  # each column: its head's summed log-decay
             for k in tl.static_range(HEADS):
                 head = first + k
                 head_ok = head < H
@@ -197,28 +197,29 @@ if triton is not None:
                 dt = tl.where(t_ok & head_ok, dt, 0.0)
                 a_head = tl.load(A + head, mask=head_ok, other=0.0).to(tl.float32)
                 cs = tl.cumsum(dt * a_head, axis=0)
+                cs_end = tl.sum(dt * a_head, axis=0)
                 mine = (col_head == k)[None, :]
-                cs_cols = tl.where(mine, cs[:, None], cs_cols)
-                dt_cols = tl.where(mine, dt[:, None], dt_cols)
-                end_cols = tl.where(col_head == k, tl.sum(dt * a_head, axis=0), end_cols)
+                x_to_end = tl.where(mine, (x.to(tl.float32) * (tl.exp(cs_end - cs) * dt)[:, None]).to(x.dtype),
+                                    x_to_end)
+                end_cols = tl.where(col_head == k, cs_end, end_cols)
                 if MODE != 1:
+                    y = tl.where(mine, y * tl.exp(cs)[:, None], y)
+                    # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x for this head's columns (the others' x zeroed)
                     decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
                     scores = (cb * decay * dt[None, :]).to(x.dtype)
                     y = tl.dot(scores, tl.where(mine, x, 0.0).to(x.dtype), acc=y, input_precision=PRECISION)
             if MODE != 1:
-                y += tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION) * tl.exp(cs_cols)
                 if HAS_D:
                     y += d_col[None, :] * x.to(tl.float32)
                 tl.store(y_ptr[None, :] + t[:, None] * stride_yl, y.to(Y.dtype.element_ty), mask=tile_ok)
-            weighted_x = (x.to(tl.float32) * (tl.exp(end_cols[None, :] - cs_cols) * dt_cols)).to(x.dtype)
-            state = state * tl.exp(end_cols)[None, :] + tl.dot(tl.trans(bmat), weighted_x, input_precision=PRECISION)
+            state = state * tl.exp(end_cols)[None, :] + tl.dot(tl.trans(bmat), x_to_end, input_precision=PRECISION)
             total += end_cols
         if MODE == 1:
             tl.store(States + (saved_col[None, :] + seg) * N * HEADDIM + state_tile, state, mask=state_ok)
             tl.store(Totals + saved_col + seg, total, mask=col_ok & (pp == 0))
 
 
-# On the H100 with Triton 3.6 several launches of this kernel fault ("illegal memory access") or give wrong bf16
+# On the H100 with Triton 3.6 several launches of the one-head kernel fault ("illegal memory access") or give wrong bf16
 # results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
 # upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
 # 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
@@ -322,7 +323,8 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
 
     `config` overrides the launch ({"CHUNK", "BLOCK_P" or "HEADS", "segments", "num_warps", "num_stages"}; default
     `launch_config`): "BLOCK_P" runs one head's headdim block a program, "HEADS" that many whole heads of one group a
-    program (head dims under 64, C·Bᵀ shared by them; with several groups, heads per group a multiple of it); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
+    program (head dims under 64, C·Bᵀ shared by them; with several groups, heads per group a multiple of it); on
+    CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
     segments, a first launch scans segments 1..s-1 of every sequence from a zero state and keeps each one's final
     state and summed log-decay (fp32); the second scans all s segments side by side, each starting from the state
     its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
