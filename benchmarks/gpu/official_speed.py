@@ -10,7 +10,8 @@ context) on the encoders' own calls: 224, 1024 (4097 tokens) and 2048 px (16385 
 few batch sizes, odd lengths and head counts, dt scaled per row. Against `ssd_minimal` in float64 and mamba-ssm's
 `mamba_chunk_scan_combined`: fp32 (true fp32 dots) within 1e-4 of float64; bf16 within max(2x mamba-ssm's own bf16
 error on the same inputs, 5e-3); every repeat bit-identical (the compiler race of docs/notes.md section 11 showed as
-run-to-run changes); all finite. Then the scan alone, bf16, per level's head count: ours against mamba-ssm (ms).
+run-to-run changes); all finite. Then (in this process) the scan alone, bf16, at each level's head count: ours
+(launches that passed) against mamba-ssm (ms).
 A PASS/FAIL table is printed with the line to put in `ssd_triton.VERIFIED_MULTIHEAD`.
 
 (b) Speed, bf16 images/s (`embed`, batch 128 / 16 / 4 at 224 / 1024 / 2048 px): our 135M and 35M at D, D/2, D/4,
@@ -139,58 +140,72 @@ def verify_candidate(key: tuple[int, int, int], smoke: bool) -> None:
         del row, x, dt, B, C, ref
         if not smoke:
             torch.cuda.empty_cache()
-    if smoke:
-        return
+
+
+def scan_timings(passed: set, deadline: float) -> list[dict]:
+    """The scan alone, bf16, median ms, at each level's head count of the 1024 and 2048 px calls: ours (launches
+    that passed) against mamba-ssm's chunked scan at the presets' chunk length."""
+    import torch
     from triton.testing import do_bench
-    for b, l in TIMED:
-        for level, h in LEVEL_HEADS.items():
-            _, x, dt, A, B, C, D, dt_bias, _ = make_inputs(b, l, h, headdim, d_state, device, False)
-            x, dt, B, C = (v.bfloat16() for v in (x, dt, B, C))
-            config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program)
-            timing = {"key": list(key), "timed": f"b{b} L{l}", "level": level, "heads": h,
-                      "segments": config["segments"],
-                      "ours_ms": do_bench(lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(config),
-                                                                     unverified=True), return_mode="median")}
-            if mamba is not None:
-                timing["mamba_ms"] = do_bench(lambda: mamba(x, dt, A, B, C, MODEL_CHUNK, D=D, dt_bias=dt_bias,
-                                                            dt_softplus=True), return_mode="median")
-            print(json.dumps(timing), flush=True)
 
-
-def run_verification(smoke: bool, deadline: float, out_lines: list[str]) -> tuple[list[dict], list[dict], set]:
-    """Each candidate in a fresh process: (check rows, timing rows, keys that passed every check)."""
-    checks, timings, passed = [], [], set()
+    from vision_model.ops.backends import triton_chunk_scan
+    from vision_model.ops.ssd_triton import launch_config, ssd_forward_triton
+    mamba, rows = triton_chunk_scan(), []
     for key in CANDIDATES:
-        left = deadline - time.time()
-        if left < 30:
-            checks.append({"key": list(key), "case": "all", "ok": False, "error": "time budget"})
-            continue
-        env = dict(os.environ)
+        headdim, d_state, heads_per_program = key
+        for b, l in TIMED:
+            for level, h in LEVEL_HEADS.items():
+                if time.time() > deadline:
+                    return rows
+                _, x, dt, A, B, C, D, dt_bias, _ = make_inputs(b, l, h, headdim, d_state, "cuda", False)
+                x, dt, B, C = (v.bfloat16() for v in (x, dt, B, C))
+                config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program)
+                row = {"key": list(key), "timed": f"b{b} L{l}", "level": level, "heads": h,
+                       "segments": config["segments"]}
+                if key in passed:
+                    ours = lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(config), unverified=True)
+                    row["ours_ms"] = do_bench(ours, return_mode="median")
+                if mamba is not None:
+                    row["mamba_ms"] = do_bench(lambda: mamba(x, dt, A, B, C, MODEL_CHUNK, D=D, dt_bias=dt_bias,
+                                                             dt_softplus=True), return_mode="median")
+                rows.append(row)
+                log(json.dumps(row))
+                del x, dt, B, C
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run_verification(smoke: bool, deadline: float, out_lines: list[str]) -> tuple[list[dict], set]:
+    """Each candidate in a process of its own, side by side (compiling is much of the time): (check rows, keys that
+    passed every check)."""
+    checks, passed = [], set()
+    procs = {}
+    for key in CANDIDATES:
         cmd = [sys.executable, "-m", "benchmarks.gpu.official_speed", "--verify-one", ",".join(map(str, key))]
-        if smoke:
-            cmd.append("--smoke")
+        procs[key] = subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+    for key, proc in procs.items():
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=left)
-            stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            stderr, rc = "timed out (time budget)", -1
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            stderr, rc = stderr + "\ntimed out (time budget)", -1
         rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         out_lines += [json.dumps(r) for r in rows]
-        key_checks = [r for r in rows if "case" in r]
-        timings += [r for r in rows if "timed" in r]
         if rc != 0:
             started = [json.loads(s) for s in stderr.splitlines() if s.startswith("{") and '"starting"' in s]
             failed = started[-1]["case"] if started else "?"
             error = (stderr.strip().splitlines() or ["?"])[-1][:200]
-            key_checks.append({"key": list(key), "case": failed, "ok": False, "error": f"process failed: {error}"})
-            out_lines.append(json.dumps(key_checks[-1]))
-        checks += key_checks
+            rows.append({"key": list(key), "case": failed, "ok": False, "error": f"process failed: {error}"})
+            out_lines.append(json.dumps(rows[-1]))
+        checks += rows
         n_cases = len(SMOKE_CASES if smoke else GPU_CASES)
-        if rc == 0 and len(key_checks) == n_cases and all(r["ok"] for r in key_checks):
+        if rc == 0 and len(rows) == n_cases and all(r["ok"] for r in rows):
             passed.add(key)
-        log(f"verify {key}: {'PASS' if key in passed else 'FAIL'} ({len(key_checks)} checks, rc {rc})")
-    return checks, timings, passed
+        log(f"verify {key}: {'PASS' if key in passed else 'FAIL'} ({len(rows)} checks, rc {rc})")
+    return checks, passed
 
 
 def verification_table(checks: list[dict], timings: list[dict], passed: set) -> str:
@@ -212,7 +227,7 @@ def verification_table(checks: list[dict], timings: list[dict], passed: set) -> 
                   "|---|---|---|---|---|---|---|"]
         for t in timings:
             lines.append(f"| {tuple(t['key'])} | {t['timed']} | D/{t['level']} | {t['heads']} | {t['segments']} | "
-                         f"{t['ours_ms']:.3f} | {t.get('mamba_ms', nan):.3f} |")
+                         f"{t.get('ours_ms', nan):.3f} | {t.get('mamba_ms', nan):.3f} |")
     lines += ["", "VERIFIED_MULTIHEAD entries this run supports (vision_model/ops/ssd_triton.py): "
               + (repr(sorted(passed)) if passed else "none")]
     return "\n".join(lines)
@@ -403,8 +418,10 @@ def main(argv=None) -> int:
     log(json.dumps(env))
 
     verify_lines: list[str] = []
-    checks, timings, passed = ([], [], set()) if args.skip_verify else run_verification(
+    checks, passed = ([], set()) if args.skip_verify else run_verification(
         args.smoke, started + 0.45 * args.budget, verify_lines)
+    timings = [] if args.smoke else scan_timings(passed, started + 0.55 * args.budget)
+    verify_lines += [json.dumps(t) for t in timings]
     (args.out / "verify.jsonl").write_text("".join(line + "\n" for line in verify_lines))
     vtable = verification_table(checks, timings, passed)
     log(vtable)
