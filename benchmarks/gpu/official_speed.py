@@ -48,6 +48,7 @@ SMOKE_CASES = [(1, 70, 4, False), (2, 37, 3, True)]
 # scan-only timing: (batch, seqlen) of 1024 and 2048 px at each level's head count
 TIMED = [(16, 4097), (4, 16385)]
 LEVEL_HEADS = {1: 64, 2: 32, 4: 16, 8: 8}
+SMOKE_TIMED, SMOKE_LEVEL_HEADS = [(1, 70)], {1: 4, 8: 2}
 REPEATS = 3
 FP32_TOL, BF16_FLOOR = 1e-4, 5e-3
 MODEL_CHUNK = 256  # the presets' chunk_size: what mamba-ssm's scan runs with in the model
@@ -145,36 +146,60 @@ def verify_candidate(key: tuple[int, int, int], smoke: bool) -> None:
             torch.cuda.empty_cache()
 
 
-def scan_timings(passed: set, deadline: float) -> list[dict]:
+def _wall_ms(fn, return_mode="median") -> float:
+    """--smoke's stand-in for triton.testing.do_bench (CUDA only): one call's wall time."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def scan_timings(passed: set, deadline: float, smoke: bool = False) -> list[dict]:
     """The scan alone, bf16, median ms, at each level's head count of the 1024 and 2048 px calls: ours (launches
-    that passed) against mamba-ssm's chunked scan at the presets' chunk length."""
+    that passed) against mamba-ssm's chunked scan at the presets' chunk length; at 1024 px also two launches not yet
+    verified (32-long chunks: half the intra-chunk work at head dim 16; twice the segments), for the next round."""
     import torch
-    from triton.testing import do_bench
 
     from vision_model.ops.backends import triton_chunk_scan
     from vision_model.ops.ssd_triton import launch_config, ssd_forward_triton
+    if smoke:
+        do_bench, timed, level_heads, device, dtype = _wall_ms, SMOKE_TIMED, SMOKE_LEVEL_HEADS, "cpu", torch.float32
+    else:
+        from triton.testing import do_bench
+        timed, level_heads, device, dtype = TIMED, LEVEL_HEADS, "cuda", torch.bfloat16
     mamba, rows = triton_chunk_scan(), []
     for key in CANDIDATES:
         headdim, d_state, heads_per_program = key
-        for b, l in TIMED:
-            for level, h in LEVEL_HEADS.items():
+        for b, l in timed:
+            for level, h in level_heads.items():
                 if time.time() > deadline:
                     return rows
-                _, x, dt, A, B, C, D, dt_bias, _ = make_inputs(b, l, h, headdim, d_state, "cuda", False)
-                x, dt, B, C = (v.bfloat16() for v in (x, dt, B, C))
+                _, x, dt, A, B, C, D, dt_bias, _ = make_inputs(b, l, h, headdim, d_state, device, False)
+                x, dt, B, C = (v.to(dtype) for v in (x, dt, B, C))
                 config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program)
                 row = {"key": list(key), "timed": f"b{b} L{l}", "level": level, "heads": h,
                        "segments": config["segments"]}
                 if key in passed:
-                    ours = lambda: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(config), unverified=True)
+                    ours = lambda cfg=config: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(cfg),
+                                                                 unverified=True)
                     row["ours_ms"] = do_bench(ours, return_mode="median")
+                    if (b, l) == timed[0]:  # untried launches, timed for the next round (not verified: y compared)
+                        y = ours()
+                        for name, variant in (("chunk32", dict(config, CHUNK=32)),
+                                              ("segments_x2", dict(config, segments=2 * config["segments"]))):
+                            try:
+                                row[f"{name}_ms"] = do_bench(lambda v=variant: ours(v), return_mode="median")
+                                row[f"{name}_rel_diff"] = ((ours(variant).float() - y.float()).norm()
+                                                           / y.float().norm()).item()
+                            except Exception as exc:  # noqa: BLE001 - context only
+                                row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 if mamba is not None:
                     row["mamba_ms"] = do_bench(lambda: mamba(x, dt, A, B, C, MODEL_CHUNK, D=D, dt_bias=dt_bias,
                                                              dt_softplus=True), return_mode="median")
                 rows.append(row)
                 log(json.dumps(row))
                 del x, dt, B, C
-                torch.cuda.empty_cache()
+                if not smoke:
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -225,12 +250,14 @@ def verification_table(checks: list[dict], timings: list[dict], passed: set) -> 
                      f"{r.get('bf16_mamba_err', nan):.2e} | {'yes' if eq else 'NO'} | "
                      f"{'PASS' if r['ok'] else 'FAIL'} |")
     if timings:
-        lines += ["", "scan alone, bf16, median ms (ours: several heads a program; mamba-ssm: chunk 256)", "",
-                  "| launch | batch, tokens | level | heads | segments | ours ms | mamba-ssm ms |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "scan alone, bf16 (--smoke: fp32, one call's wall time), median ms (ours: several heads a "
+                  "program; mamba-ssm: chunk 256)", "",
+                  "| launch | batch, tokens | level | heads | segments | ours ms | mamba-ssm ms | chunk 32 ms "
+                  "| 2x segments ms |", "|---|---|---|---|---|---|---|---|---|"]
         for t in timings:
             lines.append(f"| {tuple(t['key'])} | {t['timed']} | D/{t['level']} | {t['heads']} | {t['segments']} | "
-                         f"{t.get('ours_ms', nan):.3f} | {t.get('mamba_ms', nan):.3f} |")
+                         f"{t.get('ours_ms', nan):.3f} | {t.get('mamba_ms', nan):.3f} | "
+                         f"{t.get('chunk32_ms', nan):.3f} | {t.get('segments_x2_ms', nan):.3f} |")
     lines += ["", "VERIFIED_MULTIHEAD entries this run supports (vision_model/ops/ssd_triton.py): "
               + (repr(sorted(passed)) if passed else "none")]
     return "\n".join(lines)
@@ -411,12 +438,12 @@ def main(argv=None) -> int:
     if args.smoke:  # before anything imports Triton
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["MAMBA_DETERMINISTIC"] = "1"  # mamba-ssm: one launch config, the interpreter cannot autotune
-    if args.verify_one:
-        if args.smoke:
-            import contextlib
+    if args.smoke:
+        import contextlib
 
-            import torch
-            torch.cuda.device = lambda *a, **k: contextlib.nullcontext()  # mamba-ssm enters it around launches
+        import torch
+        torch.cuda.device = lambda *a, **k: contextlib.nullcontext()  # mamba-ssm enters it around its launches
+    if args.verify_one:
         verify_candidate(tuple(int(v) for v in args.verify_one.split(",")), args.smoke)
         return 0
     if args.out is None:
@@ -436,7 +463,11 @@ def main(argv=None) -> int:
     verify_lines: list[str] = []
     checks, passed = ([], set()) if args.skip_verify else run_verification(
         args.smoke, started + 0.45 * args.budget, verify_lines)
-    timings = [] if args.smoke else scan_timings(passed, started + 0.55 * args.budget)
+    try:
+        timings = scan_timings(passed, started + 0.55 * args.budget, args.smoke)
+    except Exception as exc:  # noqa: BLE001 - timings are context: the speed table still runs
+        log(f"scan timings failed: {type(exc).__name__}: {str(exc)[:200]}")
+        timings = []
     verify_lines += [json.dumps(t) for t in timings]
     (args.out / "verify.jsonl").write_text("".join(line + "\n" for line in verify_lines))
     vtable = verification_table(checks, timings, passed)
