@@ -206,20 +206,27 @@ def scan_timings(passed: set, deadline: float, smoke: bool = False) -> list[dict
 def run_verification(smoke: bool, deadline: float, out_lines: list[str]) -> tuple[list[dict], set]:
     """Each candidate in a process of its own, side by side (compiling is much of the time): (check rows, keys that
     passed every check)."""
+    import tempfile
     checks, passed = [], set()
     procs = {}
-    for key in CANDIDATES:
+    logs = tempfile.TemporaryDirectory()  # files, not pipes: a child's output never waits on the other's
+    for i, key in enumerate(CANDIDATES):
         cmd = [sys.executable, "-m", "benchmarks.gpu.official_speed", "--verify-one", ",".join(map(str, key))]
-        procs[key] = subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-    for key, proc in procs.items():
+        out, err = (open(Path(logs.name) / f"{i}.{kind}", "w+") for kind in ("out", "err"))
+        procs[key] = (subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=REPO, stdout=out, stderr=err,
+                                       text=True), out, err)
+    for key, (proc, out, err) in procs.items():
         try:
-            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.time()))
-            rc = proc.returncode
+            rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+            timed_out = ""
         except subprocess.TimeoutExpired:
             proc.kill()
-            stdout, stderr = proc.communicate()
-            stderr, rc = stderr + "\ntimed out (time budget)", -1
+            rc, timed_out = proc.wait(), "\ntimed out (time budget)"
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read() + timed_out
+        out.close()
+        err.close()
         rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         out_lines += [json.dumps(r) for r in rows]
         if rc != 0:
@@ -233,6 +240,7 @@ def run_verification(smoke: bool, deadline: float, out_lines: list[str]) -> tupl
         if rc == 0 and len(rows) == n_cases and all(r["ok"] for r in rows):
             passed.add(key)
         log(f"verify {key}: {'PASS' if key in passed else 'FAIL'} ({len(rows)} checks, rc {rc})")
+    logs.cleanup()
     return checks, passed
 
 
