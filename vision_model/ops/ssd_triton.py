@@ -14,6 +14,11 @@ sequence chunk by chunk, keeping the running state on chip:
 the same chunked form as `vision_model.ops.ssd_minimal.ssd_chunked` (and the recurrence in `ssd_recurrent`), which the tests
 hold it to. Short chunks are cheap here (no per-chunk state round trip), so the kernel picks its own chunk length;
 the config's chunk_size only matters to the training kernels.
+
+Head dims under 64 (the paper's 32 and 16) have a second kernel in which one program owns several whole heads of
+one group (a 64-wide block of x columns): C·Bᵀ of a chunk, the largest term when heads are narrow, is computed once
+for all of them, and every dot keeps the 64-wide shapes of the verified one-head launch. Its CUDA launches are held
+to `VERIFIED_MULTIHEAD`, which a GPU run fills.
 """
 from __future__ import annotations
 
@@ -219,8 +224,8 @@ if triton is not None:
             tl.store(Totals + saved_col + seg, total, mask=col_ok & (pp == 0))
 
 
-# On the H100 with Triton 3.6 several launches of the one-head kernel fault ("illegal memory access") or give wrong bf16
-# results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
+# On the H100 with Triton 3.6 several launches of the one-head kernel fault ("illegal memory access") or give wrong
+# bf16 results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
 # upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
 # 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
 # (bf16 errors far above mamba-ssm's). What ran right in every check (benchmarks/gpu/
@@ -300,8 +305,7 @@ def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: in
     """Chunk length, headdim block or heads per program, segments, warps and pipeline stages for one call: the
     whole headdim in one block (narrower blocks recompute each chunk's C·Bᵀ and were several times slower where they
     ran right), several heads a program for head dims under 64 where that launch is verified or no one-head launch
-    is, and with
-    few programs the sequence cut into segments scanned side by side."""
+    is, and with few programs the sequence cut into segments scanned side by side."""
     chunk = 64
     block_p = headdim_block(headdim, d_state)
     per_program = heads_per_program(headdim)
@@ -351,6 +355,8 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     block_n = max(16, triton.next_power_of_2(n))
     saved = segments - 1
     per_program = config.pop("HEADS", None)
+    if per_program is not None:
+        config.pop("BLOCK_P", None)  # whole heads: no headdim block
     if per_program is not None and ((g > 1 and (h // g) % per_program) or per_program * p & (per_program * p - 1)):
         raise ValueError(f"{per_program} heads a program: needs heads per group ({h // g}, {g} groups) a multiple "
                          f"of it and heads x headdim ({per_program} x {p}) a power of two")
