@@ -1,7 +1,7 @@
 """The paper's shapes at inference (issue 21): verify the several-heads SSD forward, then images/s against the
 official code and ViT-B/16.
 
-    python3 -m benchmarks.gpu.official_speed --budget 540 --out $OUT        # H200, one command (~9 min)
+    python3 -m benchmarks.gpu.official_speed --budget 520 --out $OUT        # H200, one command (~9 min)
     python3 -m benchmarks.gpu.official_speed --smoke --out /tmp/os         # CPU: Triton's interpreter, tiny shapes
 
 (a) Verification. Each candidate launch of `vision_model.ops.ssd_triton`'s several-heads kernel (head dim 32 with
@@ -441,7 +441,7 @@ def speed_table(rows: list[dict], levels: list[int]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=False, help="folder for the result files")
-    ap.add_argument("--budget", type=float, default=540, help="seconds; later rows are recorded as skipped")
+    ap.add_argument("--budget", type=float, default=520, help="seconds; later rows are recorded as skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU: Triton's interpreter, tiny shapes and models")
     ap.add_argument("--models", default="135m,35m")
     ap.add_argument("--sizes", help="image sizes, most important first (default 1024,2048,224; --smoke 32,48)")
