@@ -20,7 +20,8 @@ path (mamba-ssm's scan for these head shapes), the official code (found as `benc
 it, and built by its helpers) and timm ViT-B/16. 1024 px first, and at each size ViT, then per model the new path,
 the official code, the current path: rows past --budget are recorded as skipped. At 1024
 px the CUDA kernels of one 135M call at D/4 and at D/8 are profiled on both paths (profile.txt): why the current
-path ran D/8 slower than D/4 (docs/notes.md 18.4).
+path ran D/8 slower than D/4 (docs/notes.md 18.4); and each model's features at D and D/8 with the new kernel are
+compared with the current path's (relative difference, bf16).
 
 Writes into --out: official_speed.json (everything), official_speed.md (tables), verify.jsonl (one line per
 check), profile.txt. Needs CUDA with mamba-ssm installed (PYTHONPATH), or --smoke on a CPU.
@@ -349,6 +350,21 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
         path(False, ours.config.headdim)
         log(f"profiled 135M at {size} px (profile.txt)")
 
+    def agreement(ours, key, size, x):
+        """The model end to end with the new kernel against the current path: features of the same images."""
+        for lv in (1, 8):
+            try:
+                feats = []
+                for on in (True, False):
+                    path(on, ours.config.headdim)
+                    with torch.inference_mode():
+                        feats.append(ours.embed(x[:4], level=lv).float())
+                diff = ((feats[0] - feats[1]).norm() / feats[1].norm()).item()
+                record(model=key, impl="agreement", img=size, level=lv, rel_diff_new_vs_current=diff)
+            except Exception as exc:  # noqa: BLE001 - context, the speed rows are the result
+                record(model=key, impl="agreement", img=size, level=lv, error=f"{type(exc).__name__}: {exc}"[:160])
+        path(False, ours.config.headdim)
+
     def official_rows(key, size, batch, x):
         from benchmarks.gpu.official_parity import build_official
         if time.time() > deadline:
@@ -391,6 +407,8 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
             has_new = any(k[:2] == (ours.config.headdim, ours.config.d_state) for k in passed)
             if "ours-new" in impls:
                 ours_rows(ours, key, size, batch, x, "new", has_new)
+                if has_new and size == args.profile_size:
+                    agreement(ours, key, size, x)
             if size == args.profile_size and key == "135m" and device.type == "cuda" and time.time() < deadline - 30:
                 profile(ours, size, batch, x, has_new)
             if matmamba is not None and spec["official"] is not None:
@@ -405,6 +423,8 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
 
 def speed_table(rows: list[dict], levels: list[int]) -> str:
     """Images/s per (model, impl, px) and each level; then the issue's ratios where both sides were measured."""
+    agree = [r for r in rows if r["impl"] == "agreement"]
+    rows = [r for r in rows if r["impl"] != "agreement"]
     got = {(r["model"], r["impl"], r["img"], r["level"]): r.get("img_s") for r in rows}
     keys = list(dict.fromkeys((r["model"], r["impl"], r["img"]) for r in rows))
     lines = ["| model | impl | px | batch | " + " | ".join("D" if lv == 1 else f"D/{lv}" for lv in levels)
@@ -435,6 +455,11 @@ def speed_table(rows: list[dict], levels: list[int]) -> str:
                     parts.append(f"D/8 ÷ D {got[(model, impl, img, 8)] / d:.2f}")
                 if parts:
                     lines.append(f"- {model} {impl} {img} px: " + "; ".join(parts))
+    if agree:
+        lines += ["", "features with the new kernel against the current path (same images, bf16): "
+                  + "; ".join(f"{r['model']} {r['img']} px D/{r['level']} "
+                              + (f"{r['rel_diff_new_vs_current']:.1e}" if "rel_diff_new_vs_current" in r
+                                 else r.get("error", "?")) for r in agree)]
     return "\n".join(lines)
 
 
