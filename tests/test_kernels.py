@@ -18,7 +18,8 @@ from vision_model.ops.patchify import (add_token_table_ref, add_token_table_trit
                                        patchify_triton)
 from vision_model.ops.rmsnorm import (gated_rms_norm_ref, rms_norm_ref, rms_norm_triton, rms_rstd_triton,  # noqa: E402
                                       row_rstd_ref)
-from vision_model.ops.ssd_minimal import ssd_recurrent  # noqa: E402
+from vision_model.ops import ssd_triton  # noqa: E402
+from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent  # noqa: E402
 from vision_model.ops.ssd_triton import (check_cuda_launch, fused_forward_supported, launch_config,  # noqa: E402
                                          segments_for, ssd_forward_triton)
 
@@ -150,7 +151,7 @@ def test_ssd_forward_kernel_equals_recurrence(b, l, h, p, n, g, with_d, cfg):
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_ssd_forward_launch_policy():
+def test_ssd_forward_launch_policy(monkeypatch):
     """The one-kernel SSD forward cuts sequences into segments only when its (batch, head) programs leave the GPU
     (here 132 SMs) under-filled, never into segments of fewer than 4 chunks; on CUDA it runs only the launches that
     were verified on the GPU (whole headdim in one block, 64-long chunks, 4 warps, one stage) and leaves other head
@@ -161,7 +162,9 @@ def test_ssd_forward_launch_policy():
     assert segments_for(programs=4, seqlen=16385, chunk=64, sms=132) == 64  # batch 1 at 2048 px, D/8: 256-token cuts
     assert segments_for(programs=4, seqlen=4097, chunk=64, sms=132) == 16  # batch 1 at 1024 px, D/8
     assert segments_for(programs=4, seqlen=197, chunk=64, sms=132) == 1  # 224 px query: too short to cut
-    # the 135M config (headdim 64, d_state 128) and the Fashion-MNIST model (16, 32) run it; the 35M (16, 128) not
+    # the 135M-fast config (headdim 64, d_state 128) and the Fashion-MNIST model (16, 32) run it; the paper's 35M
+    # (16, 128) not, while no several-heads launch is verified
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", set())
     assert fused_forward_supported(64, 128) and fused_forward_supported(128, 128) and fused_forward_supported(16, 32)
     assert not fused_forward_supported(16, 128) and not fused_forward_supported(32, 64)
     for headdim, d_state in ((64, 128), (16, 32)):
@@ -174,3 +177,79 @@ def test_ssd_forward_launch_policy():
                                   (dict(good, BLOCK_P=16), 16, 128)):
         with pytest.raises(ValueError, match="on CUDA only chunks of at most 64, 4 warps, 1 stage"):
             check_cuda_launch(bad, headdim, d_state)
+
+
+# -- the several-heads-a-program SSD forward (head dims under 64: C·Bᵀ shared by the heads of a program) ---------
+
+def _ssd_inputs(b, l, h, p, n, with_d, scaled, seed=0):
+    """x, dt, A, B, C, D, dt_bias, dt_scale as the block passes them: x, B, C, dt strided views of one in_proj row."""
+    g = torch.Generator().manual_seed(seed)
+    inner = h * p
+    zxbcdt = torch.randn(b, l, 2 * inner + 2 * n + h, generator=g)
+    x = zxbcdt[..., inner:2 * inner].unflatten(-1, (h, p))
+    B = zxbcdt[..., 2 * inner:2 * inner + n].unflatten(-1, (1, n))
+    C = zxbcdt[..., 2 * inner + n:2 * inner + 2 * n].unflatten(-1, (1, n))
+    dt = zxbcdt[..., 2 * inner + 2 * n:] - 1
+    dt_bias, A = torch.rand(h, generator=g) - 3, -torch.rand(h, generator=g) * 8
+    D = torch.randn(h, generator=g) if with_d else None
+    scale = torch.rand(b, l, generator=g) + 0.5 if scaled else None
+    return x, dt, A, B, C, D, dt_bias, scale
+
+
+@interpreted
+@pytest.mark.parametrize("b, l, h, p, n, heads, segments, with_d, scaled", [
+    (2, 37, 4, 16, 16, 4, 1, True, False),  # the 35M's head dim, four heads a program, ragged last chunk
+    (1, 53, 8, 16, 128, 4, 1, False, True),  # the paper's d_state, two programs, no D, dt scaled per row
+    (2, 41, 4, 32, 32, 2, 1, True, True),  # the 135M's head dim, two heads a program
+    (1, 29, 2, 32, 128, 2, 1, True, False),  # 135M head shape, sequence shorter than two chunks
+    (1, 70, 6, 32, 64, 2, 3, True, True),  # segments: three, the last ragged
+    (2, 45, 8, 16, 48, 4, 4, False, False),  # d_state not a power of two (padded), four segments
+    (1, 23, 6, 16, 16, 4, 1, True, False),  # heads not a multiple of heads-a-program: the last program half empty
+    (1, 33, 3, 32, 16, 2, 8, True, True),  # more segments than chunks, an odd head count
+    (1, 19, 4, 8, 16, 8, 1, True, True),  # eight heads of 8 in a 64-wide block
+], ids=lambda v: str(v))
+def test_ssd_forward_heads_kernel_equals_reference(b, l, h, p, n, heads, segments, with_d, scaled):
+    """fp32 in the interpreter against `ssd_minimal` (float64 chunked scan and step-by-step recurrence)."""
+    x, dt, A, B, C, D, dt_bias, scale = _ssd_inputs(b, l, h, p, n, with_d, scaled)
+    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale,
+                           config=dict(CHUNK=16, HEADS=heads, segments=segments))
+    dt_eff = dt if scale is None else dt * scale[..., None]
+    args = [t.double() for t in (x, F.softplus(dt_eff + dt_bias), A, B, C)] + [None if D is None else D.double()]
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert max_rel_err(y, ssd_chunked(*args, chunk_size=16)) < 1e-4
+    assert max_rel_err(y, ssd_recurrent(*args)) < 1e-4
+
+
+@interpreted
+def test_ssd_forward_heads_kernel_equals_one_head_kernel():
+    """The same inputs through both kernels (their default launches off CUDA: several heads a program for head dim
+    32, d_state 128, and one 16-wide block a program) agree to fp32 rounding."""
+    x, dt, A, B, C, D, dt_bias, scale = _ssd_inputs(1, 66, 4, 32, 128, True, True, seed=3)
+    assert "HEADS" in launch_config(1, 4, 32, 128, 66, torch.device("cpu"))
+    y = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale)
+    y_one = ssd_forward_triton(x, dt, A, B, C, D, dt_bias, dt_scale=scale, config=dict(CHUNK=16, BLOCK_P=16))
+    assert max_rel_err(y, y_one) < 1e-5
+
+
+def test_ssd_forward_heads_launch_gate(monkeypatch):
+    """Head dims 32 and 16 with d_state 128 (the paper's shapes) take the several-heads kernel on CUDA only once a GPU
+    run has put the launch in the verified table; until then they go to mamba-ssm, and a forced launch is refused."""
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", set())
+    config = launch_config(16, 64, 32, 128, 4097, torch.device("cpu"))
+    assert config["HEADS"] == 2 and config["CHUNK"] == 64 and config["segments"] == 1
+    assert launch_config(16, 64, 16, 128, 4097, torch.device("cpu"))["HEADS"] == 4
+    assert not fused_forward_supported(32, 128) and not fused_forward_supported(16, 128)
+    with pytest.raises(ValueError, match="several-heads kernel runs on CUDA only for the verified"):
+        check_cuda_launch(config, 32, 128)
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(32, 128, 2)})
+    assert fused_forward_supported(32, 128) and not fused_forward_supported(16, 128)
+    check_cuda_launch(config, 32, 128)
+    for bad in (dict(config, num_warps=8), dict(config, CHUNK=128), dict(config, HEADS=1)):
+        with pytest.raises(ValueError, match="several-heads kernel"):
+            check_cuda_launch(bad, 32, 128)
+    # a verified several-heads launch is preferred to the verified one-head 16-wide block at d_state <= 32
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(16, 32, 4)})
+    assert launch_config(1, 12, 16, 32, 197, torch.device("cpu"))["HEADS"] == 4
+    with pytest.raises(ValueError, match="heads a program"):
+        x, dt, A, B, C, D, dt_bias, _ = _ssd_inputs(1, 8, 4, 12, 16, False, False)
+        ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(CHUNK=16, HEADS=2))

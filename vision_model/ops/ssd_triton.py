@@ -14,6 +14,11 @@ sequence chunk by chunk, keeping the running state on chip:
 the same chunked form as `vision_model.ops.ssd_minimal.ssd_chunked` (and the recurrence in `ssd_recurrent`), which the tests
 hold it to. Short chunks are cheap here (no per-chunk state round trip), so the kernel picks its own chunk length;
 the config's chunk_size only matters to the training kernels.
+
+Head dims under 64 (the paper's 32 and 16) have a second kernel in which one program owns several whole heads of
+one group (a 64-wide block of x columns): C·Bᵀ of a chunk, the largest term when heads are narrow, is computed once
+for all of them, and every dot keeps the 64-wide shapes of the verified one-head launch. Its CUDA launches are held
+to `VERIFIED_MULTIHEAD`, which a GPU run fills.
 """
 from __future__ import annotations
 
@@ -115,8 +120,112 @@ if triton is not None:
             tl.store(Totals + saved + seg, total, mask=pblock == 0)
 
 
-# On the H100 with Triton 3.6 several launches of this kernel fault ("illegal memory access") or give wrong bf16
-# results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
+    @triton.jit
+    def _ssd_forward_heads_kernel(X, DT, DTScale, A, Bm, Cm, Dskip, DTBias, Y, States, Totals,
+                                  L, H, N, heads_per_group, seg_len, n_saved,
+                                  stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_dth,
+                                  stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                                  stride_yb, stride_yl, stride_yh,
+                                  CHUNK: tl.constexpr, HEADDIM: tl.constexpr, HEADS: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_SCALE: tl.constexpr,
+                                  MODE: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: HEADS heads of one (batch, group), i.e. a block of HEADS * HEADDIM x columns, over the whole
+        sequence (MODE 0) or one segment (MODE 1 / 2 as in `_ssd_forward_kernel`). C·Bᵀ of a chunk is computed once
+        and serves every head; each head has its own decays, and the states of all heads sit side by side in one
+        (d_state, HEADS * HEADDIM) tile, so the state read-out and update are one dot each for all heads. Every
+        dot is at least HEADS * HEADDIM wide: the per-head intra-chunk product multiplies the whole x block with the
+        other heads' columns zeroed (narrow dots were the launches that went wrong on the GPU)."""
+        BLOCK: tl.constexpr = HEADS * HEADDIM
+        hblock, pid_b, seg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        first = hblock * HEADS
+        group = first // heads_per_group
+        col = tl.arange(0, BLOCK)
+        col_head = col // HEADDIM  # which of the program's heads each column belongs to
+        head_col = first + col_head
+        pp = col % HEADDIM
+        col_ok = head_col < H
+        n = tl.arange(0, BLOCK_N)
+        r = tl.arange(0, CHUNK)
+        n_ok = n < N
+        causal = r[:, None] >= r[None, :]
+
+        x_ptr = X + pid_b * stride_xb + head_col * stride_xh + pp  # (BLOCK,) column addresses
+        y_ptr = Y + pid_b * stride_yb + head_col * stride_yh + pp
+        dt_ptr = DT + pid_b * stride_dtb
+        b_ptr = Bm + pid_b * stride_bb + group * stride_bg
+        c_ptr = Cm + pid_b * stride_cb + group * stride_cg
+        # saved segment states: (batch, head, segment, N, HEADDIM) fp32; their log-decays: (batch, head, segment)
+        saved_col = (pid_b * H + head_col) * n_saved
+        state_tile = n[:, None] * HEADDIM + pp[None, :]
+        state_ok = n_ok[:, None] & col_ok[None, :]
+        if HAS_D:
+            d_col = tl.load(Dskip + head_col, mask=col_ok, other=0.0).to(tl.float32)
+
+        state = tl.zeros((BLOCK_N, BLOCK), dtype=tl.float32)
+        if MODE == 2:
+            for j in range(0, seg):
+                decay_j = tl.exp(tl.load(Totals + saved_col + j, mask=col_ok, other=0.0))
+                state = state * decay_j[None, :] + tl.load(States + (saved_col[None, :] + j) * N * HEADDIM
+                                                           + state_tile, mask=state_ok, other=0.0)
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        if MODE == 0:
+            seg_start = 0
+            seg_end = L
+        else:
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(L, (seg + 1) * seg_len)
+        for start in range(seg_start, seg_end, CHUNK):
+            t = start + r
+            t_ok = t < seg_end
+            tile_ok = t_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr[None, :] + t[:, None] * stride_xl, mask=tile_ok, other=0.0)
+            bmat = tl.load(b_ptr + t[:, None] * stride_bl + n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+            if MODE != 1:
+                cmat = tl.load(c_ptr + t[:, None] * stride_cl + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
+                               other=0.0)
+                cb = tl.dot(cmat, tl.trans(bmat), input_precision=PRECISION)  # shared by the program's heads
+                # carried in from earlier chunks, all heads in one dot; each head's columns decayed in the loop
+                y = tl.dot(cmat, state.to(cmat.dtype), input_precision=PRECISION)
+            if HAS_DT_SCALE:
+                row_scale = tl.load(DTScale + pid_b * L + t, mask=t_ok, other=0.0)
+            x_to_end = tl.zeros((CHUNK, BLOCK), dtype=x.dtype)  # each column: x dt decayed to the chunk's end
+            end_cols = tl.zeros((BLOCK,), dtype=tl.float32)  # each column: its head's summed log-decay
+            for k in tl.static_range(HEADS):
+                head = first + k
+                head_ok = head < H
+                dt = tl.load(dt_ptr + t * stride_dtl + head * stride_dth, mask=t_ok & head_ok, other=0.0)
+                dt = dt.to(tl.float32)
+                if HAS_DT_SCALE:
+                    dt *= row_scale
+                dt += tl.load(DTBias + head, mask=head_ok, other=0.0).to(tl.float32)
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+                dt = tl.where(t_ok & head_ok, dt, 0.0)
+                a_head = tl.load(A + head, mask=head_ok, other=0.0).to(tl.float32)
+                cs = tl.cumsum(dt * a_head, axis=0)
+                cs_end = tl.sum(dt * a_head, axis=0)
+                mine = (col_head == k)[None, :]
+                x_to_end = tl.where(mine, (x.to(tl.float32) * (tl.exp(cs_end - cs) * dt)[:, None]).to(x.dtype),
+                                    x_to_end)
+                end_cols = tl.where(col_head == k, cs_end, end_cols)
+                if MODE != 1:
+                    y = tl.where(mine, y * tl.exp(cs)[:, None], y)
+                    # inside the chunk: (C Bᵀ ∘ decay ∘ dt) x for this head's columns (the others' x zeroed)
+                    decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+                    scores = (cb * decay * dt[None, :]).to(x.dtype)
+                    y = tl.dot(scores, tl.where(mine, x, 0.0).to(x.dtype), acc=y, input_precision=PRECISION)
+            if MODE != 1:
+                if HAS_D:
+                    y += d_col[None, :] * x.to(tl.float32)
+                tl.store(y_ptr[None, :] + t[:, None] * stride_yl, y.to(Y.dtype.element_ty), mask=tile_ok)
+            state = state * tl.exp(end_cols)[None, :] + tl.dot(tl.trans(bmat), x_to_end, input_precision=PRECISION)
+            total += end_cols
+        if MODE == 1:
+            tl.store(States + (saved_col[None, :] + seg) * N * HEADDIM + state_tile, state, mask=state_ok)
+            tl.store(Totals + saved_col + seg, total, mask=col_ok & (pp == 0))
+
+
+# On the H100 with Triton 3.6 several launches of the one-head kernel fault ("illegal memory access") or give wrong
+# bf16 results that change from run to run, while the same launch in fp32 is exact: a compiler race of the kind reported
 # upstream for chunked recurrences with tl.dot (docs/notes.md section 11). Measured bad: 128-long chunks, 8 warps,
 # 16-wide headdim blocks with d_state 128 (any stage count), and the whole-sequence loop with 2 pipeline stages
 # (bf16 errors far above mamba-ssm's). What ran right in every check (benchmarks/gpu/
@@ -127,8 +236,8 @@ MAX_CHUNK, NUM_WARPS, NUM_STAGES = 64, 4, 1
 
 
 def headdim_block(headdim: int, d_state: int) -> int | None:
-    """The headdim block a CUDA launch may use for this head shape, or None when none is verified (mamba-ssm's
-    chunked scan serves those shapes)."""
+    """The headdim block a CUDA launch of the one-head kernel may use for this head shape, or None when none is
+    verified."""
     if headdim % 64 == 0:
         return 64
     if headdim == 16 and d_state <= 32:
@@ -136,16 +245,46 @@ def headdim_block(headdim: int, d_state: int) -> int | None:
     return None
 
 
+# Launches of the several-heads-a-program kernel (`_ssd_forward_heads_kernel`) that a GPU run verified, as
+# (headdim, d_state, heads per program), each with 64-long chunks, 4 warps and one stage. A CUDA launch outside this
+# set is refused (`unverified=True` lets GPU experiments through). benchmarks/gpu/official_speed.py checks the
+# candidates against mamba-ssm and the PyTorch scan in fp32 and bf16 and prints the entries to add here; its speed
+# table switches the kernel on only for the entries its own run passed.
+VERIFIED_MULTIHEAD: set[tuple[int, int, int]] = set()
+
+
+def heads_per_program(headdim: int) -> int | None:
+    """How many heads the several-heads kernel gives one program: a 64-wide x block, as in the verified one-head
+    launches (None for head dims it does not serve)."""
+    if headdim >= 64 or 64 % headdim:
+        return None
+    return 64 // headdim
+
+
+def multihead_verified(headdim: int, d_state: int) -> bool:
+    heads = heads_per_program(headdim)
+    return heads is not None and (headdim, d_state, heads) in VERIFIED_MULTIHEAD
+
+
 def fused_forward_supported(headdim: int, d_state: int) -> bool:
-    """Whether inference on CUDA takes this kernel for a head shape (else mamba-ssm's chunked scan)."""
-    return headdim_block(headdim, d_state) is not None
+    """Whether inference on CUDA takes one of the one-kernel forwards for a head shape (else mamba-ssm's chunked
+    scan)."""
+    return multihead_verified(headdim, d_state) or headdim_block(headdim, d_state) is not None
 
 
 def check_cuda_launch(config: dict, headdim: int, d_state: int) -> None:
     """Refuse a CUDA launch outside the verified set (see above)."""
+    common = (config["CHUNK"] <= MAX_CHUNK and config.get("num_warps", NUM_WARPS) == NUM_WARPS
+              and config.get("num_stages", NUM_STAGES) == NUM_STAGES)
+    if "HEADS" in config:
+        if not common or (headdim, d_state, config["HEADS"]) not in VERIFIED_MULTIHEAD:
+            raise ValueError(f"SSD forward launch {config} for headdim {headdim}, d_state {d_state}: the "
+                             f"several-heads kernel runs on CUDA only for the verified (headdim, d_state, heads) "
+                             f"{sorted(VERIFIED_MULTIHEAD)} with chunks of at most {MAX_CHUNK}, {NUM_WARPS} warps, "
+                             f"{NUM_STAGES} stage (vision_model/ops/ssd_triton.py VERIFIED_MULTIHEAD)")
+        return
     block = headdim_block(headdim, d_state)
-    if (config["CHUNK"] > MAX_CHUNK or config.get("num_warps", NUM_WARPS) != NUM_WARPS
-            or config.get("num_stages", NUM_STAGES) != NUM_STAGES or block is None or config["BLOCK_P"] != block):
+    if not common or block is None or config["BLOCK_P"] != block:
         raise ValueError(f"SSD forward launch {config} for headdim {headdim}, d_state {d_state}: on CUDA only chunks of"
                          f" at most {MAX_CHUNK}, {NUM_WARPS} warps, {NUM_STAGES} stage and the whole headdim in one "
                          "block of 64 (headdim a multiple of 64) or 16 (headdim 16, d_state <= 32); other launches "
@@ -163,14 +302,21 @@ def segments_for(programs: int, seqlen: int, chunk: int, sms: int) -> int:
 
 
 def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: int, device: torch.device) -> dict:
-    """Chunk length, headdim block, segments, warps and pipeline stages for one call: the whole headdim in one
-    block (narrower blocks recompute each chunk's C·Bᵀ and were several times slower where they ran right), and
-    with few (batch, head) pairs the sequence cut into segments scanned side by side."""
+    """Chunk length, headdim block or heads per program, segments, warps and pipeline stages for one call: the
+    whole headdim in one block (narrower blocks recompute each chunk's C·Bᵀ and were several times slower where they
+    ran right), several heads a program for head dims under 64 where that launch is verified or no one-head launch
+    is, and with few programs the sequence cut into segments scanned side by side."""
     chunk = 64
-    block_p = headdim_block(headdim, d_state) or 16
+    block_p = headdim_block(headdim, d_state)
+    per_program = heads_per_program(headdim)
+    if per_program is not None and (multihead_verified(headdim, d_state) or block_p is None):
+        layout, programs = {"HEADS": per_program}, batch * triton.cdiv(heads, per_program)
+    else:
+        block_p = block_p or 16
+        layout, programs = {"BLOCK_P": block_p}, batch * heads * triton.cdiv(headdim, block_p)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    segments = segments_for(batch * heads * triton.cdiv(headdim, block_p), seqlen, chunk, sms)
-    return {"CHUNK": chunk, "BLOCK_P": block_p, "segments": segments, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+    segments = segments_for(programs, seqlen, chunk, sms)
+    return {"CHUNK": chunk, **layout, "segments": segments, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
 def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
@@ -179,8 +325,10 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     (x (b, l, h, p), dt (b, l, h) before the softplus, B and C (b, l, g, n)); any layout whose last dim is dense.
     With dt_scale (b, l), dt * dt_scale[..., None] takes dt's place.
 
-    `config` overrides the launch ({"CHUNK", "BLOCK_P", "segments", "num_warps", "num_stages"}; default
-    `launch_config`); on CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
+    `config` overrides the launch ({"CHUNK", "BLOCK_P" or "HEADS", "segments", "num_warps", "num_stages"}; default
+    `launch_config`): "BLOCK_P" runs one head's headdim block a program, "HEADS" that many whole heads of one group a
+    program (head dims under 64, C·Bᵀ shared by them; with several groups, heads per group a multiple of it); on
+    CUDA it must pass `check_cuda_launch` unless `unverified` (GPU experiments). With s > 1
     segments, a first launch scans segments 1..s-1 of every sequence from a zero state and keeps each one's final
     state and summed log-decay (fp32); the second scans all s segments side by side, each starting from the state
     its predecessors hand over (state_k = exp(decay_k) state_(k-1) + own_k).
@@ -206,6 +354,12 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     segments = triton.cdiv(l, seg_len)
     block_n = max(16, triton.next_power_of_2(n))
     saved = segments - 1
+    per_program = config.pop("HEADS", None)
+    if per_program is not None:
+        config.pop("BLOCK_P", None)  # whole heads: no headdim block
+    if per_program is not None and ((g > 1 and (h // g) % per_program) or per_program * p & (per_program * p - 1)):
+        raise ValueError(f"{per_program} heads a program: needs heads per group ({h // g}, {g} groups) a multiple "
+                         f"of it and heads x headdim ({per_program} x {p}) a power of two")
     if saved:
         states = torch.empty((b, h, saved, n, p), dtype=torch.float32, device=x.device)
         totals = torch.empty((b, h, saved), dtype=torch.float32, device=x.device)
@@ -213,13 +367,17 @@ def ssd_forward_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
         states = totals = torch.empty(1, dtype=torch.float32, device=x.device)
     scale = dt_scale.float().contiguous() if dt_scale is not None else dt_bias
     args = (x, dt, scale, A.float().contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y,
-            states, totals, l, p, n, h // g, seg_len, saved,
+            states, totals, l, h if per_program else p, n, h // g, seg_len, saved,
             *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3])
     consts = dict(BLOCK_N=block_n, HAS_D=D is not None, HAS_DT_SCALE=dt_scale is not None,
                   PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 inputs: true fp32 dots, not tf32
                   **config, **launch)
-    pblocks = h * triton.cdiv(p, config["BLOCK_P"])
+    if per_program:
+        kernel, programs = _ssd_forward_heads_kernel, triton.cdiv(h, per_program)
+        consts.update(HEADDIM=p, HEADS=per_program)
+    else:
+        kernel, programs = _ssd_forward_kernel, h * triton.cdiv(p, config["BLOCK_P"])
     if saved:
-        _ssd_forward_kernel[(pblocks, b, saved)](*args, MODE=1, **consts)
-    _ssd_forward_kernel[(pblocks, b, segments)](*args, MODE=2 if saved else 0, **consts)
+        kernel[(programs, b, saved)](*args, MODE=1, **consts)
+    kernel[(programs, b, segments)](*args, MODE=2 if saved else 0, **consts)
     return y
