@@ -38,7 +38,9 @@ from vision_model.preprocess import decode_size, domain_check, fitted_pixels, fi
 log = logging.getLogger(__name__)
 
 GPU_MAX_PIXELS = 50_000_000  # larger JPEGs are decoded by the workers (draft mode): device memory stays bounded
-CALL_PIXELS = 150_000_000  # stored pixels per decode_jpeg call (450 MB of RGB output, 1.8 GB as float)
+CALL_PIXELS = 400_000_000  # stored pixels per decode_jpeg call: 1.2 GB of RGB output; fewer, larger calls
+STACK_PIXELS = 64_000_000  # stored pixels averaged at once: 770 MB as float32
+CPU_THREADS = 8  # threads decoding the device decoder's rejects (Pillow releases the GIL while decoding)
 _MARKER_SOS, _MARKER_EOI = b"\xff\xda", b"\xff\xd9"
 
 
@@ -50,6 +52,12 @@ def eligible(header: ImageHeader, data: bytes, max_pixels: int = GPU_MAX_PIXELS)
     if header.format != "JPEG" or header.mode not in ("L", "RGB") or header.width * header.height > max_pixels:
         return False
     return data.rfind(_MARKER_EOI) > data.rfind(_MARKER_SOS) >= 0
+
+
+def without_trailer(data: bytes) -> bytes:
+    """An eligible JPEG's bytes up to its end-of-image marker: what follows (camera trailers, an appended video,
+    padding) is ignored by decoders, so it need not travel to the device decoder."""
+    return data[:data.rfind(_MARKER_EOI) + 2]
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,38 +169,61 @@ class JpegBatchDecoder:
         decoded = dict(zip(indexes, images))
         del images
         groups: dict[tuple, list[int]] = {}
+        rejected = []
         for i in indexes:
             job, image = jobs[i], decoded[i]
             if image is None or tuple(image.shape) != (3, job.height, job.width):
-                self._on_cpu(i, job, result)
+                rejected.append(i)
                 continue
             groups.setdefault((job.height, job.width, job.orientation), []).append(i)
         for (height, width, orientation), members in groups.items():
-            x = torch.stack([decoded[i] for i in members])
-            for i in members:
-                decoded[i] = None  # the full-size images go as soon as they are stacked
-            x = _box(x, jpeg_draft_scale(width, height, self.target))
-            x = _orient(x, orientation)
-            x = _box(x, reduce_factor(x.shape[-1], x.shape[-2], self.target))
-            where = torch.tensor(members, device=self.device)
-            std = x.flatten(2).float().std(-1, unbiased=False)
-            result.blank.index_copy_(0, where, (std < BLANK_STD).all(-1))
-            if not self._domain_checked:  # the CPU path's one-time warning (colour into a grey model, ...)
-                self._domain_checked = True
-                self._check_domain(x[0], width, height)
-            result.pixels.index_copy_(0, where, fitted_pixels_batch(self.config, x))
+            step = max(1, STACK_PIXELS // (height * width))
+            for at in range(0, len(members), step):
+                part = members[at:at + step]
+                x = torch.stack([decoded[i] for i in part])
+                for i in part:
+                    decoded[i] = None  # the full-size images go as soon as they are stacked
+                self._preprocess(x, part, width, height, orientation, result)
         self._settle()
+        if rejected:
+            self._on_cpu([(i, jobs[i]) for i in rejected], result)
 
-    def _on_cpu(self, i: int, job: JpegJob, result: DecodedJpegs) -> None:
-        try:
-            img = decode_image(job.data.numpy().tobytes(), self.max_pixels, self.target)
-            result.pixels[i] = fitted_pixels(self.config, img).to(self.device)
-            result.blank[i] = is_blank(img)
+    def _preprocess(self, x: torch.Tensor, part: list[int], width: int, height: int, orientation: int,
+                    result: DecodedJpegs) -> None:
+        """Full-size decoded images of one stored size and orientation -> their model pixels and blank flags."""
+        x = _box(x, jpeg_draft_scale(width, height, self.target))
+        x = _orient(x, orientation)
+        x = _box(x, reduce_factor(x.shape[-1], x.shape[-2], self.target))
+        where = torch.tensor(part, device=self.device)  # synchronises the decoder's stream only
+        std = x.flatten(2).float().std(-1, unbiased=False)
+        result.blank.index_copy_(0, where, (std < BLANK_STD).all(-1))
+        if not self._domain_checked:  # the CPU path's one-time warning (colour into a grey model, ...)
+            self._domain_checked = True
+            self._check_domain(x[0], width, height)
+        result.pixels.index_copy_(0, where, fitted_pixels_batch(self.config, x))
+
+    def _on_cpu(self, rejected: list[tuple[int, JpegJob]], result: DecodedJpegs) -> None:
+        """Decode the device decoder's rejects with the CPU path's decoder, in threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(job: JpegJob):
+            try:
+                img = decode_image(job.data.numpy().tobytes(), self.max_pixels, self.target)
+                return fitted_pixels(self.config, img), is_blank(img), None
+            except UnreadableImage as e:
+                return None, False, e.reason
+            except Exception as e:  # noqa: BLE001 - as prepare_item: the build goes on
+                return None, False, f"cannot decode or preprocess: {type(e).__name__}: {e}"
+
+        with ThreadPoolExecutor(min(CPU_THREADS, len(rejected))) as pool:
+            outcomes = list(pool.map(one, [job for _, job in rejected]))
+        for (i, _), (pixels, blank, reason) in zip(rejected, outcomes):
+            if reason is not None:
+                result.failed[i] = reason
+                continue
+            result.pixels[i] = pixels.to(self.device)
+            result.blank[i] = blank
             result.fallback += 1
-        except UnreadableImage as e:
-            result.failed[i] = e.reason
-        except Exception as e:  # noqa: BLE001 - as prepare_item: the build goes on
-            result.failed[i] = f"cannot decode or preprocess: {type(e).__name__}: {e}"
 
     def _check_domain(self, x: torch.Tensor, width: int, height: int) -> None:
         from PIL import Image

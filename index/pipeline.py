@@ -124,8 +124,8 @@ def prepare_item(item: SourceItem, config, known: frozenset = frozenset(), max_p
             header = read_header(raw.data, max_pixels)  # refuses what decode_image would refuse before decoding
             if jpeg_batch.eligible(header, raw.data, device_decode):
                 seconds["decode"] = time.perf_counter() - t1
-                return Prepared(raw.sha256, header.width, header.height, jpeg=(raw.data, header.orientation),
-                                seconds=seconds)
+                return Prepared(raw.sha256, header.width, header.height,
+                                jpeg=(jpeg_batch.without_trailer(raw.data), header.orientation), seconds=seconds)
         loaded = decode_item(raw, max_pixels, target_size=decode_size(config))  # as a query is decoded
         t2 = time.perf_counter()
         seconds["decode"] = t2 - t1
@@ -352,6 +352,7 @@ class BatchEncoder:
                 with torch.cuda.stream(self._stream):
                     decoded = self.decoder.decode(jobs)
                 decoded.pixels.record_stream(torch.cuda.current_stream(self.device))
+                decoded.blank.record_stream(torch.cuda.current_stream(self.device))
                 torch.cuda.current_stream(self.device).wait_stream(self._stream)
             else:
                 decoded = self.decoder.decode(jobs)

@@ -64,6 +64,7 @@ def photos(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     Image.frombytes("CMYK", (40, 30), rng.integers(0, 256, (30, 40, 4), dtype=np.uint8).tobytes()).save(
         root / "cmyk.jpg")
+    (root / "trailer.jpg").write_bytes((root / "p05.jpg").read_bytes() + b"12345678")  # bytes after EOI
     good = (root / "p00.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "broken.jpg").write_bytes(_corrupt_entropy_data((root / "p01.jpg").read_bytes()))
@@ -102,8 +103,8 @@ def _recall_at_10(reference: np.ndarray, other: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def both(photos, colour_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("indexes")
-    cpu = _build(photos, out / "cpu", colour_model, "cpu")
-    gpu = _build(photos, out / "gpu", colour_model, "gpu")
+    cpu = _build(photos, out / "cpu", colour_model, "cpu", workers=2)
+    gpu = _build(photos, out / "gpu", colour_model, "gpu", workers=2)  # the JPEGs' bytes cross processes
     return cpu, gpu, IndexStore.open(out / "cpu", device="cpu"), IndexStore.open(out / "gpu", device="cpu")
 
 
@@ -112,12 +113,12 @@ def test_gpu_path_indexes_and_skips_what_the_cpu_path_does(both):
     rows_a, rows_b = a.metadata(np.arange(len(a))), b.metadata(np.arange(len(b)))
     assert [r["key"] for r in rows_a] == [r["key"] for r in rows_b]
     assert rows_a == rows_b  # sha256, stored sizes, blank flags, sources
-    assert len(a) == 36 + 5  # the photos, rotated, grey, 4:4:4, CMYK (on the CPU), the PNG (on the CPU)
+    assert len(a) == 36 + 6  # photos, trailer, rotated, grey, 4:4:4, CMYK (on the CPU), the PNG (on the CPU)
     assert cpu.manifest["skipped"] == gpu.manifest["skipped"]
     assert {s["key"] for s in gpu.skipped} == {"truncated.jpg", "broken.jpg", "garbage.jpg"}
     build = gpu.manifest["build"]
     assert build["decode"] == "gpu" and cpu.manifest["build"]["decode"] == "cpu"
-    assert build["decoded_on_device"] == 36 + 3  # every eligible JPEG; CMYK, the PNG and the bad files were not
+    assert build["decoded_on_device"] == 36 + 4  # every eligible JPEG; CMYK, the PNG and the bad files were not
     assert build["stage_seconds"]["gpu_decode"] > 0 and cpu.manifest["build"]["stage_seconds"]["gpu_decode"] == 0
 
 
