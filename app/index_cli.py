@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
                        help="where JPEGs are decoded: cpu (the worker processes, Pillow draft mode), gpu (the workers "
                             "read and hash them, the encoder's device decodes them in batches: nvJPEG on CUDA; other "
-                            "formats and files it rejects are decoded on the CPU), auto (default: gpu on CUDA when "
-                            "torchvision can decode JPEGs there and SOURCE is files, else cpu)")
+                            "formats, progressive JPEGs and files it rejects are decoded on the CPU), auto (default: "
+                            "gpu on a CUDA GPU with a hardware JPEG engine (A100, H100, H200) when torchvision can "
+                            "decode JPEGs there and SOURCE is files, else cpu)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 

@@ -95,8 +95,9 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
     decode: where JPEGs are decoded. "cpu": by the worker processes (Pillow, draft mode). "gpu": the workers read,
         hash and check them, and the encoder's device decodes them in batches (jpeg_batch.py: nvJPEG on CUDA; on a
         CPU device torchvision's decoder in this process, the same code, for tests); other formats, JPEGs it
-        cannot take and files it rejects are decoded on the CPU. "auto": "gpu" on CUDA when torchvision decodes
-        JPEGs there and the source is files, else "cpu". Pieces of one decoder are never resumed by the other.
+        cannot take (CMYK, progressive: see jpeg_batch.py) and files it rejects are decoded on the CPU. "auto":
+        "gpu" on a CUDA device with a hardware JPEG engine (A100, H100, H200, ...) when torchvision decodes JPEGs
+        there and the source is files, else "cpu". Pieces of one decoder are never resumed by the other.
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
@@ -280,7 +281,7 @@ def _resolve_decode(decode: str, src: ImageSource, device: torch.device, engine:
     files = bool(src.items) and src.items[0].array is None
     if decode == "auto":
         usable = engine == "local" and files and device.type == "cuda"
-        return "gpu" if usable and jpeg_batch.available(device) else "cpu"
+        return "gpu" if usable and jpeg_batch.hardware_engine(device) and jpeg_batch.available(device) else "cpu"
     if decode == "gpu" and not jpeg_batch.available(device):
         raise ValueError(f"--decode gpu: torchvision cannot decode JPEGs on {device} here (use --decode cpu)")
     return decode if files else "cpu"  # arrays are not decoded at all
@@ -293,7 +294,8 @@ def _plan_id(src: ImageSource, model, model_sha: str, shard_size: int, max_pixel
     batches on the device, see jpeg_batch.py; the pixels differ by the decoders' rounding.)"""
     keys = hashlib.sha256("\n".join(item.key for item in src.items).encode()).hexdigest()
     dtype = pipeline.autocast_dtype(device)
-    decoder = "draft" if decode == "cpu" else {"device": device.type, "max_pixels": jpeg_batch.GPU_MAX_PIXELS}
+    decoder = "draft" if decode == "cpu" else {"device": device.type, "max_pixels": jpeg_batch.GPU_MAX_PIXELS,
+                                               "progressive": jpeg_batch.PROGRESSIVE_ON_DEVICE}
     plan = {"format": store.FORMAT_VERSION, "pieces": 1, "decode": decoder, "weights": model_sha,
             "config": model.config.to_dict(), "source": src.spec, "keys": keys, "shard_size": shard_size,
             "batch_size": batch_size, "dtype": str(dtype or torch.float32), "views": views, "max_pixels": max_pixels,

@@ -5,9 +5,9 @@
 
 The workers still read, hash and check each file's header (vision_model.images.read_header: the same refusals
 as the CPU path), and ship an eligible JPEG's bytes instead of its pixels. The main process decodes a batch with
-`torchvision.io.decode_jpeg(list, device=...)`: nvJPEG on CUDA (the hardware decoder for baseline JPEGs on
-A100/H100/H200, its hybrid decoder, with Huffman decoding on the host, for progressive ones); torchvision's CPU
-decoder on a CPU device, which runs the same code in tests.
+`torchvision.io.decode_jpeg(list, device=...)`: nvJPEG on CUDA (the hardware JPEG engine for baseline JPEGs on
+A100/H100/H200, Huffman decoding included; progressive JPEGs stay on the CPU path, see PROGRESSIVE_ON_DEVICE);
+torchvision's CPU decoder on a CPU device, which runs the same code in tests.
 
 The pixels follow the CPU path's geometry: the CPU path decodes a JPEG in libjpeg's draft mode at 1/s scale
 (vision_model.images.jpeg_draft_scale), which averages each s x s block; here the full-size image is averaged over
@@ -41,15 +41,26 @@ GPU_MAX_PIXELS = 50_000_000  # larger JPEGs are decoded by the workers (draft mo
 CALL_PIXELS = 400_000_000  # stored pixels per decode_jpeg call: 1.2 GB of RGB output; fewer, larger calls
 STACK_PIXELS = 64_000_000  # stored pixels averaged at once: 770 MB as float32
 CPU_THREADS = 8  # threads decoding the device decoder's rejects (Pillow releases the GIL while decoding)
+# Progressive JPEGs stay with the worker processes: nvJPEG's hardware engine takes baseline JPEGs only, and
+# torchvision hands the others to nvJPEG's hybrid decoder one at a time, Huffman-decoding on the host in the calling
+# thread under one process-wide lock, a full-size decode that costs more host time than the workers' draft decode and
+# is not spread over cores (benchmarks/gpu/index_pipeline.py measures both).
+PROGRESSIVE_ON_DEVICE = False
+# GPUs whose nvJPEG has the hardware JPEG engine (A100/A30, H100/H200, B200): elsewhere every JPEG would take the
+# hybrid path above, so `--decode auto` keeps the CPU path there
+HARDWARE_JPEG_CAPABILITIES = ((8, 0), (9, 0), (10, 0))
 _MARKER_SOS, _MARKER_EOI = b"\xff\xda", b"\xff\xd9"
 
 
-def eligible(header: ImageHeader, data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> bool:
+def eligible(header: ImageHeader, data: bytes, max_pixels: int = GPU_MAX_PIXELS,
+             progressive: bool = PROGRESSIVE_ON_DEVICE) -> bool:
     """Whether a file (its checked header and bytes) goes to the device decoder: a JPEG (not MPO) of 'L' or 'RGB'
-    content (CMYK/YCCK stay on the CPU), at most `max_pixels`, whose last scan is followed by an end-of-image
-    marker. The last condition sends truncated files to the CPU decoder, which refuses them as the CPU path does;
-    nvJPEG would decode what is there."""
+    content (CMYK/YCCK stay on the CPU), at most `max_pixels`, baseline unless `progressive`, whose last scan is
+    followed by an end-of-image marker. The last condition sends truncated files to the CPU decoder, which refuses
+    them as the CPU path does; nvJPEG would decode what is there."""
     if header.format != "JPEG" or header.mode not in ("L", "RGB") or header.width * header.height > max_pixels:
+        return False
+    if header.progressive and not progressive:
         return False
     return data.rfind(_MARKER_EOI) > data.rfind(_MARKER_SOS) >= 0
 
@@ -58,6 +69,12 @@ def without_trailer(data: bytes) -> bytes:
     """An eligible JPEG's bytes up to its end-of-image marker: what follows (camera trailers, an appended video,
     padding) is ignored by decoders, so it need not travel to the device decoder."""
     return data[:data.rfind(_MARKER_EOI) + 2]
+
+
+def hardware_engine(device: torch.device | str) -> bool:
+    """Whether `device` is a GPU with a hardware JPEG engine nvJPEG uses (by compute capability)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) in HARDWARE_JPEG_CAPABILITIES
 
 
 @functools.lru_cache(maxsize=4)
