@@ -78,8 +78,9 @@ def hardware_engine(device: torch.device | str) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def available(device: torch.device | str) -> bool:
-    """Whether torchvision's decode_jpeg decodes on `device` (CUDA: built with nvJPEG and working here)."""
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why torchvision's decode_jpeg cannot decode on `device` here (CUDA: built without nvJPEG, no library, ...),
+    or None when it can: a 16x16 JPEG is decoded to find out."""
     try:
         from PIL import Image
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -88,10 +89,17 @@ def available(device: torch.device | str) -> bool:
         Image.new("RGB", (16, 16), (10, 200, 30)).save(buffer, "JPEG")
         data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
         out = decode_jpeg([data], device=str(device), mode=ImageReadMode.RGB)
-        return tuple(out[0].shape) == (3, 16, 16)
+        return None if tuple(out[0].shape) == (3, 16, 16) else f"unexpected output shape {tuple(out[0].shape)}"
     except Exception as e:  # noqa: BLE001 - any failure means "no"
-        log.info("batched JPEG decoding on %s is not available: %s", device, e)
-        return False
+        return f"{type(e).__name__}: {e}"
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether torchvision's decode_jpeg decodes on `device` (CUDA: built with nvJPEG and working here)."""
+    reason = unavailable_reason(str(device))
+    if reason is not None:
+        log.info("batched JPEG decoding on %s is not available: %s", device, reason)
+    return reason is None
 
 
 @dataclass

@@ -243,10 +243,28 @@ def main() -> int:
         results["torchvision"] = torchvision.__version__
     except ImportError:
         pass
+    from index import jpeg_batch
+    results["nvjpeg_unavailable"] = jpeg_batch.unavailable_reason(device)
+    results["hardware_jpeg_engine"] = jpeg_batch.hardware_engine(device)
+    if Path("/dev/shm").is_dir():  # the worker processes hand JPEG bytes over through shared memory
+        results["dev_shm_free_gb"] = round(shutil.disk_usage("/dev/shm").free / 1e9, 1)
+    print(f"nvJPEG: {results['nvjpeg_unavailable'] or 'available'}; hardware engine: "
+          f"{results['hardware_jpeg_engine']}; /dev/shm free: {results.get('dev_shm_free_gb')} GB", flush=True)
 
     def save() -> None:
         results["seconds"] = round(time.perf_counter() - started, 1)
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def attempt(name: str, fn):
+        """Run one phase; a failure is recorded and the run goes on with the next phase."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one GPU run: keep what the other phases measure
+            import traceback
+            traceback.print_exc()
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            save()
+            return None
 
     def fits(name: str, estimate: float) -> bool:
         """Whether phase `name` (about `estimate` seconds) is wanted and fits in what is left of the budget."""
@@ -269,26 +287,30 @@ def main() -> int:
         print(f"{args.photos} photos in {results['photo_seconds']} s", flush=True)
         save()
         for decode in ("gpu", "cpu"):
+            if decode == "gpu" and results["nvjpeg_unavailable"]:
+                continue
             if fits(decode, args.photos * per_photo + args.encoder_seconds + 30):
-                results[f"photos_35m_{decode}"] = _bench(str(photos), args.out / f"photos_35m_{decode}.json",
-                                                         args.model, args.batch_size, args.encoder_seconds, decode,
-                                                         args.work / f"index-{decode}", device)
+                results[f"photos_35m_{decode}"] = attempt(decode, lambda: _bench(
+                    str(photos), args.out / f"photos_35m_{decode}.json", args.model, args.batch_size,
+                    args.encoder_seconds, decode, args.work / f"index-{decode}", device))
                 save()
-        if "photos_35m_gpu" in results and "photos_35m_cpu" in results and fits("agreement", 60):
-            results["agreement"] = agreement(photos, args.work / "index-cpu", args.work / "index-gpu", unique,
-                                             args.subset, args.pixel_sample, device)
+        if results.get("photos_35m_gpu") and results.get("photos_35m_cpu") and fits("agreement", 60):
+            results["agreement"] = attempt("agreement", lambda: agreement(
+                photos, args.work / "index-cpu", args.work / "index-gpu", unique, args.subset, args.pixel_sample,
+                device))
             print(f"agreement {results['agreement']}", flush=True)
             save()
-        if fits("cost", 60):
-            results["decode_cost"] = decode_cost(photos, unique, device=device)
+        if not results["nvjpeg_unavailable"] and fits("cost", 60):
+            results["decode_cost"] = attempt("cost", lambda: decode_cost(photos, unique, device=device))
             save()
         shutil.rmtree(args.work, ignore_errors=True)
     if fits("fmnist", 90):
-        results["fmnist_shipped"] = _bench("fashion-mnist:train", args.out / "fmnist_shipped.json", None, 1024,
-                                           args.encoder_seconds, "auto", None, device)
+        results["fmnist_shipped"] = attempt("fmnist", lambda: _bench(
+            "fashion-mnist:train", args.out / "fmnist_shipped.json", None, 1024, args.encoder_seconds, "auto", None,
+            device))
         save()
     if fits("bf16", 30):
-        results["bf16_vs_fp32"] = bf16_check(device=device)
+        results["bf16_vs_fp32"] = attempt("bf16", lambda: bf16_check(device=device))
     save()
     _table(results)
     return 0
@@ -307,7 +329,7 @@ def _table(results: dict) -> None:
             if r["build"].get("decode") == "gpu":
                 print(f"{'':<18} decoded on the device {r['build']['decoded_on_device']}, rejected and decoded on "
                       f"the CPU {r['build']['device_decode_fallbacks']}")
-    if "agreement" in results:
+    if results.get("agreement"):
         a = results["agreement"]
         print(f"gpu vs cpu decoding: cosine min {a['cosine_min']} mean {a['cosine_mean']}; recall@10 "
               f"{a['recall_at_10']} over {a['recall_subset']} photos; pixels {a['pixels']}")
@@ -319,8 +341,11 @@ def _table(results: dict) -> None:
                   f"{r['nvjpeg_host_cpu_ms']:>9} {r['nvjpeg_megapixels_per_second']:>6} "
                   f"{r['nvjpeg_progressive_ms']:>10} {r['nvjpeg_progressive_host_cpu_ms']:>9} "
                   f"{r['device_decoder_ms']:>14} {r['pillow_draft_cpu_ms']:>16}")
-    if "bf16_vs_fp32" in results:
+    if results.get("bf16_vs_fp32"):
         print(f"bf16 vs fp32: {results['bf16_vs_fp32']}")
+    for key, value in results.items():
+        if key.endswith("_error"):
+            print(f"{key}: {value}")
     if results["skipped_for_budget"]:
         print(f"skipped for the budget: {', '.join(results['skipped_for_budget'])}")
 
