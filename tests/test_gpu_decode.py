@@ -4,7 +4,6 @@ there. Against the CPU path (Pillow draft decoding in the workers) on real files
 and skipped, vectors within tolerance, the same neighbours, resumable, its own plan."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +189,15 @@ def test_gpu_build_resumes_and_never_reuses_cpu_pieces(photos, colour_model, tmp
 def test_bad_decode_option_is_a_clear_error(photos, colour_model, tmp_path):
     with pytest.raises(ValueError, match="decode must be"):
         _build(photos, tmp_path / "x", colour_model, "nvjpeg")
+
+
+def test_jpegs_over_the_device_pixel_limit_are_decoded_by_the_workers(photos):
+    """The device path's memory stays bounded: a JPEG with more pixels than its limit comes back as pixels (the
+    CPU path's draft decode), one within it as bytes for the device."""
+    cfg = vision_model.get_config("matmamba_vision_clipart")
+    item = SourceItem("p02.jpg", path=photos / "p02.jpg")  # baseline, 333 x 250 = 83,250 pixels
+    over = prepare_item(item, cfg, device_decode=80_000)
+    within = prepare_item(item, cfg, device_decode=90_000)
+    assert over.jpeg is None and over.pixels is not None and over.pixels.shape == (3, 96, 96)
+    assert within.jpeg is not None and within.pixels is None
+    assert over.sha256 == within.sha256 and (within.width, within.height) == (333, 250)
