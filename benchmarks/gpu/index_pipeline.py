@@ -179,7 +179,7 @@ def decode_cost(photos: Path, unique: int, per_size: int = 48, device: str = "cu
         jobs = [JpegJob(i, t, w, h) for i, t in enumerate(batch)]
         row["device_decoder_ms"], row["device_decoder_host_cpu_ms"] = timed(lambda: decoder.decode(jobs), len(blobs))
         progressive = []
-        for b in blobs[:8]:
+        for b in blobs[:4]:
             buffer = io.BytesIO()
             Image.open(io.BytesIO(b)).save(buffer, "JPEG", quality=90, progressive=True)
             progressive.append(buffer.getvalue())
