@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --engine ray: embedding actors (default: one per GPU; CPU actors where none)")
     build.add_argument("--ray-gpus-per-actor", type=float, metavar="F",
                        help="with --engine ray: GPUs each actor reserves (default 1; 0.5 shares a GPU between two)")
+    build.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="where JPEGs are decoded: cpu (the worker processes, Pillow draft mode), gpu (the workers "
+                            "read and hash them, the encoder's device decodes them in batches: nvJPEG on CUDA; other "
+                            "formats, progressive JPEGs and files it rejects are decoded on the CPU), auto (default: "
+                            "gpu on a CUDA GPU with a hardware JPEG engine (A100, H100, H200) when torchvision can "
+                            "decode JPEGs there and SOURCE is files, else cpu)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -85,7 +91,7 @@ def _build(args: argparse.Namespace) -> int:
                          memory_budget_mb=args.memory_budget_mb, progress=not args.no_progress, limit=args.limit,
                          shard_size=args.shard_size, max_image_pixels=args.max_image_pixels, views=args.views,
                          checkpoint_seconds=args.checkpoint_seconds, engine=args.engine, address=args.address,
-                         ray_actors=args.ray_actors, ray_gpus_per_actor=args.ray_gpus_per_actor)
+                         ray_actors=args.ray_actors, ray_gpus_per_actor=args.ray_gpus_per_actor, decode=args.decode)
     manifest = result.manifest
     verb = "added" if args.add else "indexed"
     print(f"{verb} {result.added} images from {args.source}: {manifest['count']} in {result.version_dir} "
@@ -130,8 +136,13 @@ def _info(args: argparse.Namespace) -> int:
     if build.get("stage_seconds"):  # builds since the pipeline: where the time went, over every run of the build
         stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in build["stage_seconds"].items())
         resumed = f" (resumed after {build['resumed_items']} items)" if build.get("resumed_items") else ""
+        decoder = ""
+        if build.get("decode") == "gpu":
+            decoder = (f"; JPEGs decoded on the device ({build.get('decoded_on_device', 0)}, "
+                       f"{build.get('device_decode_fallbacks', 0)} rejected and decoded on the CPU), gpu_decode: "
+                       "the decode thread's seconds")
         lines.insert(-1, ("stages", f"{stages} s; read, decode and preprocess summed over {build['workers']} "
-                                    f"worker processes; {build['pipeline_seconds']} s in all{resumed}"))
+                                    f"worker processes; {build['pipeline_seconds']} s in all{resumed}{decoder}"))
     for name, value in lines:
         print(f"{name:<11} {value}")
     _print_skipped(m.get("skipped", []))

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, help="decoding processes (default: the build's default)")
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where the build decodes JPEGs (index build --decode; default auto)")
     parser.add_argument("--limit", type=int, help="only the first N items of --source")
     parser.add_argument("--encoder-seconds", type=float, default=10.0, help="how long to time encoder-only")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
         cpu0, start = cpu_seconds(), time.perf_counter()
         result = build_index(source, out_dir, model_dir=model_dir, batch_size=args.batch_size, device=str(device),
-                             workers=workers, limit=args.limit, progress=sys.stderr.isatty())
+                             workers=workers, limit=args.limit, progress=sys.stderr.isatty(), decode=args.decode)
         wall = time.perf_counter() - start
         cpu = cpu_seconds() - cpu0
         build = result.manifest["build"]
@@ -169,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
             "build": {"images_per_second": round(n / wall, 1), "seconds": round(wall, 2),
                       "cpu_seconds_per_image": round(cpu / n, 4),
                       "pipeline_images_per_second": build["images_per_second"],
-                      "stage_seconds": build["stage_seconds"]},
+                      "stage_seconds": build["stage_seconds"], "decode": build.get("decode"),
+                      "decoded_on_device": build.get("decoded_on_device"),
+                      "device_decode_fallbacks": build.get("device_decode_fallbacks")},
         }
         report["build_vs_encoder"] = round(report["build"]["images_per_second"] / encoder["images_per_second"], 3)
         _print(report)
@@ -206,6 +210,9 @@ def _print(r: dict) -> None:
     print(f"  {'full build':<14} {b['images_per_second']:>9.1f} img/s  ({r['build_vs_encoder']:.0%} of encoder-only; "
           f"{b['cpu_seconds_per_image'] * 1e3:.1f} CPU-ms/img)")
     print(f"  stage seconds  {stages}")
+    if b.get("decode") == "gpu":
+        print(f"  JPEGs decoded on the device: {b['decoded_on_device']} ({b['device_decode_fallbacks']} rejected, "
+              "decoded on the CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:

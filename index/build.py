@@ -36,7 +36,7 @@ from vision_model.device import resolve_device
 from vision_model.fileio import atomic_write
 from vision_model.views import DEFAULT_VIEWS, views_of
 
-from . import pipeline, store
+from . import jpeg_batch, pipeline, store
 from .index_types import choose_index, default_search_params, extend_index, write_new_index
 from .pipeline import LEVEL, default_workers
 from .sources import IMAGE_EXTENSIONS, ImageSource, open_source
@@ -71,7 +71,7 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
                 on_checkpoint: Callable[[int, int], None] | None = None,
                 checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS, engine: str = "local",
                 address: str | None = None, ray_actors: int | None = None,
-                ray_gpus_per_actor: float | None = None) -> BuildResult:
+                ray_gpus_per_actor: float | None = None, decode: str = "auto") -> BuildResult:
     """Index the images of SOURCE (see sources.py) into the index folder `out_dir`.
 
     model_dir: the encoder (default: the shipped model; with `add`, the model the index was built with).
@@ -92,9 +92,19 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
     engine: "local" (this process: decoding processes, one model) or "ray" (ray_engine.py: a Ray Data pipeline on
         the cluster at `address`, or on a local Ray; ray_actors / ray_gpus_per_actor size its pool of models). Both
         write the same pieces, so either resumes the other's build.
+    decode: where JPEGs are decoded. "cpu": by the worker processes (Pillow, draft mode). "gpu": the workers read,
+        hash and check them, and the encoder's device decodes them in batches (jpeg_batch.py: nvJPEG on CUDA; on a
+        CPU device torchvision's decoder in this process, the same code, for tests); other formats, JPEGs it
+        cannot take (CMYK, progressive: see jpeg_batch.py) and files it rejects are decoded on the CPU. "auto":
+        "gpu" on a CUDA device with a hardware JPEG engine (A100, H100, H200, ...) when torchvision decodes JPEGs
+        there and the source is files, else "cpu". Pieces of one decoder are never resumed by the other.
     """
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if decode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"decode must be 'auto', 'cpu' or 'gpu', got {decode!r}")
+    if decode == "gpu" and engine != "local":
+        raise ValueError("--decode gpu needs --engine local (Ray tasks decode on the CPU)")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be >= 1")
     started = time.perf_counter()
@@ -127,11 +137,13 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             choose_index(index_type, (base["count"] if base else 0) + len(src), model.config.d_model,
                          memory_budget_mb)
         known = _indexed_contents(previous_dir) if base is not None else frozenset()
-        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base, views, batch_size, torch_device)
+        decode = _resolve_decode(decode, src, torch_device, engine)
+        plan = _plan_id(src, model, model_sha, shard_size, max_image_pixels, base, views, batch_size, torch_device,
+                        decode)
         shard_dir = root / SHARDS_DIR / plan
         shard_dir.mkdir(parents=True, exist_ok=True)
 
-        encode = _encode
+        encode = functools.partial(_encode, decode=decode)
         if engine == "ray":  # imported only here: Ray is an optional extra
             from .ray_engine import encode_with_ray
             encode = functools.partial(encode_with_ray, address=address, actors=ray_actors,
@@ -162,7 +174,11 @@ def build_index(source: str, out_dir: str | os.PathLike, model_dir: str | os.Pat
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "workers": workers,
+            "decode": decode,
         }
+        if decode == "gpu":
+            stats["decoded_on_device"] = sum(m.get("decoded", {}).get("device", 0) for m in encoded.metas)
+            stats["device_decode_fallbacks"] = sum(m.get("decoded", {}).get("fallback", 0) for m in encoded.metas)
         if base is not None and encoded.indexed == 0:
             log.info("nothing new to add to %s", root)
             shutil.rmtree(root / SHARDS_DIR, ignore_errors=True)
@@ -260,13 +276,27 @@ def _indexed_contents(version_dir: Path) -> frozenset[tuple[str, str]]:
         db.close()
 
 
+def _resolve_decode(decode: str, src: ImageSource, device: torch.device, engine: str) -> str:
+    """"cpu" or "gpu" for a build's `decode` argument (see build_index)."""
+    files = bool(src.items) and src.items[0].array is None
+    if decode == "auto":
+        usable = engine == "local" and files and device.type == "cuda"
+        return "gpu" if usable and jpeg_batch.hardware_engine(device) and jpeg_batch.available(device) else "cpu"
+    if decode == "gpu" and not jpeg_batch.available(device):
+        raise ValueError(f"--decode gpu: torchvision cannot decode JPEGs on {device} here (use --decode cpu)")
+    return decode if files else "cpu"  # arrays are not decoded at all
+
+
 def _plan_id(src: ImageSource, model, model_sha: str, shard_size: int, max_pixels: int | None,
-             base: dict | None, views: str, batch_size: int, device: torch.device) -> str:
+             base: dict | None, views: str, batch_size: int, device: torch.device, decode: str = "cpu") -> str:
     """Fingerprint of everything a piece's content depends on: pieces of another plan are never reused. (The
-    decoder is part of it: JPEGs are decoded at reduced size, see pipeline.prepare_item.)"""
+    decoder is part of it: JPEGs are decoded at reduced size by the workers, see pipeline.prepare_item, or in
+    batches on the device, see jpeg_batch.py; the pixels differ by the decoders' rounding.)"""
     keys = hashlib.sha256("\n".join(item.key for item in src.items).encode()).hexdigest()
     dtype = pipeline.autocast_dtype(device)
-    plan = {"format": store.FORMAT_VERSION, "pieces": 1, "decode": "draft", "weights": model_sha,
+    decoder = "draft" if decode == "cpu" else {"device": device.type, "max_pixels": jpeg_batch.GPU_MAX_PIXELS,
+                                               "progressive": jpeg_batch.PROGRESSIVE_ON_DEVICE}
+    plan = {"format": store.FORMAT_VERSION, "pieces": 1, "decode": decoder, "weights": model_sha,
             "config": model.config.to_dict(), "source": src.spec, "keys": keys, "shard_size": shard_size,
             "batch_size": batch_size, "dtype": str(dtype or torch.float32), "views": views, "max_pixels": max_pixels,
             "base": None if base is None else [base["version"], base["count"]]}
@@ -296,10 +326,12 @@ class _Piece:
         self.opened = time.perf_counter()
 
     def record(self, item, record: tuple) -> bool:
-        """Note one item's outcome (a pipeline.Chunk record); True if it has pixels to encode."""
-        if record[0] == "ok":
+        """Note one item's outcome (a pipeline.Chunk record); True if it has pixels to encode (or a JPEG to decode:
+        its `blank` is filled in once decoded)."""
+        if record[0] in ("ok", "jpeg"):
             self.indexed.append({"key": item.key, "label": item.label, "label_name": item.label_name,
-                                 "sha256": record[1], "width": record[2], "height": record[3], "blank": record[4]})
+                                 "sha256": record[1], "width": record[2], "height": record[3],
+                                 "blank": record[4] if record[0] == "ok" else None})
             return True
         if record[0] == "skip":
             log.info("skipping %s: %s", item.key, record[1])
@@ -337,25 +369,27 @@ def _resume_point(shard_dir: Path, plan: str, n_items: int) -> tuple[list[Path],
 def _encode(src: ImageSource, model, device: torch.device, known: frozenset, shard_dir: Path, plan: str,
             shard_size: int, batch_size: int, workers: int, max_pixels: int | None, progress: bool,
             on_shard: Callable[[int, int], None] | None, on_checkpoint: Callable[[int, int], None] | None,
-            views: str, checkpoint_seconds: float) -> _Encoded:
+            views: str, checkpoint_seconds: float, decode: str = "cpu") -> _Encoded:
     items, n = src.items, len(src.items)
     result = _resume(shard_dir, plan, n, shard_size)
     position = result.resumed_items
     skipped_count = sum(len(m["skipped"]) for m in result.metas)
     bar = _progress_bar(n, position, skipped_count, progress)
     started = time.perf_counter()
-    encoder = pipeline.BatchEncoder(model, device, batch_size, views)
+    decoder = jpeg_batch.JpegBatchDecoder(model.config, device, max_pixels) if decode == "gpu" else None
+    encoder = pipeline.BatchEncoder(model, device, batch_size, views, decoder=decoder)
     writer = pipeline.PieceWriter(model.config.d_model, _on_written(n, shard_size, on_shard, on_checkpoint))
     ranges = pipeline.plan_chunks(n, position, shard_size, pipeline.chunk_size_for(items))
-    chunks = pipeline.decoded_chunks(items, ranges, model.config, known, max_pixels, workers)
+    chunks = pipeline.decoded_chunks(items, ranges, model.config, known, max_pixels, workers,
+                                     device_decode=jpeg_batch.GPU_MAX_PIXELS if decoder is not None else None)
     piece = _Piece(position)
-    buffer, fill = encoder.buffer(), 0
+    buffer, fill, jobs = encoder.buffer(), 0, []  # jobs: the batch's JPEGs for the device decoder
 
     def encode_batch() -> None:
-        nonlocal buffer, fill
+        nonlocal buffer, fill, jobs
         if fill:
-            writer.put_batch(encoder.encode(fill))
-            buffer, fill = encoder.buffer(), 0
+            writer.put_batch(encoder.encode(fill, jobs))
+            buffer, fill, jobs = encoder.buffer(), 0, []
 
     def close_piece(stop: int) -> None:
         nonlocal piece
@@ -377,7 +411,15 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
                 for offset, record in enumerate(chunk.records):
                     at = chunk.start + offset
                     if piece.record(items[at], record):
-                        pending += 1
+                        if record[0] == "jpeg":  # its slot stays empty: the decode thread fills it on the device
+                            if pending:
+                                buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
+                                copied, pending = copied + pending, 0
+                            _, _, width, height, orientation, begin, length = record
+                            jobs.append(jpeg_batch.JpegJob(fill, chunk.encoded[begin:begin + length], width, height,
+                                                           orientation, piece.indexed[-1]))
+                        else:
+                            pending += 1
                         fill += 1
                         if fill == batch_size:
                             buffer[fill - pending:fill] = chunk.pixels[copied:copied + pending]
@@ -399,6 +441,7 @@ def _encode(src: ImageSource, model, device: torch.device, known: frozenset, sha
                 bar.set_postfix(skipped=skipped_count, refresh=False)
     finally:
         del chunks  # stops the worker processes
+        encoder.close()
         bar.close()
     result.seconds = time.perf_counter() - started
     return _add_totals(result, src)

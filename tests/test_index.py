@@ -265,7 +265,7 @@ def test_build_killed_mid_shard_resumes_from_its_last_checkpoint(tmp_path, model
     assert (resumed["resumed_items"], resumed["resumed_shards"], resumed["pieces"]) == (13, 0, 4)
     assert resumed["this_run"]["items"] == 24 - 13 and resumed["skipped"] == 1
     stages = resumed["stage_seconds"]
-    assert set(stages) == {"read", "decode", "preprocess", "wait", "encode", "write", "assemble"}
+    assert set(stages) == {"read", "decode", "preprocess", "wait", "gpu_decode", "encode", "write", "assemble"}
     assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0 and stages["encode"] > 0
     assert resumed["pipeline_seconds"] > first_run_seconds > 0  # the first run's time counts too
     assert resumed["images_per_second"] == pytest.approx(24 / resumed["pipeline_seconds"], rel=0.01)

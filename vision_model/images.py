@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +78,9 @@ def decode_image(source: bytes | bytearray | str | os.PathLike, max_pixels: int 
     The size stored in the file is `original_size(img)`.
     """
     data = _read(source)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)  # reads the header only
+        img = _open(data, max_pixels)
         stored = img.size
-        if limit > 0 and stored[0] * stored[1] > limit:  # before decoding: the header is all a bomb has to offer
-            raise UnreadableImage(f"too many pixels ({stored[0]}x{stored[1]} = {stored[0] * stored[1]:,}, over the "
-                                  f"limit of {limit:,}): possible decompression bomb")
         if target_size and img.format == "JPEG":
             img.draft(None, (target_size, target_size))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
         img.load()  # decodes everything now, so a truncated file fails here and not later
@@ -102,6 +99,59 @@ def decode_image(source: bytes | bytearray | str | os.PathLike, max_pixels: int 
     return img
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, without decoding its pixels (read_header)."""
+    format: str  # the Pillow plugin that opened it: "JPEG", "PNG", ...
+    mode: str  # the mode it decodes to: "RGB", "L", "CMYK", ...
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    orientation: int  # EXIF orientation tag, 1 when absent (decode_image applies it)
+    progressive: bool  # JPEG: progressive scans
+
+
+def read_header(source: bytes | bytearray | str | os.PathLike, max_pixels: int | None = None) -> ImageHeader:
+    """The header of an image file, checked as decode_image checks it before decoding (readable, a format of
+    DECODE_FORMATS, within the pixel limit): the same UnreadableImage reasons. Decodes no pixels."""
+    data = _read(source)
+    try:
+        img = _open(data, max_pixels)
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        return ImageHeader(img.format, img.mode, img.width, img.height, int(orientation),
+                           bool(img.info.get("progressive") or img.info.get("progression")))
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage("not a recognised image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"corrupt or truncated image: {e}") from None
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Open (header only) and apply the pixel limit."""
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)  # reads the header only
+    stored = img.size
+    if limit > 0 and stored[0] * stored[1] > limit:  # before decoding: the header is all a bomb has to offer
+        raise UnreadableImage(f"too many pixels ({stored[0]}x{stored[1]} = {stored[0] * stored[1]:,}, over the "
+                              f"limit of {limit:,}): possible decompression bomb")
+    return img
+
+
+def jpeg_draft_scale(width: int, height: int, target_size: int) -> int:
+    """The DCT scale divisor (1, 2, 4 or 8) decode_image's draft mode decodes a width x height JPEG at for
+    `target_size` (Pillow's rule: the largest that keeps both sides >= target_size); the decoded size is
+    (ceil(width / scale), ceil(height / scale))."""
+    fit = min(width // target_size, height // target_size)
+    return next((s for s in (8, 4, 2, 1) if fit >= s), 1)
+
+
+def reduce_factor(width: int, height: int, target_size: int) -> int:
+    """The integer box reduction decode_image applies after decoding a width x height image (1: none)."""
+    factor = min(width, height) // target_size
+    return factor if factor >= 2 else 1
+
+
 def _read(source) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -117,8 +167,8 @@ def _read(source) -> bytes:
 
 def _reduce(img: Image.Image, target_size: int) -> Image.Image:
     """Shrink by the largest integer factor that keeps both sides >= target_size (box filter: every pixel counts)."""
-    factor = min(img.width, img.height) // target_size
-    if factor < 2:
+    factor = reduce_factor(img.width, img.height, target_size)
+    if factor == 1:
         return img
     if img.mode not in _REDUCIBLE:  # palettes, 1-bit, 16-bit: to a mode whose pixels can be averaged first
         img = flatten(img)

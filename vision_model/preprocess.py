@@ -76,6 +76,46 @@ def model_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
     return x
 
 
+def fitted_pixels_batch(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
+    """`fitted_pixels` for a batch of same-sized decoded images on any device: uint8 (n, 1 or 3, h, w), 'L' or 'RGB'
+    content -> uint8 (n, in_chans, img_size, img_size). The same steps as the PIL path (the model's channels with
+    Pillow's RGB->L weights and rounding, the light-border inversion of dark-background models, the fit), each
+    image on its own terms, without a host synchronisation: what an index build runs on the GPU after decoding."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 (n, 1 or 3, h, w), got {x.dtype} {tuple(x.shape)}")
+    if config.in_chans == 1 and x.shape[1] == 3:
+        r, g, b = x.to(torch.int32).unbind(1)
+        x = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
+    elif config.in_chans == 3 and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if config.dark_background:
+        light = _border_batch(x).mean(1) > 127
+        x = torch.where(light.view(-1, 1, 1, 1), 255 - x, x)
+    return _fit_batch(x, config.img_size, config.crop, config.resize_size)
+
+
+def _border_batch(x: Tensor) -> Tensor:
+    """Mean colour (n, c) of each image's one-pixel frame (as _border)."""
+    frame = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1).float()
+    return frame.mean(-1)
+
+
+def _fit_batch(x: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
+    """_fit over a batch of same-sized images; the padding colour (each image's border mean, truncated to uint8
+    as TF.pad does with a float fill) is written on the device instead of passed as a host list."""
+    if crop == "center":
+        return _fit(x, size, crop, resize_size)
+    n, c, h, w = x.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = TF.resize(x, [nh, nw], antialias=True)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out = _border_batch(x).to(torch.uint8).view(n, c, 1, 1).repeat(1, 1, size, size)
+    out[..., top:top + nh, left:left + nw] = x
+    return out
+
+
 def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
     x = TF.to_dtype(x, torch.float32, scale=True)
     return TF.normalize(x, list(config.mean), list(config.std))
