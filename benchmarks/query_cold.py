@@ -1,6 +1,7 @@
 """Cold query cost: wall time of a whole `matsearch search` process, and a query image's decode.
 
     python -m benchmarks.query_cold [--index DIR --query FILE] [--runs 7] [--photos FILE...] [--json OUT]
+    python -m benchmarks.query_cold --checkout /tmp/old-tree --photos    # another tree's search, no decode rows
 
 1. Cold search: `python -m app.cli search QUERY --index DIR` in a fresh process, --runs times (median, min, max wall
    seconds and the process's user+sys CPU seconds), interleaved with as many `python -c "import torch"` processes:
@@ -42,11 +43,11 @@ def load_average() -> float:
         return float("nan")
 
 
-def _timed_process(argv: list[str]) -> tuple[float, float]:
+def _timed_process(argv: list[str], cwd: Path = ROOT) -> tuple[float, float]:
     """(wall s, user+sys CPU s) of one child process, which must succeed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
@@ -59,15 +60,15 @@ def _summary(values: list[float]) -> dict:
             "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
 
 
-def cold_search(index_dir: Path, query: Path, runs: int) -> dict:
+def cold_search(index_dir: Path, query: Path, runs: int, checkout: Path = ROOT) -> dict:
     search = [sys.executable, "-m", "app.cli", "search", str(query), "--index", str(index_dir), "--k", "5"]
     torch_only = [sys.executable, "-c", "import torch"]
-    _timed_process(search)  # the page cache holds the libraries and the index afterwards: every run alike
+    _timed_process(search, checkout)  # the page cache holds the libraries and the index afterwards: every run alike
     rows = {"search": [], "import_torch": []}
     loads = []
     for _ in range(runs):
         loads.append(load_average())
-        rows["search"].append(_timed_process(search))
+        rows["search"].append(_timed_process(search, checkout))
         rows["import_torch"].append(_timed_process(torch_only))
     out = {"command": " ".join(["python", "-m", "app.cli", "search", query.name, "--index", "DIR", "--k", "5"]),
            "load_average_1min": _summary(loads)}
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=Path, nargs="*", help="files for the decode timings (default: "
                                                                "Debian wallpapers and clip art, where installed)")
     parser.add_argument("--repeat", type=int, default=15, help="decodes per photo and model (default 15)")
+    parser.add_argument("--checkout", type=Path, default=ROOT,
+                        help="source tree whose `python -m app.cli search` runs (e.g. an older commit, to compare)")
     parser.add_argument("--machine", default="", help="words naming the machine, stored in the results")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
             result["index"] = "50 Fashion-MNIST test images (PNG), shipped model, Flat"
         else:
             result["index"] = str(args.index)
-        result["cold_search"] = cold_search(args.index, args.query, args.runs)
+        result["checkout"] = str(args.checkout)
+        result["cold_search"] = cold_search(args.index, args.query, args.runs, args.checkout.resolve())
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
