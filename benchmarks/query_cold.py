@@ -1,13 +1,14 @@
 """Cold query cost: wall time of a whole `matsearch search` process, and a query image's decode.
 
     python -m benchmarks.query_cold [--index DIR --query FILE] [--runs 7] [--photos FILE...] [--json OUT]
-    python -m benchmarks.query_cold --checkout /tmp/old-tree --photos    # another tree's search, no decode rows
+    python -m benchmarks.query_cold --compare /tmp/old-tree      # and an older tree's search, in the same loop
 
 1. Cold search: `python -m app.cli search QUERY --index DIR` in a fresh process, --runs times (median, min, max wall
    seconds and the process's user+sys CPU seconds), interleaved with as many `python -c "import torch"` processes:
-   the floor no query can go under, measured under the same load. The 1-minute load average is recorded before every
+   the floor no query can go under, measured under the same load (with --compare, also another source tree's search,
+   e.g. the commit before a change). The 1-minute load average is recorded before every
    run: on a shared machine, wall time follows the load. Without --index, a 50-item index of fashion-mnist:test
-   (else of generated PNGs) is built in a temporary folder with the shipped model, and its first image is the query.
+   (else of generated PNGs) is built in a temporary folder with the shipped model, and one of its images is the query.
 2. Decode: for each photo, the decode of the file's bytes at the model's input size (vision_model.images.decode_image
    with target_size, as an upload in the UI and a query are decoded: JPEG draft mode) and the preprocessing to
    model input, median of --repeat runs, wall and this thread's CPU ms, for the shipped model (28 px) and the
@@ -60,18 +61,25 @@ def _summary(values: list[float]) -> dict:
             "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
 
 
-def cold_search(index_dir: Path, query: Path, runs: int, checkout: Path = ROOT) -> dict:
+def cold_search(index_dir: Path, query: Path, runs: int, checkout: Path = ROOT, compare: Path | None = None) -> dict:
+    """Per run, in turn: this tree's search, `import torch` alone and, with `compare`, that tree's search: all three
+    under the same load."""
     search = [sys.executable, "-m", "app.cli", "search", str(query), "--index", str(index_dir), "--k", "5"]
-    torch_only = [sys.executable, "-c", "import torch"]
-    _timed_process(search, checkout)  # the page cache holds the libraries and the index afterwards: every run alike
-    rows = {"search": [], "import_torch": []}
+    commands = {"search": (search, checkout), "import_torch": ([sys.executable, "-c", "import torch"], checkout)}
+    if compare is not None:
+        commands["compare_search"] = (search, compare)
+    for argv, cwd in commands.values():
+        _timed_process(argv, cwd)  # the page cache holds the libraries and the index afterwards: every run alike
+    rows = {name: [] for name in commands}
     loads = []
     for _ in range(runs):
         loads.append(load_average())
-        rows["search"].append(_timed_process(search, checkout))
-        rows["import_torch"].append(_timed_process(torch_only))
+        for name, (argv, cwd) in commands.items():
+            rows[name].append(_timed_process(argv, cwd))
     out = {"command": " ".join(["python", "-m", "app.cli", "search", query.name, "--index", "DIR", "--k", "5"]),
            "load_average_1min": _summary(loads)}
+    if compare is not None:
+        out["compare_checkout"] = str(compare)
     for name, samples in rows.items():
         out[name] = {"wall_s": _summary([w for w, _ in samples]), "cpu_s": _summary([c for _, c in samples])}
     out["search_minus_import_torch_wall_s"] = round(out["search"]["wall_s"]["median"]
@@ -149,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="decodes per photo and model (default 15)")
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="source tree whose `python -m app.cli search` runs (e.g. an older commit, to compare)")
+    parser.add_argument("--compare", type=Path, help="another source tree (e.g. the commit before a change) whose "
+                                                      "search runs in the same loop, under the same load")
     parser.add_argument("--machine", default="", help="words naming the machine, stored in the results")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -166,7 +176,8 @@ def main(argv=None) -> int:
         else:
             result["index"] = str(args.index)
         result["checkout"] = str(args.checkout)
-        result["cold_search"] = cold_search(args.index, args.query, args.runs, args.checkout.resolve())
+        result["cold_search"] = cold_search(args.index, args.query, args.runs, args.checkout.resolve(),
+                                            args.compare.resolve() if args.compare else None)
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -178,6 +189,9 @@ def main(argv=None) -> int:
           f"median {cs['search']['wall_s']['median']:.2f} s wall (min {cs['search']['wall_s']['min']:.2f}), "
           f"{cs['search']['cpu_s']['median']:.2f} s CPU; `import torch` alone: median "
           f"{cs['import_torch']['wall_s']['median']:.2f} s wall, {cs['import_torch']['cpu_s']['median']:.2f} s CPU")
+    if "compare_search" in cs:
+        print(f"{args.compare}'s search, same runs: median {cs['compare_search']['wall_s']['median']:.2f} s wall, "
+              f"{cs['compare_search']['cpu_s']['median']:.2f} s CPU")
     print(f"{'file':<16} {'KB':>6} {'stored':>10} {'model':<24} {'decoded':>9} {'decode ms':>9} {'cpu':>6} "
           f"{'prep ms':>7} {'total ms':>8} {'total cpu':>9}")
     for r in result["decode"]:
