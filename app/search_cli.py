@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from retrieval.encoder import UnreadableQuery, load_query_image
     from retrieval.search import Searcher
     from retrieval.submodel import Submodel
+    from vision_model.preprocess import decode_size
 
     cascade = _cascade(args)
     gate = cascade.gate if cascade is not None else None
@@ -86,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     submodel.resolve(searcher.config)  # a bad --widths fails here, before any image is read
 
     images, names, errors = [], [], []
+    size = decode_size(searcher.config)  # decoded (reduced) as an index build decodes: the pixels the index saw
     for path in args.images:  # one bad file must not cost the others their answer
         try:
-            images.append(load_query_image(path))
+            images.append(load_query_image(path, target_size=size))
             names.append(path)
         except UnreadableQuery as e:
             errors.append({"query": path, "error": str(e)})

@@ -16,6 +16,7 @@ always sees a whole index: the previous one until the new one is published, what
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
@@ -145,12 +146,21 @@ class IndexStore:
         self._torch_vectors = None
         with self._db_lock:
             present = {row[1] for row in db.execute("PRAGMA table_info(items)")}
-            labels = db.execute("SELECT COALESCE(label, -1) FROM items ORDER BY id").fetchall()
         # columns this version lacks (an index built before they were added) read as NULL
         self._select = ", ".join(c if c in present else f"NULL AS {c}" for c in METADATA_COLUMNS)
-        self.labels = np.fromiter((row[0] for row in labels), dtype=np.int64, count=len(labels))  # -1: none
-        self.labels.setflags(write=False)  # a published version never changes
-        self.has_labels = bool((self.labels >= 0).any())
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """Label id per item (-1: none), read on first use: a plain query needs none (a million rows take 0.5 s)."""
+        with self._db_lock:
+            rows = self._db.execute("SELECT COALESCE(label, -1) FROM items ORDER BY id").fetchall()
+        labels = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        labels.setflags(write=False)  # a published version never changes
+        return labels
+
+    @functools.cached_property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod

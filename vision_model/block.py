@@ -13,7 +13,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor
 
 from .ops.backends import (causal_conv1d_silu, current_fusions, gated_rms_norm, norm_linear, resolve_backend, rms_norm,
@@ -40,10 +39,14 @@ class MatMamba2(DerivedTensorCache):
         conv_dim = d_inner + 2 * d_state
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=True)
         # dt initialised log-uniform in [dt_min, dt_max] through the inverse softplus, as in Mamba2
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        # Under a meta-device context (the model loader's: saved weights replace these) this arithmetic runs on the
+        # CPU: meta tensors go through decompositions that import torch._dynamo.
+        device = "cpu" if torch.empty(0).is_meta else None
+        dt = torch.exp(torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads, device=device).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm_weight = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
@@ -162,12 +165,15 @@ class Block(nn.Module):
         super().__init__()
         self.norm = make_norm(norm, d_model, eps)
         self.mixer = MatMamba2(d_model, d_inner, d_state, d_conv, headdim, chunk_size)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_prob = drop_path
 
     def forward(self, x: Tensor, inner: int | None = None, backend: str = "auto") -> Tensor:
         """The training block: the norm feeds in_proj (fused with it on the triton backend, `norm_linear`)."""
         y, w = self.mixer._mix(x, inner, backend, prenorm=self.norm, fold=False)
-        return x + self.drop_path(F.linear(y, w["out_proj.weight"]))
+        y = F.linear(y, w["out_proj.weight"])
+        if self.training and self.drop_prob > 0:
+            y = _drop_path()(y, self.drop_prob, True)
+        return x + y
 
     def forward_fused(self, x: Tensor, inner: int | None = None, backend: str = "auto",
                       fold_norm: bool | None = None) -> Tensor:
@@ -183,6 +189,13 @@ class Block(nn.Module):
         if backend == "triton" if fold_norm is None else fold_norm:
             return self.mixer.forward_residual(x, x, inner, backend, prenorm=self.norm)
         return self.mixer.forward_residual(rms_norm(x, self.norm.weight, self.norm.eps, backend), x, inner, backend)
+
+
+def _drop_path():
+    """timm's stochastic depth, imported when a block trains with it: a query never needs timm's import, which
+    alone outlasts a query."""
+    from timm.layers import drop_path
+    return drop_path
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

@@ -74,9 +74,10 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
-    model = MatMambaVision(config, ssd_backend=ssd_backend)
+    with torch.device("meta"):  # no memory and no initialisation for weights that are about to be replaced
+        model = MatMambaVision(config, ssd_backend=ssd_backend, init_weights=False)
     state = load_file(str(weights))
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     model.meta = meta
     model.source_dir = directory
     return model.to(device=resolve_device(device), dtype=dtype).eval()

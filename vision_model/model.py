@@ -7,13 +7,13 @@
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from timm.layers import ConvNormAct, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor
 
 from .ops.backends import current_fusions, resolve_backend
@@ -23,17 +23,47 @@ from .config import MatMambaVisionConfig
 from .ops.patchify import add_token_table_ref, add_token_table_triton, patchify_ref, patchify_triton
 
 
+def _trunc_normal():
+    """timm's truncated-normal initialiser, imported when weights are initialised (training), not when a saved
+    model is loaded for a query: timm's import alone outlasts a query."""
+    from timm.layers import trunc_normal_
+    return trunc_normal_
+
+
 class CosineClassifier(nn.Module):
     """Logits = scale * cos(x, w_c): the class decision depends on the embedding's direction only."""
 
-    def __init__(self, in_features: int, num_classes: int, scale: float):
+    def __init__(self, in_features: int, num_classes: int, scale: float, init_weights: bool = True):
         super().__init__()
         self.scale = scale
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        trunc_normal_(self.weight, std=0.02)
+        if init_weights:
+            _trunc_normal()(self.weight, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def conv_bn_gelu(in_chans: int, out_chans: int) -> nn.Sequential:
+    """A stride-2 3x3 convolution (no bias), BatchNorm and GELU: one layer of the conv stem. Built from torch's
+    layers under the names `conv` and `bn`, the parameter names of timm's ConvNormAct that saved models use, so
+    that loading a model for a query does not import timm (whose import alone outlasts a query)."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False),
+                                     bn=nn.BatchNorm2d(out_chans), act=nn.GELU()))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> (b, tokens, d_model) row-major tokens: one strided convolution, `proj` (the
+    parameter names of timm's PatchEmbed, which saved models use). The model itself computes it as one GEMM
+    (`MatMambaVision._patch_tokens`); this forward is the plain convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class _PermuteTokens(torch.autograd.Function):
@@ -52,7 +82,8 @@ class _PermuteTokens(torch.autograd.Function):
 
 
 class MatMambaVision(DerivedTensorCache):
-    def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto"):
+    def __init__(self, config: MatMambaVisionConfig, ssd_backend: str = "auto", init_weights: bool = True):
+        """init_weights=False leaves the model's own initialisation out (the weights are about to be loaded)."""
         super().__init__()
         self.config = cfg = config
         self.ssd_backend = ssd_backend
@@ -60,25 +91,26 @@ class MatMambaVision(DerivedTensorCache):
         if cfg.stem == "conv":
             chans = (cfg.in_chans, *cfg.stem_channels)
             self.stem = nn.Sequential(
-                *(ConvNormAct(cin, cout, 3, stride=2, act_layer=nn.GELU) for cin, cout in zip(chans, chans[1:])),
+                *(conv_bn_gelu(cin, cout) for cin, cout in zip(chans, chans[1:])),
                 nn.Conv2d(chans[-1], cfg.d_model, 1))
         else:
-            self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.d_model,
-                                          strict_img_size=False, bias=cfg.patch_bias)
+            self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.d_model, bias=cfg.patch_bias)
         # with cls_pos, the last row is the CLS token's position (the CLS token goes after the patches)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2 + cfg.cls_pos, cfg.d_model))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.inner_dim, cfg.d_state, cfg.d_conv, cfg.headdim, cfg.chunk_size, rate, cfg.norm_eps,
                   cfg.norm)
             for rate in rates)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.head = (CosineClassifier(cfg.d_model, cfg.num_classes, cfg.head_scale) if cfg.head == "cosine"
-                     else nn.Linear(cfg.d_model, cfg.num_classes))
-        self._init_weights()
+        self.head = (CosineClassifier(cfg.d_model, cfg.num_classes, cfg.head_scale, init_weights)
+                     if cfg.head == "cosine" else nn.Linear(cfg.d_model, cfg.num_classes))
+        if init_weights:
+            self._init_weights()
 
     def _init_weights(self):
+        trunc_normal_ = _trunc_normal()
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -103,6 +135,7 @@ class MatMambaVision(DerivedTensorCache):
         pos = self.pos_embed[:, :g * g]
         if grid == (g, g):
             return pos
+        from timm.layers import resample_abs_pos_embed  # another resolution than the trained one: rare at query time
         return resample_abs_pos_embed(pos, new_size=list(grid), old_size=[g, g], num_prefix_tokens=0)
 
     def _cls_token(self) -> Tensor:

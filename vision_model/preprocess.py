@@ -16,7 +16,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -47,17 +47,43 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
 
 
 def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
+    """uint8 (c, h, w) -> (c, size, size): "center": short side to resize_size (default size), centre crop; else
+    long side to size and padding with the border colour. PyTorch's own ops, not torchvision's (whose import costs
+    a query more than the query itself): the same antialiased bilinear interpolation on uint8 that torchvision's
+    resize calls on a CPU with AVX2, the same sizes, crop offsets and fill (tests/test_images.py checks it pixel
+    for pixel against torchvision)."""
     h, w = img.shape[-2:]
     if crop == "center":
-        img = TF.resize(img, resize_size or size, antialias=True)  # short side -> resize_size (default size)
-        return TF.center_crop(img, [size, size])
+        short = resize_size or size  # the short side -> short, the long side in proportion, rounded down
+        nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+        return _center_crop(_resize(img, nh, nw), size)
     scale = size / max(h, w)  # long side -> size, then pad with the border colour
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        img = TF.resize(img, [nh, nw], antialias=True)
+    img = _resize(img, nh, nw)
     top, left = (size - nh) // 2, (size - nw) // 2
-    fill = _border(img).tolist()
-    return TF.pad(img, [left, top, size - nw - left, size - nh - top], fill=fill)
+    # the fill as uint8, truncated as a float-to-integer cast truncates
+    fill = _border(img).to(img.dtype)
+    out = fill[:, None, None].expand(img.shape[0], size, size).clone()
+    out[:, top:top + nh, left:left + nw] = img
+    return out
+
+
+def _resize(img: Tensor, nh: int, nw: int) -> Tensor:
+    """uint8 (c, h, w) -> (c, nh, nw), bilinear with antialiasing (a box-like average when shrinking)."""
+    if (nh, nw) == tuple(img.shape[-2:]):
+        return img
+    return F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _center_crop(img: Tensor, size: int) -> Tensor:
+    """The centre size x size of (c, h, w), zero-padded first where a side is shorter than size."""
+    h, w = img.shape[-2:]
+    if h < size or w < size:
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        img = F.pad(img, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2])
+        h, w = img.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img[:, top:top + size, left:left + size]
 
 
 def _border(img: Tensor) -> Tensor:
@@ -70,7 +96,8 @@ def model_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
     """uint8 (c, h, w) of an image at its own size, in the model's channels, inverted for a model trained on
     light-on-dark images when the image's border is light (a product photo on white). Training crops from this."""
     domain_check(config, img)
-    x = TF.pil_to_tensor(to_mode(img, config.in_chans))
+    arr = np.array(to_mode(img, config.in_chans), dtype=np.uint8)  # (h, w) or (h, w, c), a copy of its own
+    x = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     if config.dark_background and _border(x).mean() > 127:
         x = 255 - x
     return x
@@ -117,8 +144,13 @@ def _fit_batch(x: Tensor, size: int, crop: str, resize_size: int | None = None) 
 
 
 def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
-    x = TF.to_dtype(x, torch.float32, scale=True)
-    return TF.normalize(x, list(config.mean), list(config.std))
+    """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel, the same float operations as torchvision's
+    to_dtype(scale=True) and normalize."""
+    x = x.to(torch.float32).mul_(1.0 / 255)
+    shape = (-1, 1, 1)
+    mean = torch.as_tensor(config.mean, dtype=torch.float32, device=x.device).view(shape)
+    std = torch.as_tensor(config.std, dtype=torch.float32, device=x.device).view(shape)
+    return x.sub_(mean).div_(std)
 
 
 def fitted_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:

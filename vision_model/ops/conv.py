@@ -10,15 +10,14 @@ tests hold both to the reference's values and gradients.
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton: the reference is all they need
-    triton = None
+from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
 
 
 def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor:
@@ -190,7 +189,23 @@ class CausalConv1dSiLU(torch.autograd.Function):
         return dx, dweight, dbias
 
 
-@torch.compiler.disable  # a compiled training block calls the kernels as they are
+def _compiler_disabled(fn):
+    """`torch.compiler.disable(fn)` (a compiled training block calls the kernels as they are), applied at the first
+    call unless torch._dynamo is loaded already: the decorator imports torch._dynamo, which would cost every process
+    that imports this module, a query loading a model among them, about a second. Dynamo handles the first call
+    inside a compiled region with a graph break."""
+    disabled = torch.compiler.disable(fn) if "torch._dynamo" in sys.modules else None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
+
+@_compiler_disabled
 def causal_conv1d_silu_train(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`causal_conv1d_silu_ref(x, weight, bias)` with autograd, forward and backward in Triton."""
     if triton is None:

@@ -13,11 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton: the PyTorch definitions serve them
-    triton = None
+from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -25,11 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without Triton: vision_model.ops.ssd_minimal serves them
-    triton = None
+from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
 
 
 if triton is not None:
