@@ -69,21 +69,29 @@ def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> T
 
 
 def _resize(img: Tensor, nh: int, nw: int) -> Tensor:
-    """uint8 (c, h, w) -> (c, nh, nw), bilinear with antialiasing (a box-like average when shrinking)."""
+    """uint8 (c, h, w) or (n, c, h, w) -> the same with (nh, nw), bilinear with antialiasing (a box-like average
+    when shrinking)."""
     if (nh, nw) == tuple(img.shape[-2:]):
         return img
-    return F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    batch = img if img.ndim == 4 else img[None]
+    if batch.dtype == torch.uint8 and batch.device.type != "cpu":
+        # uint8 interpolation is a CPU kernel; elsewhere in float, rounded back (as torchvision does off the CPU)
+        out = F.interpolate(batch.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        out = F.interpolate(batch, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    return out if img.ndim == 4 else out[0]
 
 
 def _center_crop(img: Tensor, size: int) -> Tensor:
-    """The centre size x size of (c, h, w), zero-padded first where a side is shorter than size."""
+    """The centre size x size of (c, h, w) or (n, c, h, w), zero-padded first where a side is shorter than size."""
     h, w = img.shape[-2:]
     if h < size or w < size:
         ph, pw = max(size - h, 0), max(size - w, 0)
         img = F.pad(img, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2])
         h, w = img.shape[-2:]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return img[:, top:top + size, left:left + size]
+    return img[..., top:top + size, left:left + size]
 
 
 def _border(img: Tensor) -> Tensor:
@@ -135,8 +143,7 @@ def _fit_batch(x: Tensor, size: int, crop: str, resize_size: int | None = None) 
     n, c, h, w = x.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = TF.resize(x, [nh, nw], antialias=True)
+    x = _resize(x, nh, nw)
     top, left = (size - nh) // 2, (size - nw) // 2
     out = _border_batch(x).to(torch.uint8).view(n, c, 1, 1).repeat(1, 1, size, size)
     out[..., top:top + nh, left:left + nw] = x
