@@ -151,7 +151,12 @@ def main(argv=None) -> int:
     on_gpu = args.device.startswith("cuda")
     gpus_available = torch.cuda.device_count() if on_gpu else 1
 
-    rows = [run_build("local", folder, work / "idx-local", model_dir, args)]
+    # the Ray engine decodes on CPU tasks, so the local engine it is compared with decodes on the CPU too (nvJPEG's
+    # pixels differ from Pillow's by a few grey levels: not the same vectors); the GPU-decoding local build is the
+    # throughput it has to catch up with
+    rows = [run_build("local", folder, work / "idx-local", model_dir, args, decode="cpu")]
+    if args.device == "cuda":
+        rows.append(run_build("local, nvJPEG decode", folder, work / "idx-local-gpu", model_dir, args, decode="gpu"))
     for g in (int(v) for v in args.gpus.split(",")):
         if g > gpus_available:
             rows.append({"run": f"ray {g} GPU", "skipped": f"only {gpus_available} GPUs here"})
