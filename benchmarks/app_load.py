@@ -55,6 +55,46 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _descendants(pid: int) -> list[int]:
+    """pid's child processes, theirs, and so on (not pid itself)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _tree_cpu_s(pids) -> dict[int, float]:
+    """CPU seconds of each process still alive."""
+    cpu = {}
+    for pid in pids:
+        try:
+            cpu[pid] = _cpu_s(pid)
+        except OSError:
+            pass
+    return cpu
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used (every core, /proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def _streamlit_pid(launcher: int, deadline: float) -> int:
     """The streamlit server: the launcher's child process."""
     while time.monotonic() < deadline:
@@ -126,6 +166,13 @@ async def _search(page, query: Path) -> float:
     return time.perf_counter() - start
 
 
+def _browser_pids(server_pid: int) -> list[int]:
+    """This process's descendants other than the server and its launcher: the Playwright driver and Chromium."""
+    launcher = int(Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    server = {launcher, server_pid, *_descendants(server_pid)}
+    return [pid for pid in _descendants(os.getpid()) if pid not in server]
+
+
 async def measure(args, url: str, server_pid: int) -> dict:
     from playwright.async_api import async_playwright
 
@@ -142,10 +189,14 @@ async def measure(args, url: str, server_pid: int) -> dict:
             await asyncio.sleep(args.settle)
             idle = _rss_mb(server_pid)
 
-            single, cpu = [], _cpu_s(server_pid)
+            single, cpu, search_cpu = [], _cpu_s(server_pid), {"server": 0.0, "browsers": 0.0}
             for i in range(args.single):
                 page = await _open(browser, url)
+                browsers, server = _tree_cpu_s(_browser_pids(server_pid)), _cpu_s(server_pid)
                 single.append(await _search(page, queries[i]))
+                search_cpu["server"] += (_cpu_s(server_pid) - server) / args.single
+                search_cpu["browsers"] += sum(t - browsers.get(pid, 0.0) for pid, t in
+                                              _tree_cpu_s(_browser_pids(server_pid)).items()) / args.single
                 await page.context.close()
             single_cpu = (_cpu_s(server_pid) - cpu) / args.single
 
@@ -160,9 +211,15 @@ async def measure(args, url: str, server_pid: int) -> dict:
             sampler = threading.Thread(target=sample, daemon=True)
             pages = await asyncio.gather(*[_open(browser, url) for _ in range(args.sessions)])
             sampler.start()
-            started, cpu = time.perf_counter(), _cpu_s(server_pid)
+            load_before = _loadavg()
+            browsers = _tree_cpu_s(_browser_pids(server_pid))
+            started, cpu, machine = time.perf_counter(), _cpu_s(server_pid), _machine_busy_s()
             concurrent = await asyncio.gather(*[_search(pg, queries[i]) for i, pg in enumerate(pages)])
             wall, concurrent_cpu = time.perf_counter() - started, _cpu_s(server_pid) - cpu
+            machine = _machine_busy_s() - machine
+            browsers_after = _tree_cpu_s(_browser_pids(server_pid))
+            browser_cpu = sum(t - browsers.get(pid, 0.0) for pid, t in browsers_after.items())
+            load_after = _loadavg()
             loaded = _rss_mb(server_pid)
             for pg in pages:
                 await pg.context.close()
@@ -176,6 +233,12 @@ async def measure(args, url: str, server_pid: int) -> dict:
             "concurrent_s": sorted(concurrent), "concurrent_wall_s": wall,
             "worst_over_single": max(concurrent) / one,
             "server_cpu_s": {"per_single_session": single_cpu, "all_concurrent": concurrent_cpu},
+            "single_search_cpu_s": search_cpu,  # one lone search (upload to results drawn), mean of the runs
+            # during the concurrent searches: the browsers (Chromium and the Playwright driver) and everything on
+            # the machine, to tell the server's share from the browsers' and other jobs'
+            "concurrent_cpu_s": {"server": concurrent_cpu, "browsers": browser_cpu, "machine": machine,
+                                 "machine_capacity": wall * len(os.sched_getaffinity(0))},
+            "loadavg_1min": {"before_concurrent": load_before, "after_concurrent": load_after},
             "rss_mb": {"idle": idle, "peak": peak[0], "after_load": loaded, "after_close": after},
             "settle_s": args.settle, "cpus": len(os.sched_getaffinity(0))}
 
@@ -206,6 +269,11 @@ def main(argv=None) -> int:
     cpu = result["server_cpu_s"]
     print(f"server CPU: {cpu['per_single_session']:.2f} s per lone session (open + search), "
           f"{cpu['all_concurrent']:.2f} s for the {result['sessions']} concurrent searches")
+    c, one_cpu = result["concurrent_cpu_s"], result["single_search_cpu_s"]
+    print(f"one lone search: server {one_cpu['server']:.2f} CPU-s, browsers {one_cpu['browsers']:.2f} CPU-s")
+    print(f"during the concurrent searches: server {c['server']:.2f} CPU-s, browsers {c['browsers']:.2f} CPU-s, "
+          f"whole machine {c['machine']:.2f} of {c['machine_capacity']:.2f} CPU-s; load average "
+          f"{result['loadavg_1min']['before_concurrent']:.1f} -> {result['loadavg_1min']['after_concurrent']:.1f}")
     print(f"server RSS: idle {rss['idle']:.0f} MB, peak {rss['peak']:.0f} MB, {result['settle_s']:.0f} s after "
           f"closing {rss['after_close']:.0f} MB ({100 * (rss['after_close'] / rss['idle'] - 1):+.1f} %)")
     return 0
