@@ -4,7 +4,8 @@
 
 Starts `matsearch app` on a free port, warms it up with one session, then measures
   - one session alone: seconds from the upload to all k results drawn (median of --single runs),
-  - --sessions sessions uploading together: the same, per session,
+  - --sessions sessions uploading together: the same, per session (the pages opened and drawn first),
+  - CPU seconds used during the searches by the server, by the browsers and by the whole machine,
   - the server's resident memory (RSS of the streamlit process, from /proc): idle after the warm-up, peak under
     load, and --settle seconds after the sessions closed.
 Needs playwright and Debian's /usr/bin/chromium. The browsers run on the same machine as the server.
@@ -173,6 +174,21 @@ def _browser_pids(server_pid: int) -> list[int]:
     return [pid for pid in _descendants(os.getpid()) if pid not in server]
 
 
+async def _settled(server_pid: int, quiet: float = 0.05, timeout: float = 60.0) -> float:
+    """Waits until the browsers have finished what the pages opened with (a chart's code is loaded and drawn
+    after the script run has finished): their CPU use over half a second falls below `quiet` CPU-s. Returns
+    the seconds waited."""
+    start = time.perf_counter()
+    before = _tree_cpu_s(_browser_pids(server_pid))
+    while time.perf_counter() - start < timeout:
+        await asyncio.sleep(0.5)
+        now = _tree_cpu_s(_browser_pids(server_pid))
+        if sum(t - before.get(pid, 0.0) for pid, t in now.items()) < quiet:
+            break
+        before = now
+    return time.perf_counter() - start
+
+
 async def measure(args, url: str, server_pid: int) -> dict:
     from playwright.async_api import async_playwright
 
@@ -192,6 +208,7 @@ async def measure(args, url: str, server_pid: int) -> dict:
             single, cpu, search_cpu = [], _cpu_s(server_pid), {"server": 0.0, "browsers": 0.0}
             for i in range(args.single):
                 page = await _open(browser, url)
+                await _settled(server_pid)  # the search alone is measured, not the page still being drawn
                 browsers, server = _tree_cpu_s(_browser_pids(server_pid)), _cpu_s(server_pid)
                 single.append(await _search(page, queries[i]))
                 search_cpu["server"] += (_cpu_s(server_pid) - server) / args.single
@@ -210,6 +227,7 @@ async def measure(args, url: str, server_pid: int) -> dict:
 
             sampler = threading.Thread(target=sample, daemon=True)
             pages = await asyncio.gather(*[_open(browser, url) for _ in range(args.sessions)])
+            settle_open = await _settled(server_pid)
             sampler.start()
             load_before = _loadavg()
             browsers = _tree_cpu_s(_browser_pids(server_pid))
@@ -239,6 +257,7 @@ async def measure(args, url: str, server_pid: int) -> dict:
             "concurrent_cpu_s": {"server": concurrent_cpu, "browsers": browser_cpu, "machine": machine,
                                  "machine_capacity": wall * len(os.sched_getaffinity(0))},
             "loadavg_1min": {"before_concurrent": load_before, "after_concurrent": load_after},
+            "pages_settled_s": settle_open,  # waited after opening the sessions, before their uploads
             "rss_mb": {"idle": idle, "peak": peak[0], "after_load": loaded, "after_close": after},
             "settle_s": args.settle, "cpus": len(os.sched_getaffinity(0))}
 
