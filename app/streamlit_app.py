@@ -23,6 +23,8 @@ from app.settings import Settings, from_argv  # noqa: E402
 from vision_model.preprocess import decode_size  # noqa: E402
 from vision_model.views import describe  # noqa: E402
 
+UPLOAD_TAB = ":material/upload: Upload images"
+GALLERY_TAB = ":material/photo_library: Pick from the database"
 GALLERY_SIZE = 16
 GALLERY_COLUMNS = 8
 RESULT_COLUMNS = 6
@@ -264,8 +266,7 @@ def header(searcher, settings: Settings) -> None:
 
 
 def query_inputs(searcher, settings: Settings) -> None:
-    upload_tab, gallery_tab = st.tabs([":material/upload: Upload images",
-                                       ":material/photo_library: Pick from the database"])
+    upload_tab, gallery_tab = st.tabs([UPLOAD_TAB, GALLERY_TAB], key="query_tab", on_change="rerun")
     with upload_tab:
         files = st.file_uploader(
             "Drop query images here, or browse", accept_multiple_files=True, key="uploads",
@@ -275,7 +276,8 @@ def query_inputs(searcher, settings: Settings) -> None:
                    "JPEG, PNG, WebP, BMP, GIF, TIFF or PPM.")
         track_uploads(files)
     with gallery_tab:
-        gallery(searcher)
+        if gallery_tab.open:  # only while it is shown: a search from an upload does not redraw its 16 images
+            gallery(searcher)
 
 
 def gallery(searcher) -> None:

@@ -42,6 +42,7 @@ DEFAULT_K = 12
 APP_ENV = ("MATSEARCH_APP_INDEX", "MATSEARCH_APP_MODEL", "MATSEARCH_APP_EVAL_JSON", "MATSEARCH_APP_LIMIT",
            "MATSEARCH_APP_DEVICE", "MATSEARCH_APP_MAX_UPLOAD_MB", "MATSEARCH_APP_MAX_PIXELS",
            "MATSEARCH_APP_MAX_FILES")
+GALLERY_TAB = ":material/photo_library: Pick from the database"
 HIT = re.compile(r"\*\*#(\d+)\*\* &nbsp;score \*\*(-?[\d.]+)\*\*  \n(.*)")
 
 
@@ -120,10 +121,17 @@ def _png_claiming_size(width: int, height: int) -> bytes:
 
 
 # -- AppTest helpers --------------------------------------------------------------------------------------------------
-def _open_app(timeout: float = 60) -> AppTest:
+def _open_app(timeout: float = 60, gallery: bool = True) -> AppTest:
+    """The page as a new session sees it; with `gallery`, then with the database tab chosen (its images are drawn
+    only while it is shown)."""
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=timeout)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    if gallery:
+        assert not _gallery_ids(at)
+        at.session_state["query_tab"] = GALLERY_TAB
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
     return at
 
 
@@ -177,6 +185,20 @@ def test_gallery_pick_shows_k_results_with_latency_and_mflops(app_env):
 
     at.slider(key="k").set_value(5).run()
     assert len(_hits(at)) == 5 and _hits(at) == ids[:5]
+
+
+def test_the_gallery_is_drawn_only_while_its_tab_is_shown(app_env):
+    at = _open_app(gallery=False)
+    assert not _gallery_ids(at) and not at.get("image")  # the upload tab is the first one: no database images
+    at.session_state["query_tab"] = GALLERY_TAB
+    at.run()
+    assert len(_gallery_ids(at)) == 16 and len(at.get("image")) == 16
+    _pick(at)
+    ids = _hits(at)
+    at.session_state["query_tab"] = ":material/upload: Upload images"
+    at.run()
+    assert not at.exception and not _gallery_ids(at)
+    assert _hits(at) == ids  # the results stay
 
 
 def test_a_rerun_with_the_same_query_and_settings_does_not_search_again(app_env, monkeypatch):
@@ -690,6 +712,20 @@ def test_browser_a_search_redraws_only_the_search_part(server, browser, tmp_path
         page.wait_for_function("() => document.querySelector('.st-key-query-0')?.innerText.includes('database #')",
                                timeout=60_000)
         page.locator('[class*="st-key-hit-0-"]').nth(DEFAULT_K - 1).wait_for(timeout=60_000)
+        _wait_until_done(page)
+        assert page.locator('[class*="st-key-hit-0-"]').count() == DEFAULT_K
+        assert page.evaluate("window.changes") == {"sidebar": 0, "header": 0}
+
+        # the database tab draws its images when it is chosen; a pick from it searches, the sidebar still unchanged
+        assert page.locator('[class*="st-key-gallery-"]').count() == 0
+        page.get_by_role("tab", name="Pick from the database").click()
+        page.locator('[class*="st-key-gallery-"] img').nth(15).wait_for(timeout=60_000)
+        _wait_until_done(page)
+        picked = page.locator('[class*="st-key-gallery-"]').first
+        item = re.search(r"st-key-gallery-(\d+)", picked.get_attribute("class")).group(1)
+        picked.get_by_role("button", name="Search").click()
+        page.wait_for_function("id => document.querySelector('.st-key-query-0')?.innerText.includes('database #' + id)",
+                               arg=item, timeout=60_000)
         _wait_until_done(page)
         assert page.locator('[class*="st-key-hit-0-"]').count() == DEFAULT_K
         assert page.evaluate("window.changes") == {"sidebar": 0, "header": 0}
