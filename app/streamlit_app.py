@@ -5,6 +5,7 @@ options. The model and index are loaded once per server process and shared by ev
 """
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import time
@@ -22,6 +23,8 @@ from app.settings import Settings, from_argv  # noqa: E402
 from vision_model.preprocess import decode_size  # noqa: E402
 from vision_model.views import describe  # noqa: E402
 
+UPLOAD_TAB = ":material/upload: Upload images"
+GALLERY_TAB = ":material/photo_library: Pick from the database"
 GALLERY_SIZE = 16
 GALLERY_COLUMNS = 8
 RESULT_COLUMNS = 6
@@ -57,7 +60,29 @@ def get_builder(key: str, _settings: Settings) -> engine.IndexBuilder:
 
 @st.cache_resource(show_spinner="Loading the model and the index …")
 def get_searcher(key: str, _settings: Settings):
-    return engine.open_searcher(_settings)
+    searcher = engine.open_searcher(_settings)
+    keep_out_of_garbage_collection()
+    return searcher
+
+
+def keep_out_of_garbage_collection() -> None:
+    """Streamlit runs a full garbage collection after every script run (`runner.postScriptGC`). It walks every
+    object in the process while holding the GIL: with torch, FAISS and the model loaded that is about half a
+    million objects, and under load every session's collection queues behind the others'. What is loaded now
+    lives as long as the server, so it is moved out of the collector's view (`gc.freeze`); what the sessions
+    create afterwards is still collected after each run."""
+    gc.collect()
+    gc.freeze()
+
+
+@st.cache_resource(show_spinner=False)
+def load_chart_libraries() -> None:
+    """pandas and Altair, loaded by the first chart (not before: they cost the server about 90 MB), then kept
+    out of the collections like the model."""
+    import altair  # noqa: F401
+    import pandas  # noqa: F401
+
+    keep_out_of_garbage_collection()
 
 
 @st.cache_data(max_entries=1024, ttl=3600, show_spinner=False)  # PNG bytes: bounded, shared by the sessions
@@ -241,8 +266,7 @@ def header(searcher, settings: Settings) -> None:
 
 
 def query_inputs(searcher, settings: Settings) -> None:
-    upload_tab, gallery_tab = st.tabs([":material/upload: Upload images",
-                                       ":material/photo_library: Pick from the database"])
+    upload_tab, gallery_tab = st.tabs([UPLOAD_TAB, GALLERY_TAB], key="query_tab", on_change="rerun")
     with upload_tab:
         files = st.file_uploader(
             "Drop query images here, or browse", accept_multiple_files=True, key="uploads",
@@ -252,7 +276,8 @@ def query_inputs(searcher, settings: Settings) -> None:
                    "JPEG, PNG, WebP, BMP, GIF, TIFF or PPM.")
         track_uploads(files)
     with gallery_tab:
-        gallery(searcher)
+        if gallery_tab.open:  # only while it is shown: a search from an upload does not redraw its 16 images
+            gallery(searcher)
 
 
 def gallery(searcher) -> None:
@@ -270,11 +295,11 @@ def gallery(searcher) -> None:
               on_click=lambda: st.session_state.update(gallery_seed=seed + 1))
 
 
-def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
-    """The current query images; problems with uploads are shown as errors and leave those files out."""
+def collect_queries(searcher, settings: Settings) -> tuple[list[engine.Query], list[str]]:
+    """(the current query images, problems to show): a problem with an upload leaves that file out."""
     query = st.session_state.get("query")
     if query is None:
-        return []
+        return [], []
     if query["kind"] == "item":
         store = searcher.store
         item_id = query["id"]
@@ -282,15 +307,15 @@ def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
         try:
             image = store.load_image(item_id, target_size=decode_size(searcher.config))  # as the index decoded it
         except Exception as e:
-            st.error(f"Database item #{item_id} cannot be read from its source: {e}")
-            return []
+            return [], [f"Database item #{item_id} cannot be read from its source: {e}"]
         row = store.metadata([item_id])[0]
         name = f"database #{item_id}" + (f" ({row['label_name']})" if row.get("label_name") else "")
-        return [engine.Query(name, image, (time.perf_counter() - start) * 1e3, exclude_id=item_id)]
+        return [engine.Query(name, image, (time.perf_counter() - start) * 1e3, exclude_id=item_id)], []
     files = st.session_state.get("uploads") or []
+    problems = []
     if len(files) > settings.max_files:
-        st.error(f"{len(files)} files uploaded: at most {settings.max_files} are searched at once; the first "
-                 f"{settings.max_files} are used.")
+        problems.append(f"{len(files)} files uploaded: at most {settings.max_files} are searched at once; the "
+                        f"first {settings.max_files} are used.")
         files = files[:settings.max_files]
     queries = []
     for f in files:
@@ -300,8 +325,40 @@ def collect_queries(searcher, settings: Settings) -> list[engine.Query]:
                                             f"{settings.max_upload_bytes / 2 ** 20:g} MB")
             queries.append(engine.decode_upload(f.name, f.getvalue(), settings, searcher.config.img_size))
         except engine.UploadRejected as e:
-            st.error(f"Cannot use this upload. {e}")
-    return queries
+            problems.append(f"Cannot use this upload. {e}")
+    return queries, problems
+
+
+def query_key():
+    """What identifies the current query: a database item, or the set of uploaded files."""
+    query = st.session_state.get("query")
+    if query is None:
+        return None
+    return ("item", query["id"]) if query["kind"] == "item" else ("upload", st.session_state.get("upload_signature"))
+
+
+def current_outcomes(searcher, settings: Settings, submodel, cascade, k: int, threshold,
+                     label_ids) -> list[engine.Outcome]:
+    """The current query's results. A rerun that changes neither the query nor the search's settings (the
+    gallery's shuffle, the chart's metric) shows the session's last results again instead of decoding,
+    encoding and searching again."""
+    key = (query_key(), submodel, cascade, k, threshold, tuple(label_ids))
+    last = st.session_state.get("last_search")
+    if last is not None and last[0] == key:
+        return last[1]
+    queries, problems = collect_queries(searcher, settings)
+    for problem in problems:
+        st.error(problem)
+    if not queries:
+        return []
+    try:
+        outcomes = engine.search(searcher, queries, submodel, k, cascade, label_ids, threshold)
+    except Exception as e:  # e.g. an image the model cannot preprocess: a message, not a stack trace
+        st.error(f"The search failed: {e}")
+        return []
+    if not problems:  # the messages are shown again by searching again
+        st.session_state.last_search = (key, outcomes)
+    return outcomes
 
 
 def show_outcome(index: int, outcome: engine.Outcome, store, k: int) -> None:
@@ -382,8 +439,22 @@ def cost_chart_spec(records: list[dict], metric: str, current_name: str, current
     return chart.to_dict(), not match.empty
 
 
+@st.cache_data(max_entries=64, show_spinner=False)  # read again only when one of the files changes
+def eval_records(paths: tuple[Path, ...], stamps: tuple) -> tuple[list[dict], Path | None, str | None]:
+    return engine.load_eval_records(paths)
+
+
+def file_stamp(path: Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: float, measured: bool) -> None:
-    records, path, problem = engine.load_eval_records(engine.eval_candidates(settings, searcher.model_dir))
+    candidates = tuple(engine.eval_candidates(settings, searcher.model_dir))
+    records, path, problem = eval_records(candidates, tuple(file_stamp(p) for p in candidates))
     scope = engine.EvalScope.of(records)
     on_index = bool(records) and scope.matches(searcher.store)
     elsewhere = f" (measured on {engine.source_name(scope.database_source)}, not on this index)"
@@ -403,6 +474,7 @@ def cost_chart(searcher, settings: Settings, current_name: str, current_mflops: 
     metric = st.radio("Accuracy", ["top1", "map@10"], key="chart_metric", horizontal=True,
                       format_func={"top1": "top-1", "map@10": "mAP@10"}.get)
     title = f"measured on {scope.describe()}" + ("" if on_index else " (not this index)")
+    load_chart_libraries()
     spec, ringed = cost_chart_spec(records, metric, current_name, current_mflops, title)
     st.vega_lite_chart(spec=spec, width="stretch")
     how = "measured on the last query" if measured else "from the cost model"
@@ -435,17 +507,20 @@ def main() -> None:
     submodel, cascade, k, threshold, label_ids = sidebar(searcher)
     header(searcher, settings)
     st.session_state.setdefault("query", None)
-    query_inputs(searcher, settings)
+    search_area(searcher, settings, submodel, cascade, k, threshold, label_ids)
 
-    queries = collect_queries(searcher, settings)
+
+@st.fragment
+def search_area(searcher, settings: Settings, submodel, cascade, k: int, threshold, label_ids) -> None:
+    """The query inputs, the results and the chart. An upload, a pick from the database, "More like this" or the
+    chart's metric rerun only this part of the page (the sidebar and header stay as they are, in the server and
+    in the browser); the sidebar's controls rerun the whole page, which passes their new values here."""
+    query_inputs(searcher, settings)
     outcomes = []
     if st.session_state.query is None:
         st.info("Upload an image, or pick one from the database, to search.")
-    elif queries:
-        try:
-            outcomes = engine.search(searcher, queries, submodel, k, cascade, label_ids, threshold)
-        except Exception as e:  # e.g. an image the model cannot preprocess: a message, not a stack trace
-            st.error(f"The search failed: {e}")
+    else:
+        outcomes = current_outcomes(searcher, settings, submodel, cascade, k, threshold, label_ids)
     for i, outcome in enumerate(outcomes):
         show_outcome(i, outcome, searcher.store, k)
 

@@ -6,6 +6,7 @@ temporary folders. The browser tests (marked `browser`) need Debian's /usr/bin/c
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -41,6 +42,7 @@ DEFAULT_K = 12
 APP_ENV = ("MATSEARCH_APP_INDEX", "MATSEARCH_APP_MODEL", "MATSEARCH_APP_EVAL_JSON", "MATSEARCH_APP_LIMIT",
            "MATSEARCH_APP_DEVICE", "MATSEARCH_APP_MAX_UPLOAD_MB", "MATSEARCH_APP_MAX_PIXELS",
            "MATSEARCH_APP_MAX_FILES")
+GALLERY_TAB = ":material/photo_library: Pick from the database"
 HIT = re.compile(r"\*\*#(\d+)\*\* &nbsp;score \*\*(-?[\d.]+)\*\*  \n(.*)")
 
 
@@ -119,10 +121,17 @@ def _png_claiming_size(width: int, height: int) -> bytes:
 
 
 # -- AppTest helpers --------------------------------------------------------------------------------------------------
-def _open_app(timeout: float = 60) -> AppTest:
+def _open_app(timeout: float = 60, gallery: bool = True) -> AppTest:
+    """The page as a new session sees it; with `gallery`, then with the database tab chosen (its images are drawn
+    only while it is shown)."""
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=timeout)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    if gallery:
+        assert not _gallery_ids(at)
+        at.session_state["query_tab"] = GALLERY_TAB
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
     return at
 
 
@@ -176,6 +185,59 @@ def test_gallery_pick_shows_k_results_with_latency_and_mflops(app_env):
 
     at.slider(key="k").set_value(5).run()
     assert len(_hits(at)) == 5 and _hits(at) == ids[:5]
+
+
+def test_the_gallery_is_drawn_only_while_its_tab_is_shown(app_env):
+    at = _open_app(gallery=False)
+    assert not _gallery_ids(at) and not at.get("image")  # the upload tab is the first one: no database images
+    at.session_state["query_tab"] = GALLERY_TAB
+    at.run()
+    assert len(_gallery_ids(at)) == 16 and len(at.get("image")) == 16
+    _pick(at)
+    ids = _hits(at)
+    at.session_state["query_tab"] = ":material/upload: Upload images"
+    at.run()
+    assert not at.exception and not _gallery_ids(at)
+    assert _hits(at) == ids  # the results stay
+
+
+def test_a_rerun_with_the_same_query_and_settings_does_not_search_again(app_env, monkeypatch):
+    from app import engine
+
+    searches = []
+    real_search = engine.search
+
+    def counting_search(*args, **kwargs):
+        searches.append(args[1:])
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "search", counting_search)
+    at = _open_app()
+    _pick(at)
+    assert len(searches) == 1
+    ids, encode_ms = _hits(at), _metric(at, "Encode (ms)")
+    at.button(key="shuffle").click().run()  # other gallery images: the same query, the same results
+    at.radio(key="chart_metric").set_value("map@10").run()
+    assert not at.exception and len(searches) == 1
+    assert _hits(at) == ids and _metric(at, "Encode (ms)") == encode_ms
+    at.slider(key="k").set_value(5).run()  # a setting of the search: searched again
+    assert len(searches) == 2 and _hits(at) == ids[:5]
+    at.button(key=f"more-0-1-{ids[0]}").click().run()  # another query
+    assert len(searches) == 3 and ids[0] not in _hits(at)
+
+
+def test_what_the_page_loaded_once_is_left_out_of_the_collection_after_each_run(app_env):
+    """Streamlit collects garbage after every script run; the model, torch and FAISS, loaded once per server, are
+    not walked again by every session's collection."""
+    import faiss
+
+    _open_app()
+    tracked = {id(o) for o in gc.get_objects()}
+    assert id(torch.nn.Module) not in tracked and id(faiss.IndexFlatIP) not in tracked
+    garbage = [[]]
+    garbage[0].append(garbage)  # what a session creates afterwards is still collected
+    del garbage
+    assert gc.collect() >= 2
 
 
 def test_changing_granularity_changes_the_mflops_shown(app_env):
@@ -622,6 +684,51 @@ def test_browser_upload_results_granularity_and_latency(server, browser, app_dat
         ARTIFACTS.mkdir(exist_ok=True)  # what the page looked like when it failed
         page.screenshot(path=str(ARTIFACTS / "app-browser-failure.png"), full_page=True)
         raise
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_browser_a_search_redraws_only_the_search_part(server, browser, tmp_path):
+    """A new query (here "More like this" after an upload) reruns the query inputs, results and chart; the
+    sidebar and the header are left as they are."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    try:
+        page.goto(server)
+        query = tmp_path / "query.png"
+        query.write_bytes(_test_image_png(1))
+        _upload(page, query)
+        page.locator('[class*="st-key-hit-0-"]').nth(DEFAULT_K - 1).wait_for(timeout=60_000)
+        _wait_until_done(page)
+        assert "query.png" in page.locator(".st-key-query-0").inner_text()
+        page.evaluate("""() => {
+            window.changes = {sidebar: 0, header: 0};
+            const watch = (node, part) => new MutationObserver(m => { window.changes[part] += m.length; })
+                .observe(node, {subtree: true, childList: true, attributes: true, characterData: true});
+            watch(document.querySelector('[data-testid="stSidebarUserContent"]'), 'sidebar');
+            watch(document.querySelector('h1').closest('[data-testid="stElementContainer"]'), 'header');
+        }""")
+        page.locator(".st-key-hit-0-1").get_by_role("button", name="More like this").click()
+        page.wait_for_function("() => document.querySelector('.st-key-query-0')?.innerText.includes('database #')",
+                               timeout=60_000)
+        page.locator('[class*="st-key-hit-0-"]').nth(DEFAULT_K - 1).wait_for(timeout=60_000)
+        _wait_until_done(page)
+        assert page.locator('[class*="st-key-hit-0-"]').count() == DEFAULT_K
+        assert page.evaluate("window.changes") == {"sidebar": 0, "header": 0}
+
+        # the database tab draws its images when it is chosen; a pick from it searches, the sidebar still unchanged
+        assert page.locator('[class*="st-key-gallery-"]').count() == 0
+        page.get_by_role("tab", name="Pick from the database").click()
+        page.locator('[class*="st-key-gallery-"] img').nth(15).wait_for(timeout=60_000)
+        _wait_until_done(page)
+        picked = page.locator('[class*="st-key-gallery-"]').first
+        item = re.search(r"st-key-gallery-(\d+)", picked.get_attribute("class")).group(1)
+        picked.get_by_role("button", name="Search").click()
+        page.wait_for_function("id => document.querySelector('.st-key-query-0')?.innerText.includes('database #' + id)",
+                               arg=item, timeout=60_000)
+        _wait_until_done(page)
+        assert page.locator('[class*="st-key-hit-0-"]').count() == DEFAULT_K
+        assert page.evaluate("window.changes") == {"sidebar": 0, "header": 0}
     finally:
         page.close()
 

@@ -189,6 +189,8 @@ def test_the_page_flags_blank_results_and_says_what_the_model_saw(wallpapers, mo
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("trained on 28×28 grey Fashion-MNIST images" in c.value for c in at.caption)
+    at.session_state["query_tab"] = ":material/photo_library: Pick from the database"  # drawn while shown
+    at.run()
     with IndexStore.open(wallpapers.index, device="cpu") as store:
         waves = next(row["id"] for row in store.metadata(range(len(store))) if row["key"] == "waves.png")
     at.button(key=f"pick-{waves}").click().run()
