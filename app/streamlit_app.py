@@ -323,7 +323,7 @@ def collect_queries(searcher, settings: Settings) -> tuple[list[engine.Query], l
             if f.size > settings.max_upload_bytes:  # before reading it
                 raise engine.UploadRejected(f"{f.name}: the file is {f.size / 2 ** 20:.1f} MB, over the limit of "
                                             f"{settings.max_upload_bytes / 2 ** 20:g} MB")
-            queries.append(engine.decode_upload(f.name, f.getvalue(), settings, searcher.config.img_size))
+            queries.append(engine.decode_upload(f.name, f.getvalue(), settings, decode_size(searcher.config)))
         except engine.UploadRejected as e:
             problems.append(f"Cannot use this upload. {e}")
     return queries, problems
