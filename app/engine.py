@@ -200,7 +200,8 @@ def search(searcher, queries: Sequence[Query], submodel, k: int, cascade=None,
 def decode_upload(name: str, data: bytes, settings: Settings, target_size: int | None = None) -> Query:
     """An uploaded file -> a query image, in memory only; UploadRejected says what is wrong with it.
 
-    target_size: `preprocess.decode_size` of the model, so the upload is decoded (at reduced size) as an index build decodes."""
+    target_size: `preprocess.decode_size` of the model, so the upload is decoded (at reduced size) as an index build
+    decodes."""
     from vision_model.images import UnreadableImage, decode_image
 
     if len(data) > settings.max_upload_bytes:
