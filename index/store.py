@@ -34,6 +34,8 @@ CURRENT_FILE = "CURRENT"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
+# candidates a compressed index's search re-scores exactly: the depth benchmarks/ann_scale.py needed at 10^7 vectors
+RERANK_DEPTH = 200
 METADATA_FILE = "metadata.sqlite"
 FORMAT = "matsearch-index"
 FORMAT_VERSION = 1
@@ -301,9 +303,25 @@ class IndexStore:
         return Path(self.manifest["model_dir"])
 
     # -- search ----------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @functools.cached_property
+    def compressed(self) -> bool:
+        """Whether FAISS scores compressed codes (PQ, scalar quantizer) rather than the vectors themselves."""
+        if self._index is None:
+            return False
+        index = self._index
+        try:
+            index = faiss.extract_index_ivf(index)
+        except RuntimeError:  # not an IVF index
+            pass
+        name = type(faiss.downcast_index(index)).__name__
+        return "PQ" in name or "ScalarQuantizer" in name or "SQ" in name
+
+    def search(self, queries: np.ndarray, k: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product for queries (n, d) float32 (L2-normalise them for cosine scores).
 
+        rerank: for a compressed index (IVF-PQ in RAM or on disk), the FAISS candidates re-scored exactly against
+        the stored vectors (memory-mapped: only their rows are read); None: max(k, RERANK_DEPTH), 0: none. Codes
+        of d/8 bytes lose the order among near neighbours, the exact re-scoring restores it (docs/notes.md 18.8).
         Returns (scores float32 (n, k), ids int64 (n, k)), best first; where fewer than k exist, ids are -1 and
         scores -inf.
         """
@@ -316,9 +334,15 @@ class IndexStore:
             raise ValueError(f"k must be >= 1, got {k}")
         if self.backend == "torch":
             return self._search_torch(q, k)
-        scores, ids = self._index.search(q, k)
+        depth = (max(k, RERANK_DEPTH) if rerank is None else max(k, rerank) if rerank else 0) \
+            if self.compressed else 0
+        scores, ids = self._index.search(q, depth or k)
+        ids = ids.astype(np.int64, copy=False)
+        if depth:
+            from .ondisk import rerank as rescore
+            scores, ids = rescore(self.vectors, q, ids, k)
         scores[ids < 0] = -np.inf
-        return scores, ids.astype(np.int64, copy=False)
+        return scores, ids
 
     def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch

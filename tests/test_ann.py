@@ -144,7 +144,15 @@ def test_store_opens_and_searches_an_on_disk_index_and_add_extends_it(tmp_path, 
     reference, _ = ondisk.train(m["index_factory"], vectors, "faiss-cpu")
     reference.add(vectors)
     faiss.extract_index_ivf(reference).nprobe = m["search_params"]["nprobe"]
-    np.testing.assert_array_equal(store.search(vectors[:100], 5)[1], reference.search(vectors[:100], 5)[1])
+    np.testing.assert_array_equal(store.search(vectors[:100], 5, rerank=0)[1], reference.search(vectors[:100], 5)[1])
+
+    # by default the PQ candidates are re-scored exactly against the stored vectors: exact scores, better neighbours
+    queries = vectors[:200]
+    scores, ids = store.search(queries, 10)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[ids]), rtol=1e-5, atol=1e-6)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    recall = lambda found: np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, exact)]) / 10  # noqa: E731
+    assert recall(ids) > recall(store.search(queries, 10, rerank=0)[1]) + 0.1
 
     added = build_index("fashion-mnist:train", tmp_path / "idx", limit=300, add=True, device="cpu",
                         progress=False)
@@ -152,5 +160,5 @@ def test_store_opens_and_searches_an_on_disk_index_and_add_extends_it(tmp_path, 
     store2 = IndexStore.open(tmp_path / "idx", device="cpu")
     everything = np.asarray(store2.vectors)
     reference.add(everything[1200:])
-    np.testing.assert_array_equal(store2.search(everything[1150:1300], 5)[1],
+    np.testing.assert_array_equal(store2.search(everything[1150:1300], 5, rerank=0)[1],
                                   reference.search(everything[1150:1300], 5)[1])
