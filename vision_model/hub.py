@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -74,7 +75,9 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
-    with torch.device("meta"):  # no memory and no initialisation for weights that are about to be replaced
+    with torch.device("meta"), warnings.catch_warnings():  # no memory and no initialisation for weights that are
+        # about to be replaced; torch's layer constructors still call their init, which warns on empty (head) weights
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         model = MatMambaVision(config, ssd_backend=ssd_backend, init_weights=False)
     state = load_file(str(weights))
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
