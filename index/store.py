@@ -334,8 +334,8 @@ class IndexStore:
             raise ValueError(f"k must be >= 1, got {k}")
         if self.backend == "torch":
             return self._search_torch(q, k)
-        depth = (max(k, RERANK_DEPTH) if rerank is None else max(k, rerank) if rerank else 0) \
-            if self.compressed else 0
+        depth = RERANK_DEPTH if rerank is None else rerank
+        depth = max(k, depth) if depth and self.compressed else 0
         scores, ids = self._index.search(q, depth or k)
         ids = ids.astype(np.int64, copy=False)
         if depth:

@@ -47,8 +47,9 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
 
 
 def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
-    """uint8 (c, h, w) -> (c, size, size): "center": short side to resize_size (default size), centre crop; else
-    long side to size and padding with the border colour. PyTorch's own ops, not torchvision's (whose import costs
+    """uint8 (c, h, w) -> (c, size, size), or a batch of same-sized images (n, c, h, w) -> (n, c, size, size):
+    "center": short side to resize_size (default size), centre crop; else long side to size and padding with each
+    image's border colour. PyTorch's own ops, not torchvision's (whose import costs
     a query more than the query itself): the same antialiased bilinear interpolation on uint8 that torchvision's
     resize calls on a CPU with AVX2, the same sizes, crop offsets and fill (tests/test_images.py checks it pixel
     for pixel against torchvision)."""
@@ -61,10 +62,10 @@ def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> T
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     img = _resize(img, nh, nw)
     top, left = (size - nh) // 2, (size - nw) // 2
-    # the fill as uint8, truncated as a float-to-integer cast truncates
+    # the fill as uint8, truncated as a float-to-integer cast truncates; computed where the pixels are (no host sync)
     fill = _border(img).to(img.dtype)
-    out = fill[:, None, None].expand(img.shape[0], size, size).clone()
-    out[:, top:top + nh, left:left + nw] = img
+    out = fill[..., None, None].expand(*img.shape[:-2], size, size).clone()
+    out[..., top:top + nh, left:left + nw] = img
     return out
 
 
@@ -95,8 +96,8 @@ def _center_crop(img: Tensor, size: int) -> Tensor:
 
 
 def _border(img: Tensor) -> Tensor:
-    """Mean colour of the one-pixel frame around an image (c, h, w)."""
-    frame = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=-1).float()
+    """Mean colour of the one-pixel frame around an image (c, h, w) -> (c,), or of each of a batch -> (n, c)."""
+    frame = torch.cat([img[..., 0, :], img[..., -1, :], img[..., :, 0], img[..., :, -1]], dim=-1).float()
     return frame.mean(-1)
 
 
@@ -124,30 +125,9 @@ def fitted_pixels_batch(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
     elif config.in_chans == 3 and x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if config.dark_background:
-        light = _border_batch(x).mean(1) > 127
+        light = _border(x).mean(1) > 127
         x = torch.where(light.view(-1, 1, 1, 1), 255 - x, x)
-    return _fit_batch(x, config.img_size, config.crop, config.resize_size)
-
-
-def _border_batch(x: Tensor) -> Tensor:
-    """Mean colour (n, c) of each image's one-pixel frame (as _border)."""
-    frame = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1).float()
-    return frame.mean(-1)
-
-
-def _fit_batch(x: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
-    """_fit over a batch of same-sized images; the padding colour (each image's border mean, truncated to uint8
-    as TF.pad does with a float fill) is written on the device instead of passed as a host list."""
-    if crop == "center":
-        return _fit(x, size, crop, resize_size)
-    n, c, h, w = x.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = _resize(x, nh, nw)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out = _border_batch(x).to(torch.uint8).view(n, c, 1, 1).repeat(1, 1, size, size)
-    out[..., top:top + nh, left:left + nw] = x
-    return out
+    return _fit(x, config.img_size, config.crop, config.resize_size)
 
 
 def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
