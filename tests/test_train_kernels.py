@@ -16,10 +16,10 @@ from vision_model.ops.backends import TrainFusions, train_fusions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# (batch, length, channels, kernel, bias, tile l, tile c, sequence groups): tile edges (l and c not multiples of
-# the tiles), a sequence shorter than the kernel, several sequences per program with a short last group
-CONV_CASES = [(2, 37, 80, 4, True, 16, 32, None), (3, 5, 17, 3, False, 16, 32, 2), (2, 70, 130, 2, True, 32, 64, 1),
-              (1, 1, 9, 4, True, 16, 16, None), (5, 19, 48, 4, True, 8, 32, 2)]
+# (batch, length, channels, kernel, bias, channel tile, sequence groups): channels not a multiple of the tile, a
+# sequence shorter than the kernel, several sequences per program with a short last group, one- and two-tap kernels
+CONV_CASES = [(2, 37, 80, 4, True, 32, None), (3, 5, 17, 3, False, 32, 2), (2, 70, 130, 2, True, 64, 1),
+              (1, 1, 9, 4, True, 16, None), (5, 19, 48, 4, True, 32, 2), (2, 6, 24, 1, True, 16, None)]
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -31,7 +31,7 @@ def test_triton_conv_backward_equals_reference_gradients(case):
     autograd through F.conv1d, fp32, in Triton's CPU interpreter (tests/conftest.py turns it on)."""
     pytest.importorskip("triton")
     from vision_model.ops.conv import causal_conv1d_silu_bwd_triton, causal_conv1d_silu_ref, causal_conv1d_silu_train
-    b, l, c, k, with_bias, block_l, block_c, groups = case
+    b, l, c, k, with_bias, block_c, groups = case
     torch.manual_seed(0)
     wide = torch.randn(b, l, c + 20)
     x = wide[..., 5:5 + c]  # a strided view, as the block's x|B|C slice of in_proj's output is
@@ -44,10 +44,38 @@ def test_triton_conv_backward_equals_reference_gradients(case):
     y = causal_conv1d_silu_train(*leaves_t)
     got = torch.autograd.grad(y, [t for t in leaves_t if t is not None], dy)
     # the kernel's own tiling, as the autograd Function does not choose it
-    direct = causal_conv1d_silu_bwd_triton(x, w, bias, dy, block_l=block_l, block_c=block_c, programs=groups)
+    direct = causal_conv1d_silu_bwd_triton(x, w, bias, dy, block_c=block_c, programs=groups)
     assert all(a.shape == r.shape and a.dtype == r.dtype for a, r in zip(got, ref))
     errors = [_rel(y, y_ref)] + [_rel(a, r) for a, r in zip(got, ref)]
     errors += [_rel(a, r) for a, r in zip([t for t in direct if t is not None], ref)]
+    assert max(errors) < 1e-4, errors
+
+
+# (leading shape, width, rows a program, programs): a width not a power of two, a short last tile, programs walking
+# several tiles, more programs than tiles
+NORM_CASES = [((2, 37), 80, None, None), ((3, 5), 17, 2, 3), ((1, 70), 130, 4, 1), ((4,), 48, 8, 16)]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=[str(c[:2]) for c in NORM_CASES])
+def test_triton_gated_norm_backward_equals_reference_gradients(case):
+    """dy, dz, dweight of the gated RMSNorm's Triton backward (through the autograd Function and at explicit
+    launches) against autograd through `gated_rms_norm_ref`, fp32, in Triton's CPU interpreter; z is a strided view,
+    as the block's slice of in_proj's output is."""
+    pytest.importorskip("triton")
+    from vision_model.ops.rmsnorm import gated_rms_norm_bwd_triton, gated_rms_norm_ref, gated_rms_norm_train
+    lead, n, rows, programs = case
+    torch.manual_seed(0)
+    y, w, dout = torch.randn(*lead, n), torch.rand(n) + 0.5, torch.randn(*lead, n)
+    z = torch.randn(*lead, n + 7)[..., 3:3 + n]
+    leaves = [t.clone().requires_grad_() for t in (y, z, w)]
+    out_ref = gated_rms_norm_ref(*leaves, 1e-5)
+    ref = torch.autograd.grad(out_ref, leaves, dout)
+    leaves_t = [t.clone().requires_grad_() for t in (y, z, w)]
+    out = gated_rms_norm_train(*leaves_t, 1e-5)
+    got = torch.autograd.grad(out, leaves_t, dout)
+    direct = gated_rms_norm_bwd_triton(y, z, w, dout, 1e-5, rows_per_program=rows, programs=programs)
+    assert all(a.shape == r.shape and a.dtype == r.dtype for a, r in zip(got, ref))
+    errors = [_rel(out, out_ref)] + [_rel(a, r) for a, r in zip(got, ref)] + [_rel(a, r) for a, r in zip(direct, ref)]
     assert max(errors) < 1e-4, errors
 
 

@@ -1,19 +1,24 @@
 """Issue 28, one short GPU section: where a D training step's time goes, and the SSD's chunk size and head dim.
 
-    python3 -m benchmarks.gpu.train_profile --out $OUT [--budget 50]
+    python3 -m benchmarks.gpu.train_profile --out $OUT [--budget 50] [--kernels] [--off-rows a,b] [--chunks ""]
     python3 -m benchmarks.gpu.train_profile --device cpu --tiny --out /tmp/p      # the script itself, in seconds
 
 Needs CUDA and mamba-ssm (the wheel in /work/shared/wheels) on the GPU. The issue configuration
 (`benchmarks.train_speed.ISSUE_MODEL`, batch 1024, bf16, every training fusion on), in priority order:
+0. with --kernels (CUDA): the training kernels of our own at one layer of that configuration, launch parameters
+   swept (kernels.jsonl: one line per launch, ms and bf16 error against the fp32 PyTorch definition), beside what
+   they replace: the causal conv's backward against cuDNN's (PyTorch's reference under autograd), the gated
+   RMSNorm's backward against mamba-ssm's. Seconds: no autotuning.
 1. the D step (`training.train.train_step`, as `matsearch bench train` times it): one untimed call (it compiles and
    autotunes the Triton kernels: reported as first_step_s), then timed calls; then one step under torch.profiler:
    the top kernels by self time (name, total ms, share of the step's kernel time, calls), the same kernels summed
    into coarse groups by name, and the trace (trace_d_step.json.gz under --out).
-2. the D step with reorder_gather and with stem_channels_last off (`train_fusions`), one at a time: the same
-   kernels, so seconds each.
-3. the D step at SSD chunk sizes 64 and 128 (the config's is 256), then at head dim 32 and 64 (same d_model and
-   d_inner, fewer heads): each new shape autotunes mamba-ssm's kernels again on its first call (the chunk size and
-   head dim are in their autotuning keys).
+2. the D step with each fusion of --off-rows off (`train_fusions`), one at a time (default reorder_gather and
+   stem_channels_last: the same kernels, so seconds each; a fusion whose fallback is mamba-ssm's kernel autotunes
+   that kernel on its first call).
+3. the D step at SSD chunk sizes --chunks (default 64, 128; the config's is 256), then at head dims --headdims
+   (default 32, 64; same d_model and d_inner, fewer heads): each new shape autotunes mamba-ssm's kernels again on
+   its first call (the chunk size and head dim are in their autotuning keys).
 A hard deadline (--budget seconds from the start of main) stops whatever runs when it passes; a row is started only
 when the time it is expected to take is left (a new shape's first call is expected to cost what the first D step's
 did). The first D step compiles and autotunes every Triton kernel of the step (about 150 mamba-ssm configurations):
@@ -43,11 +48,11 @@ from vision_model.ops.backends import triton_chunk_scan
 
 # coarse groups of kernel names, first match wins (names as cuBLAS/cuDNN/Triton/ATen give them)
 KERNEL_GROUPS = (
-    ("SSD chunk scan (mamba-ssm)", r"chunk|state_passing|bmm_chunk"),
+    ("SSD scan (mamba-ssm's chunks, or ours)", r"chunk|state_passing|bmm_chunk|ssd"),
     ("stem conv + BatchNorm (cuDNN/ATen)", r"batch_norm|bn_fw|bn_bw|welford|fprop|dgrad|wgrad|implicit|"
                                            r"nchwToNhwc|nhwcToNchw|conv2d|cudnn"),
     ("GEMM (cuBLAS)", r"gemm|nvjet|cutlass|xmma|matmul|aten::(add)?b?mm\b"),
-    ("pre-norm / gated norm (mamba-ssm)", r"layer_norm|rms_norm|rmsnorm"),
+    ("pre-norm / gated norm", r"layer_norm|rms_norm|rmsnorm"),
     ("causal conv1d (ours)", r"causal_conv1d"),
     ("gather / index (reorders)", r"index|gather|scatter"),
     ("optimizer, grad norm", r"adam|multi_tensor|foreach"),
@@ -108,6 +113,87 @@ def profile_step(call, device: torch.device, out: Path) -> dict:
     return {"kernel_ms_total": total, "profiled_wall_ms": wall_ms, "top": kernels, "groups": groups}
 
 
+def _kernel_ms(call, repeats: int = 10) -> float:
+    """Median ms of one call, from `repeats` back-to-back calls between two CUDA events, three times."""
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / repeats)
+    return sorted(times)[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
+    """The conv and gated-norm backwards of one layer of the issue configuration (d_inner 768, d_state 64: the conv
+    reads 896 channels of in_proj's 1,712-wide bf16 output; 145 tokens), launch parameters swept; errors of the bf16
+    kernels against autograd through the fp32 definitions."""
+    from vision_model.ops.backends import _mamba_ssm_op
+    from vision_model.ops.conv import causal_conv1d_silu_bwd_triton, causal_conv1d_silu_ref
+    from vision_model.ops.rmsnorm import gated_rms_norm_bwd_triton, gated_rms_norm_ref
+    dev, l, inner, conv_c, width = torch.device("cuda"), 145, 768, 896, 1712
+    rows: list[dict] = []
+
+    def emit(**row):
+        rows.append(row)
+        with open(out / "kernels.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    torch.manual_seed(0)
+    zx = torch.randn(batch, l, width, device=dev, dtype=torch.bfloat16)
+    x = zx[..., inner:inner + conv_c]  # the strided x|B|C view the block's conv reads
+    w, bias = 0.5 * torch.randn(conv_c, 1, 4, device=dev), 0.1 * torch.randn(conv_c, device=dev)
+    dy = torch.randn(batch, l, conv_c, device=dev, dtype=torch.bfloat16)
+    leaves = [t.float().clone().requires_grad_() for t in (x, w, bias)]
+    ref = torch.autograd.grad(causal_conv1d_silu_ref(*leaves), leaves, dy.float())
+    xb = x.clone().requires_grad_()
+    yb = causal_conv1d_silu_ref(xb, w.bfloat16(), bias.bfloat16())  # cuDNN's depthwise conv, bf16 as under autocast
+    emit(op="conv_bwd", impl="cudnn (reference under autograd)",
+         ms=_kernel_ms(lambda: torch.autograd.grad(yb, [xb], dy, retain_graph=True)))
+    for block_c, warps, programs in [(c, wp, pg) for c in (32, 64, 128, 256) for wp in (1, 2, 4)
+                                     for pg in (batch, batch // 4)]:
+        if time.time() > deadline:
+            break
+        if block_c // 32 < warps:  # fewer channels than threads
+            continue
+        call = lambda: causal_conv1d_silu_bwd_triton(x, w, bias, dy, block_c=block_c, programs=programs,
+                                                     num_warps=warps)
+        got = call()
+        emit(op="conv_bwd", impl="triton", block_c=block_c, warps=warps, programs=programs, ms=_kernel_ms(call),
+             err=max(_rel(a, r) for a, r in zip(got, ref)))
+    y = torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
+    z = zx[..., :inner]
+    nw, dout = torch.rand(inner, device=dev) + 0.5, torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
+    leaves = [t.float().clone().requires_grad_() for t in (y, z, nw)]
+    ref = torch.autograd.grad(gated_rms_norm_ref(*leaves, 1e-5), leaves, dout.float())
+    rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
+    if rmsnorm_fn is not None:
+        ym, zm, wm = (t.clone().requires_grad_() for t in (y, z.contiguous(), nw))
+        om = rmsnorm_fn(ym, wm, None, z=zm, eps=1e-5, group_size=None, norm_before_gate=False)
+        got = torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)
+        emit(op="gated_norm_bwd", impl="mamba-ssm rmsnorm_fn", err=max(_rel(a, r) for a, r in zip(got, ref)),
+             ms=_kernel_ms(lambda: torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)))
+    for rpp, warps, programs in [(r, wp, pg) for r in (1, 2, 4, 8) for wp in (2, 4, 8) for pg in (1024, 4096, 16384)]:
+        if time.time() > deadline:
+            break
+        call = lambda: gated_rms_norm_bwd_triton(y, z, nw, dout, 1e-5, rows_per_program=rpp, programs=programs,
+                                                 num_warps=warps)
+        got = call()
+        emit(op="gated_norm_bwd", impl="triton", rows=rpp, warps=warps, programs=programs, ms=_kernel_ms(call),
+             err=max(_rel(a, r) for a, r in zip(got, ref)))
+    return rows
+
+
 def format_report(result: dict) -> str:
     lines = [f"first D step (compile + autotune): {result.get('first_step_s', float('nan')):.1f} s; "
              f"total {result.get('seconds', 0):.0f} s; cut by the deadline: {result.get('cut') or 'nothing'}; "
@@ -121,6 +207,16 @@ def format_report(result: dict) -> str:
         ratio = f"{r['step_ms'] / d['step_ms']:.2f}" if d else ""
         lines.append(f"| {r['label']} | {r['images_per_s']:,.0f} | {r['step_ms']:.1f} | {ratio} | "
                      f"{r['warmup_s']:.1f} |")
+    kernels = result.get("kernels") or []
+    for op in dict.fromkeys(k["op"] for k in kernels):
+        runs = [k for k in kernels if k["op"] == op]
+        base = [k for k in runs if k["impl"] != "triton"]
+        ours = [k for k in runs if k["impl"] == "triton"]
+        best = min(ours, key=lambda k: k["ms"]) if ours else None
+        lines.append(f"{op}: " + "; ".join(f"{k['impl']} {k['ms']:.3f} ms" for k in base)
+                     + (f"; ours best {best['ms']:.3f} ms at "
+                        + ", ".join(f"{key} {best[key]}" for key in best if key not in ("op", "impl", "ms", "err"))
+                        + f" (bf16 error {best['err']:.1e})" if best else ""))
     prof = result.get("profile")
     if prof:
         lines += ["", f"one D step under the profiler: {prof['kernel_ms_total']:.1f} ms of kernel time "
@@ -142,6 +238,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 1024 (CUDA), 8 (CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row")
     p.add_argument("--tiny", action="store_true", help=f"a two-layer model ({TINY_MODEL}): tests the script on CPU")
+    p.add_argument("--kernels", action="store_true", help="first sweep our training kernels' launches (CUDA)")
+    p.add_argument("--off-rows", default="reorder_gather,stem_channels_last",
+                   help="fusions to time the D step without, one at a time (comma-separated; '' for none)")
+    p.add_argument("--chunks", default=None, help="SSD chunk sizes to time (default 64,128; '' for none)")
+    p.add_argument("--headdims", default=None, help="head dims to time (default 32,64; '' for none)")
     args = p.parse_args(argv)
     started = time.time()
     device = torch.device(args.device)
@@ -151,6 +252,9 @@ def main(argv=None) -> int:
         raise SystemExit("needs mamba-ssm (pip install --no-deps the wheel from /work/shared/wheels)")
     spec = TINY_MODEL if args.tiny else ISSUE_MODEL
     chunks, headdims = ((8, 16), (32,)) if args.tiny else ((64, 128), (32, 64))
+    ints = lambda text, default: default if text is None else tuple(int(v) for v in text.split(",") if v.strip())
+    chunks, headdims = ints(args.chunks, chunks), ints(args.headdims, headdims)
+    off_rows = [name for name in args.off_rows.split(",") if name.strip()]
     batch = args.batch or (1024 if device.type == "cuda" else 8)
     result = {"model": spec, "batch": batch, "rows": [], "skipped": [], "cut": None}
     signal.signal(signal.SIGALRM, _deadline)
@@ -181,6 +285,10 @@ def main(argv=None) -> int:
         add(label, rows[0])
 
     try:
+        if args.kernels and device.type == "cuda":
+            args.out.mkdir(parents=True, exist_ok=True)
+            result["kernels"] = sweep_kernels(args.out, batch, started + args.budget / 3)
+            save()
         torch.manual_seed(0)
         model = build_encoder(spec, None, device)
         amp_ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -196,7 +304,7 @@ def main(argv=None) -> int:
         save()
         del model, step, x, y
         free_memory()
-        for fusion in ("reorder_gather", "stem_channels_last"):  # no new kernel shapes: seconds each
+        for fusion in off_rows:
             variant(f"{fusion} off", spec, {fusion: False})
         for chunk in chunks:
             variant(f"chunk {chunk}", f"{spec}:chunk_size={chunk}")

@@ -15,8 +15,9 @@ recomputes them instead of saving them), in_proj's output split with one `torch.
 concatenation, where three slices each zero-fill and copy a full-size gradient), the stem computed once for every
 level of a joint step (`training.train`), the reorders between scan orders backpropagated as a gather by the inverse
 permutation (autograd's default for indexing zero-fills the gradient and scatter-adds into it, sorting the
-indices), and the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
-activations may be transposed in and out around each convolution).  `block=False` restores the earlier training path (the inference block,
+indices), the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
+activations may be transposed in and out around each convolution), and the gated RMSNorm's backward in our kernel
+(mamba-ssm's launches one program per SM, each walking thousands of rows one after another).  `block=False` restores the earlier training path (the inference block,
 norm folded into in_proj, with autograd) to measure against.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1d_silu_triton
-from .rmsnorm import gated_rms_norm_ref, rms_norm_ref, rms_norm_triton, rms_rstd_triton, row_rstd_ref
+from .rmsnorm import (gated_rms_norm_ref, gated_rms_norm_train, rms_norm_ref, rms_norm_triton, rms_rstd_triton,
+                      row_rstd_ref)
 from .ssd_minimal import ssd_chunked
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -51,6 +53,7 @@ class TrainFusions:
     shared_stem: bool = True  # a joint step computes the stem once for all its levels
     reorder_gather: bool = True  # a scan-order reorder backpropagates as a gather by the inverse permutation
     stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
+    gated_norm: bool = True  # the gated RMSNorm's forward and backward in our Triton kernels (triton backend)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -139,7 +142,8 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: 
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and not _needs_grad(x, weight, bias):
         return causal_conv1d_silu_triton(x, weight, bias, row_scale)
-    if backend == "triton" and row_scale is None and current_fusions().conv:  # training: both passes in Triton
+    if backend == "triton" and row_scale is None and current_fusions().conv and weight.shape[-1] <= 4:
+        # training: both passes in Triton (the backward walks up to four taps)
         return causal_conv1d_silu_train(x, weight, bias)
     return causal_conv1d_silu_ref(x, weight, bias, row_scale)
 
@@ -147,10 +151,13 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: str = "auto",
                    z_scale: Tensor | None = None) -> Tensor:
     """`gated_rms_norm_ref` (RMSNorm(y * silu(z)) * weight, z_scale scaling each row of z first) over the last
-    (possibly nested) dim: our Triton kernel at inference, mamba-ssm's when training on CUDA."""
+    (possibly nested) dim: our Triton kernels at inference and in training (`GatedRMSNorm`), mamba-ssm's when
+    training with the `gated_norm` fusion off."""
     backend = resolve_backend(backend, y.device)
     if backend == "triton" and not _needs_grad(y, z, weight):
         return rms_norm_triton(y, weight, eps, z=z, z_scale=z_scale)
+    if backend == "triton" and z_scale is None and current_fusions().gated_norm:  # training: both passes ours
+        return gated_rms_norm_train(y, z, weight, eps)
     if backend == "triton":  # training on CUDA: mamba-ssm's fused norm, which has a backward
         if z_scale is not None:
             z = z.float() * z_scale.float().unsqueeze(-1)

@@ -10,14 +10,11 @@ tests hold both to the reference's values and gradients.
 """
 from __future__ import annotations
 
-import functools
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
+from ._triton import compiler_disabled, tl, triton  # None where Triton cannot run (no GPU, no interpreter)
 
 
 def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Tensor | None, row_scale: Tensor | None = None) -> Tensor:
@@ -84,68 +81,80 @@ if triton is not None:
     @triton.jit
     def _causal_conv1d_silu_bwd_kernel(X, W, Bias, DY, DX, DWp, DBp, Bsz, L, C, stride_xb, stride_xl, stride_dyb,
                                        stride_dyl, stride_dxb, stride_dxl, B_PER_PROGRAM,
-                                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                       BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-        """One program: BLOCK_C channels of B_PER_PROGRAM sequences, every position. With g = dy * silu'(pre) at
-        position t, dx[s] = sum_d w[K-1-d] g[s+d], dw[j] = sum_t g[t] x[t-(K-1)+j], db = sum_t g[t]; the
-        pre-activations at s..s+K-1 are recomputed from x (cache hits), and dw, db leave as one fp32 partial per
-        program, summed outside (deterministic, unlike atomics)."""
+                                       K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program: BLOCK_C channels of B_PER_PROGRAM sequences, walked from the last position to the first.
+        With the taps padded in front to four (w0..w3, w3 the current position's) and g = dy * silu'(pre):
+        dx[t] = w3 g[t] + w2 g[t+1] + w1 g[t+2] + w0 g[t+3], dw_j += g[t] x[t-3+j], db += g[t]. Walking backwards,
+        the three g's after t and the three x's before it are carried in registers, so each position is read once
+        (one row of x and one of dy) and written once, with nothing recomputed; dw and db leave as one fp32 partial
+        per program, summed outside (deterministic, unlike atomics). The sequential walk keeps a program small (a
+        few registers a channel), so many programs run at once and their loads overlap."""
         pid_c, pid_g = tl.program_id(0), tl.program_id(1)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
         c_ok = c < C
-        kk = tl.arange(0, KP)
-        bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        w_row = W + c * K
+        w3 = tl.load(w_row + (K - 1), mask=c_ok, other=0.0).to(tl.float32)
+        w2 = zero
+        w1 = zero
+        w0 = zero
+        if K >= 2:
+            w2 = tl.load(w_row + (K - 2), mask=c_ok, other=0.0).to(tl.float32)
+        if K >= 3:
+            w1 = tl.load(w_row + (K - 3), mask=c_ok, other=0.0).to(tl.float32)
+        if K >= 4:
+            w0 = tl.load(w_row + (K - 4), mask=c_ok, other=0.0).to(tl.float32)
+        bias = zero
         if HAS_BIAS:
             bias = tl.load(Bias + c, mask=c_ok, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros((BLOCK_C, KP), dtype=tl.float32)
-        db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
         b_start = pid_g.to(tl.int64) * B_PER_PROGRAM
         for i in range(0, B_PER_PROGRAM):
             b = b_start + i
-            c_ok = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C) < C) & (b < Bsz)  # the last group may run short
-            x_row = X + b * stride_xb
-            dy_row = DY + b * stride_dyb
-            dx_row = DX + b * stride_dxb
-            for l0 in range(0, L, BLOCK_L):
-                s = l0 + tl.arange(0, BLOCK_L)
-                dx_acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-                for d in tl.static_range(K):  # the outputs at t = s + d that read x[s] through tap K-1-d
-                    t = s + d
-                    pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32) + bias[None, :]
-                    for j in tl.static_range(K):
-                        src = t - (K - 1) + j
-                        ok = ((src >= 0) & (src < L))[:, None] & c_ok[None, :]
-                        xv = tl.load(x_row + src[:, None] * stride_xl + c[None, :], mask=ok, other=0.0)
-                        pre += xv.to(tl.float32) * tl.load(W + c * K + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                    t_ok = (t < L)[:, None] & c_ok[None, :]
-                    dy = tl.load(dy_row + t[:, None] * stride_dyl + c[None, :], mask=t_ok, other=0.0).to(tl.float32)
-                    sig = tl.sigmoid(pre)
-                    g = dy * sig * (1.0 + pre * (1.0 - sig))
-                    w_back = tl.load(W + c * K + (K - 1 - d), mask=c_ok, other=0.0).to(tl.float32)
-                    dx_acc += g * w_back[None, :]
-                    if d == 0:  # g at this tile's own positions: its share of dw and db
-                        db_acc += tl.sum(g, axis=0)
-                        for j in tl.static_range(K):
-                            src = s - (K - 1) + j
-                            ok = ((src >= 0) & (src < L))[:, None] & c_ok[None, :]
-                            xv = tl.load(x_row + src[:, None] * stride_xl + c[None, :], mask=ok, other=0.0)
-                            part = tl.sum(g * xv.to(tl.float32), axis=0)
-                            dw_acc += tl.where(kk[None, :] == j, part[:, None], 0.0)
-                s_ok = (s < L)[:, None] & c_ok[None, :]
-                tl.store(dx_row + s[:, None] * stride_dxl + c[None, :], dx_acc.to(DX.dtype.element_ty), mask=s_ok)
-        part_ptr = pid_g.to(tl.int64) * C
-        c_ok = c < C
-        tl.store(DWp + (part_ptr + c)[:, None] * KP + kk[None, :], dw_acc, mask=c_ok[:, None] & (kk < K)[None, :])
-        tl.store(DBp + part_ptr + c, db_acc, mask=c_ok)
+            ok = c_ok & (b < Bsz)  # the last group may run short
+            x_row = X + b * stride_xb + c
+            dy_row = DY + b * stride_dyb + c
+            dx_row = DX + b * stride_dxb + c
+            # x at the last three positions (before the walk), g past the end = 0
+            a1 = tl.load(x_row + (L - 1) * stride_xl, mask=ok & (L >= 1), other=0.0).to(tl.float32)
+            a2 = tl.load(x_row + (L - 2) * stride_xl, mask=ok & (L >= 2), other=0.0).to(tl.float32)
+            a3 = tl.load(x_row + (L - 3) * stride_xl, mask=ok & (L >= 3), other=0.0).to(tl.float32)
+            g1, g2, g3 = zero, zero, zero
+            for s in range(0, L):
+                t = L - 1 - s
+                x3 = tl.load(x_row + (t - 3) * stride_xl, mask=ok & (t >= 3), other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + t * stride_dyl, mask=ok, other=0.0).to(tl.float32)
+                pre = bias + w3 * a1 + w2 * a2 + w1 * a3 + w0 * x3
+                sig = tl.sigmoid(pre)
+                g = dy * sig * (1.0 + pre * (1.0 - sig))
+                dx = w3 * g + w2 * g1 + w1 * g2 + w0 * g3
+                tl.store(dx_row + t * stride_dxl, dx.to(DX.dtype.element_ty), mask=ok)
+                dw3 += g * a1
+                dw2 += g * a2
+                dw1 += g * a3
+                dw0 += g * x3
+                db += g
+                g3, g2, g1 = g2, g1, g
+                a1, a2, a3 = a2, a3, x3
+        # the partial's taps in the weight's order: tap j of K is padded tap j + 4 - K
+        part = DWp + (pid_g.to(tl.int64) * C + c) * K
+        tl.store(part + (K - 1), dw3, mask=c_ok)
+        if K >= 2:
+            tl.store(part + (K - 2), dw2, mask=c_ok)
+        if K >= 3:
+            tl.store(part + (K - 3), dw1, mask=c_ok)
+        if K >= 4:
+            tl.store(part + (K - 4), dw0, mask=c_ok)
+        tl.store(DBp + pid_g.to(tl.int64) * C + c, db, mask=c_ok)
 
 
-def causal_conv1d_silu_bwd_triton(x: Tensor, weight: Tensor, bias: Tensor | None, dy: Tensor, block_l: int = 32,
-                                  block_c: int = 64, programs: int | None = None,
-                                  num_warps: int = 4) -> tuple[Tensor, Tensor, Tensor | None]:
+def causal_conv1d_silu_bwd_triton(x: Tensor, weight: Tensor, bias: Tensor | None, dy: Tensor, block_c: int = 64,
+                                  programs: int | None = None,
+                                  num_warps: int = 1) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients (dx, dweight, dbias) of `causal_conv1d_silu_ref(x, weight, bias)` for the output gradient dy.
     x and dy may be any views whose channel stride is 1; dx is a new (b, l, c) tensor of x's dtype, dweight and dbias
-    have weight's and bias's shapes and dtypes. `programs` is the number of sequence groups (default: enough to
-    fill a GPU, about 1024 programs with the channel tiles); each writes one fp32 partial of dweight and dbias."""
+    have weight's and bias's shapes and dtypes. `programs` is the number of sequence groups (default: one sequence a
+    program); each writes one fp32 partial of dweight and dbias. Kernels of up to 4 taps (Mamba's is 4)."""
     if triton is None:
         raise RuntimeError("causal_conv1d_silu_bwd_triton needs Triton")
     b, l, c = x.shape
@@ -153,22 +162,22 @@ def causal_conv1d_silu_bwd_triton(x: Tensor, weight: Tensor, bias: Tensor | None
     if dy.shape != x.shape or weight.shape[0] != c or (bias is not None and bias.shape != (c,)):
         raise ValueError(f"conv backward shapes do not match: x {tuple(x.shape)}, dy {tuple(dy.shape)}, "
                          f"weight {tuple(weight.shape)}")
+    if not 1 <= k <= 4:
+        raise ValueError(f"the Triton conv backward takes 1 to 4 taps, not {k}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     w2 = weight.reshape(c, k).contiguous()
-    c_tiles = triton.cdiv(c, block_c)
-    groups = programs or max(1, min(b, triton.cdiv(1024, c_tiles)))
+    groups = min(b, programs or b)
     per_program = triton.cdiv(b, groups)
     groups = triton.cdiv(b, per_program)
-    kp = triton.next_power_of_2(k)
     dx = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
-    dw_part = torch.empty((groups, c, kp), dtype=torch.float32, device=x.device)
+    dw_part = torch.empty((groups, c, k), dtype=torch.float32, device=x.device)
     db_part = torch.empty((groups, c), dtype=torch.float32, device=x.device)
-    _causal_conv1d_silu_bwd_kernel[(c_tiles, groups)](
+    _causal_conv1d_silu_bwd_kernel[(triton.cdiv(c, block_c), groups)](
         x, w2, bias if bias is not None else w2, dy, dx, dw_part, db_part, b, l, c, x.stride(0), x.stride(1),
-        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), per_program, K=k, KP=kp, HAS_BIAS=bias is not None,
-        BLOCK_L=block_l, BLOCK_C=block_c, num_warps=num_warps)
-    dweight = dw_part.sum(0)[:, :k].reshape(weight.shape).to(weight.dtype)
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), per_program, K=k, HAS_BIAS=bias is not None,
+        BLOCK_C=block_c, num_warps=num_warps)
+    dweight = dw_part.sum(0).reshape(weight.shape).to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
 
@@ -189,23 +198,7 @@ class CausalConv1dSiLU(torch.autograd.Function):
         return dx, dweight, dbias
 
 
-def _compiler_disabled(fn):
-    """`torch.compiler.disable(fn)` (a compiled training block calls the kernels as they are), applied at the first
-    call unless torch._dynamo is loaded already: the decorator imports torch._dynamo, which would cost every process
-    that imports this module, a query loading a model among them, about a second. Dynamo handles the first call
-    inside a compiled region with a graph break."""
-    disabled = torch.compiler.disable(fn) if "torch._dynamo" in sys.modules else None
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-    return call
-
-
-@_compiler_disabled
+@compiler_disabled
 def causal_conv1d_silu_train(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`causal_conv1d_silu_ref(x, weight, bias)` with autograd, forward and backward in Triton."""
     if triton is None:

@@ -1,5 +1,6 @@
 """RMSNorm over the last dim, plain or gated (RMSNorm(y * silu(z)), Mamba2's output norm): the readable PyTorch
-definitions (`rms_norm_ref`, `gated_rms_norm_ref`, `row_rstd_ref`) and one Triton kernel for inference.
+definitions (`rms_norm_ref`, `gated_rms_norm_ref`, `row_rstd_ref`), one Triton kernel for inference, and the gated
+norm's backward for training (`GatedRMSNorm`).
 
 The block's two norms move a lot of bytes and compute little: a pre-norm that reads and writes the d_model-wide
 stream moves as many bytes at every width.  So at inference the block folds the pre-norm's weight into in_proj and
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
+from ._triton import compiler_disabled, tl, triton  # None where Triton cannot run (no GPU, no interpreter)
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -114,3 +115,86 @@ def _launch(x2, z2, z_scale, weight, y, rstd, eps, rows_per_program=None, num_wa
     grid = (triton.cdiv(x2.shape[0], block_m),)
     _rms_norm_kernel[grid](x2, z2, z_scale, weight, y, rstd, x2.shape[0], x2.shape[1], x2.stride(0), z2.stride(0),
                            y.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **flags)
+
+
+if triton is not None:
+    @triton.jit
+    def _gated_rms_norm_bwd_kernel(Y, Z, W, DO, DY, DZ, DWp, M, N, stride_ym, stride_zm, stride_dom, eps,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Tiles of BLOCK_M rows, every program_count-th tile from the program's own: with h = y silu(z),
+        r = rstd(h) and g = w * dout, dh = r g - h r³ mean(g h); dy = dh silu(z), dz = dh y silu'(z), and
+        dw = sum over rows of dout h r, left as one fp32 partial per program (summed outside). h and r are
+        recomputed from y and z, which the backward reads anyway: the forward saves nothing else."""
+        pid, programs = tl.program_id(0), tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        c_ok = cols < N
+        w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for tile in range(pid, tl.cdiv(M, BLOCK_M), programs):
+            rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            ok = (rows < M)[:, None] & c_ok[None, :]
+            y = tl.load(Y + rows[:, None] * stride_ym + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            do = tl.load(DO + rows[:, None] * stride_dom + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            h = y * gate
+            rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)
+            g = do * w[None, :]
+            mean_gh = tl.sum(g * h, axis=1) / N
+            dh = rstd[:, None] * g - h * (rstd * rstd * rstd * mean_gh)[:, None]
+            dw += tl.sum(do * h * rstd[:, None], axis=0)
+            out = rows[:, None] * N + cols[None, :]
+            tl.store(DY + out, (dh * gate).to(DY.dtype.element_ty), mask=ok)
+            tl.store(DZ + out, (dh * y * sig * (1.0 + z * (1.0 - sig))).to(DZ.dtype.element_ty), mask=ok)
+        tl.store(DWp + pid.to(tl.int64) * N + cols, dw, mask=c_ok)
+
+
+def gated_rms_norm_bwd_triton(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor, eps: float,
+                              rows_per_program: int | None = None, programs: int | None = None,
+                              num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dy, dz, dweight) of `gated_rms_norm_ref(y, z, weight, eps)` for the output gradient dout; y, z and
+    dout may be views whose last dim is dense. dy and dz are new tensors of y's and z's shapes and dtypes, dweight
+    has weight's. `programs` (default: about 2,048) each walk every programs-th tile of rows."""
+    if triton is None:
+        raise RuntimeError("gated_rms_norm_bwd_triton needs Triton")
+    n = y.shape[-1]
+    if z.shape != y.shape or dout.shape != y.shape or weight.shape != (n,):
+        raise ValueError(f"gated RMSNorm backward shapes do not match: y {tuple(y.shape)}, z {tuple(z.shape)}, "
+                         f"dout {tuple(dout.shape)}, weight {tuple(weight.shape)}")
+    y2, z2, do2 = _rows(y), _rows(z), _rows(dout)
+    block_m, block_n, warps = launch(n)
+    block_m, warps = rows_per_program or block_m, num_warps or warps
+    grid = max(1, min(programs or 2048, triton.cdiv(y2.shape[0], block_m)))
+    dy = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    dz = torch.empty(z2.shape, dtype=z.dtype, device=z.device)
+    dw_part = torch.empty((grid, n), dtype=torch.float32, device=y.device)
+    _gated_rms_norm_bwd_kernel[(grid,)](y2, z2, weight.contiguous(), do2, dy, dz, dw_part, y2.shape[0], n,
+                                        y2.stride(0), z2.stride(0), do2.stride(0), eps, BLOCK_M=block_m,
+                                        BLOCK_N=block_n, num_warps=warps)
+    return dy.view(y.shape), dz.view(z.shape), dw_part.sum(0).to(weight.dtype)
+
+
+class GatedRMSNorm(torch.autograd.Function):
+    """RMSNorm(y * silu(z)) * weight with both passes in Triton (training): the forward is the inference kernel and
+    saves only its inputs; the backward recomputes each row's rstd from them."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(y, z, weight)
+        ctx.eps = eps
+        return rms_norm_triton(y, weight, eps, z=z)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        y, z, weight = ctx.saved_tensors
+        dy, dz, dweight = gated_rms_norm_bwd_triton(y, z, weight, dout, ctx.eps)
+        return dy, dz, dweight, None
+
+
+@compiler_disabled
+def gated_rms_norm_train(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`gated_rms_norm_ref(y, z, weight, eps)` with autograd, forward and backward in Triton."""
+    if triton is None:
+        raise RuntimeError("gated_rms_norm_train needs Triton")
+    return GatedRMSNorm.apply(y, z, weight, eps)
