@@ -169,8 +169,9 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
         call = lambda: causal_conv1d_silu_bwd_triton(x, w, bias, dy, block_c=block_c, programs=programs,
                                                      num_warps=warps)
         got = call()
+        errors = [_rel(a, r) for a, r in zip(got, ref)]
         emit(op="conv_bwd", impl="triton", block_c=block_c, warps=warps, programs=programs, ms=_kernel_ms(call),
-             err=max(_rel(a, r) for a, r in zip(got, ref)))
+             err=max(errors), err_dx_dw_db=errors)
     y = torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
     z = zx[..., :inner]
     nw, dout = torch.rand(inner, device=dev) + 0.5, torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)

@@ -107,7 +107,11 @@ if triton is not None:
         bias = zero
         if HAS_BIAS:
             bias = tl.load(Bias + c, mask=c_ok, other=0.0).to(tl.float32)
-        dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
+        dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
         b_start = pid_g.to(tl.int64) * B_PER_PROGRAM
         for i in range(0, B_PER_PROGRAM):
             b = b_start + i
@@ -119,7 +123,9 @@ if triton is not None:
             a1 = tl.load(x_row + (L - 1) * stride_xl, mask=ok & (L >= 1), other=0.0).to(tl.float32)
             a2 = tl.load(x_row + (L - 2) * stride_xl, mask=ok & (L >= 2), other=0.0).to(tl.float32)
             a3 = tl.load(x_row + (L - 3) * stride_xl, mask=ok & (L >= 3), other=0.0).to(tl.float32)
-            g1, g2, g3 = zero, zero, zero
+            g1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            g2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            g3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
             for s in range(0, L):
                 t = L - 1 - s
                 x3 = tl.load(x_row + (t - 3) * stride_xl, mask=ok & (t >= 3), other=0.0).to(tl.float32)
@@ -134,8 +140,12 @@ if triton is not None:
                 dw1 += g * a3
                 dw0 += g * x3
                 db += g
-                g3, g2, g1 = g2, g1, g
-                a1, a2, a3 = a2, a3, x3
+                g3 = g2
+                g2 = g1
+                g1 = g
+                a1 = a2
+                a2 = a3
+                a3 = x3
         # the partial's taps in the weight's order: tap j of K is padded tap j + 4 - K
         part = DWp + (pid_g.to(tl.int64) * C + c) * K
         tl.store(part + (K - 1), dw3, mask=c_ok)

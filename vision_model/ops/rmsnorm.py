@@ -155,7 +155,7 @@ def gated_rms_norm_bwd_triton(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor
                               num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dy, dz, dweight) of `gated_rms_norm_ref(y, z, weight, eps)` for the output gradient dout; y, z and
     dout may be views whose last dim is dense. dy and dz are new tensors of y's and z's shapes and dtypes, dweight
-    has weight's. `programs` (default: about 2,048) each walk every programs-th tile of rows."""
+    has weight's. `programs` (default 4,096) each walk every programs-th tile of rows."""
     if triton is None:
         raise RuntimeError("gated_rms_norm_bwd_triton needs Triton")
     n = y.shape[-1]
@@ -163,9 +163,10 @@ def gated_rms_norm_bwd_triton(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor
         raise ValueError(f"gated RMSNorm backward shapes do not match: y {tuple(y.shape)}, z {tuple(z.shape)}, "
                          f"dout {tuple(dout.shape)}, weight {tuple(weight.shape)}")
     y2, z2, do2 = _rows(y), _rows(z), _rows(dout)
-    block_m, block_n, warps = launch(n)
-    block_m, warps = rows_per_program or block_m, num_warps or warps
-    grid = max(1, min(programs or 2048, triton.cdiv(y2.shape[0], block_m)))
+    # one row a tile, 4 warps and 4,096 programs: the fastest launch of a sweep at the issue-28 shape on the H200
+    # (docs/notes.md 18.11); more rows a tile spilled registers at 768 wide
+    block_m, block_n, warps = rows_per_program or 1, triton.next_power_of_2(n), num_warps or 4
+    grid = max(1, min(programs or 4096, triton.cdiv(y2.shape[0], block_m)))
     dy = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
     dz = torch.empty(z2.shape, dtype=z.dtype, device=z.device)
     dw_part = torch.empty((grid, n), dtype=torch.float32, device=y.device)
