@@ -180,4 +180,7 @@ def uint8_batch(cache: ImageCache, rows, device) -> torch.Tensor:
     order = np.argsort(rows)
     x = np.empty((len(rows),) + cache.images.shape[1:], dtype=np.uint8)
     x[order] = cache.images[rows[order]]
-    return torch.from_numpy(x).to(device, non_blocking=True)
+    x = torch.from_numpy(x)
+    if torch.device(device).type == "cuda":  # a copy from pinned memory does not wait for the GPU's queue to drain
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)

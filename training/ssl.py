@@ -98,7 +98,8 @@ def make_views(x: torch.Tensor, config, local_crops: int, gen: torch.Generator):
 
 def ssl_losses(net: SSLNet, globals_: torch.Tensor, locals_: torch.Tensor | None, levels, temperature: float,
                amp_ctx, feature_nce: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """(the step's loss, each level's loss as a float) for one batch of views (see the module docstring)."""
+    """(the step's loss, each level's loss as a detached 0-d tensor) for one batch of views (see the module
+    docstring). Nothing here waits for the GPU: the caller reads the losses when it logs them."""
     b = len(globals_) // 2
     enc = net.encoder
     with amp_ctx:
@@ -114,7 +115,7 @@ def ssl_losses(net: SSLNet, globals_: torch.Tensor, locals_: torch.Tensor | None
         if feature_nce:  # the searched vector itself: each global view's embedding picks the other view's
             loss_d = loss_d + feature_nce * (info_nce(z[:b], z[b:], ALIGN_TEMPERATURE)
                                              + info_nce(z[b:], z[:b], ALIGN_TEMPERATURE)) / 2
-        losses, total = {1: loss_d.item()}, loss_d
+        losses, total = {1: loss_d.detach()}, loss_d
         target = z.detach().float()
         t1, t2 = target[:b], target[b:]
         for level in levels:
@@ -123,7 +124,7 @@ def ssl_losses(net: SSLNet, globals_: torch.Tensor, locals_: torch.Tensor | None
             zl = enc.embed(globals_, level=level).float()
             cross = (info_nce(zl[:b], t2, ALIGN_TEMPERATURE) + info_nce(zl[b:], t1, ALIGN_TEMPERATURE)) / 2
             same = (1 - F.cosine_similarity(zl, target, dim=-1)).mean()
-            losses[level] = (cross + same).item()
+            losses[level] = (cross + same).detach()
             total = total + cross + same
     return total / len(levels), losses
 
@@ -205,6 +206,8 @@ def train_ssl(tc) -> dict:
         f"{steps_per_epoch} steps per epoch, levels {list(tc.levels)}, {tc.local_crops} local crops")
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, mininterval=2)
     t_start, wall, seen, first = time.time(), 0.0, 0, step
+    t_timed = None  # wall clock from the end of the first step (which compiles and autotunes), read after a sync
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     budget = 60 * tc.max_minutes if tc.max_minutes else None
     losses: dict = {}
     net.train()
@@ -212,7 +215,6 @@ def train_ssl(tc) -> dict:
         epoch = step // steps_per_epoch
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch)).numpy()
         i = step % steps_per_epoch
-        t0 = time.time()
         x = uint8_batch(cache, perm[i * tc.batch_size:(i + 1) * tc.batch_size], device)
         gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
         globals_, locals_ = make_views(x, config, tc.local_crops, gen)
@@ -221,15 +223,22 @@ def train_ssl(tc) -> dict:
             g["lr"] = lr
         loss, losses = ssl_losses(net, globals_, locals_, tc.levels, tc.temperature, amp_ctx, tc.feature_nce)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad).item()
+        # no .item() per step: the host queues the next step while the GPU runs this one; values are read to log
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if ema is not None:
             ema.update(net.encoder, step)
-        seen += len(x)
-        if step > first + 1:  # the first step pays for compilation and autotuning
-            wall += time.time() - t0
+        if step == first + 1:  # the first step pays for compilation and autotuning: not timed
+            sync()
+            t_timed = time.time()
+        else:
+            seen += len(x)
+        logging = step % 20 == 0 or step == total_steps
+        if logging or (budget and not planned and step == first + 20):
+            sync()
+            wall = time.time() - t_timed if t_timed is not None else 0.0
         if budget and not planned and step == first + 20:  # fit the cosine schedule to the time left
             rate = (step - first - 1) / max(wall, 1e-9)
             total_steps = min(total_steps, max(step + 1, int(step + rate * (0.95 * budget - (time.time() - t_start)))))
@@ -238,12 +247,14 @@ def train_ssl(tc) -> dict:
                 f"({total_steps / steps_per_epoch:.1f} epochs)")
             planned = True
         bar.update(1)
-        img_s = seen / max(wall, 1e-9) * (step - first - 1) / max(step - first, 1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{img_s:.0f}", lr=f"{lr:.1e}")
-        if step % 20 == 0 or step == total_steps:
-            metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "grad_norm": grad_norm,
-                                      "images_per_s": img_s, **{("loss_D" if lv == 1 else f"loss_D/{lv}"): v
-                                                                for lv, v in losses.items()}}) + "\n")
+        if logging:
+            img_s = seen / max(wall, 1e-9)
+            losses = {lv: float(v) for lv, v in losses.items()}
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{img_s:.0f}", lr=f"{lr:.1e}")
+            metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                                      "grad_norm": float(grad_norm), "images_per_s": img_s,
+                                      **{("loss_D" if lv == 1 else f"loss_D/{lv}"): v
+                                         for lv, v in losses.items()}}) + "\n")
             metrics.flush()
         if step % tc.ckpt_every == 0 or step == total_steps:
             _checkpoint(ckpt, net, opt, step, total_steps, tc, earlier + wall, ema)
@@ -256,7 +267,7 @@ def train_ssl(tc) -> dict:
     result = {"objective": "self-supervised", "images": n, "skipped_images": len(cache.skipped),
               "duplicates_dropped": len(cache.duplicates), "steps": step, "total_steps": total_steps,
               "epochs_done": step / steps_per_epoch, "train_seconds_total": earlier + wall,
-              "train_seconds_this_run": time.time() - t_start, "final_losses": {str(k): v for k, v in losses.items()},
+              "train_seconds_this_run": time.time() - t_start, "final_losses": {str(k): float(v) for k, v in losses.items()},
               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                          else platform.processor() or platform.machine()),
               "torch": torch.__version__, "data": str(cache.source or cache.directory)}
