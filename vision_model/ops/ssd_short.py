@@ -3,7 +3,7 @@
 With l ≤ one chunk there is no state passing: per head h (A_h < 0, dt already softplus'd, a_t = dt_t A_h, cum its
 cumulative sum over t) the scan is masked linear attention with a decay,
 
-    y[m] = Σ_{n≤m} G[m,n] · exp(cum[m] − cum[n]) · dt[n] · x[n]  +  D_h x[m],       G = C Bᵀ  (l × l, per group)
+    y[m] = Σ_{n≤m} G[m,n] · exp(cum[m] − cum[n]) · dt[n] · x[n]  +  D_h x[m],     G = C Bᵀ (l × l, per group)
 
 `ssd_short_ref` is that formula in PyTorch (autograd through it is the tests' reference for every gradient; it
 equals `ssd_minimal.ssd_chunked`). The Triton kernels compute it tile by tile, flash-attention-like: G is recomputed
@@ -92,24 +92,26 @@ def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
 if triton is not None:
     @triton.jit
     def _dt_tile(DT, pos, head, ok, stride_l, stride_h, bias):
-        """softplus(dt + dt_bias) in fp32 at positions `pos` of heads `head` (broadcast index tensors); 0 where not
-        `ok` (past the end: no input and no decay)."""
+        """(softplus(dt + dt_bias), its derivative) in fp32 at positions `pos` of heads `head` (broadcast index
+        tensors); 0 where not `ok` (past the end: no input and no decay)."""
         v = tl.load(DT + pos * stride_l + head * stride_h, mask=ok, other=0.0).to(tl.float32) + bias
         dt = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)  # softplus, linear where exp would overflow
-        return tl.where(ok, dt, 0.0)
+        return tl.where(ok, dt, 0.0), tl.where(ok, tl.where(v <= 20.0, tl.sigmoid(v), 1.0), 0.0)
 
     @triton.jit
     def _log_decay_before(DT, stop, head, h_ok, a, bias, L, stride_l, stride_h, BLOCK: tl.constexpr):
-        """Σ_{t<stop} dt_t·A per head ([HEADS]): where cum starts at position `stop`. Summed block by block of
-        BLOCK, in the order a program's own running sums take, so that cum of a row and of the same column agree
-        exactly."""
+        """(Σ_{t<stop} dt_t·A, Σ_{t<stop} softplus'(dt_t + dt_bias)) per head ([HEADS]): where cum (and the
+        backward's cumulative softplus slope) start at position `stop`. Summed block by block of BLOCK, in the order
+        a program's own running sums take, so that cum of a row and of the same column agree exactly."""
         total = tl.zeros(a.shape, dtype=tl.float32)
+        total_slope = tl.zeros(a.shape, dtype=tl.float32)
         for s in range(0, stop, BLOCK):
             t = s + tl.arange(0, BLOCK)
-            dt = _dt_tile(DT, t[None, :], head[:, None], h_ok[:, None] & (t < L)[None, :], stride_l, stride_h,
-                          bias[:, None])
+            dt, slope = _dt_tile(DT, t[None, :], head[:, None], h_ok[:, None] & (t < L)[None, :], stride_l,
+                                 stride_h, bias[:, None])
             total += tl.sum(dt * a[:, None], axis=1)
-        return total
+            total_slope += tl.sum(slope, axis=1)
+        return total, total_slope
 
     @triton.jit
     def _ssd_short_fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, H, P, N, heads_per_group,
@@ -142,9 +144,9 @@ if triton is not None:
         m_ok = m < L
 
         dt_ptr = DT + pid_b * stride_db
-        before = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
-        dt_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
-                        bias[None, :])  # [BLOCK, HEADS]
+        before, _ = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
+        dt_m, _ = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
+                           bias[None, :])  # [BLOCK, HEADS]
         cum_m = before[None, :] + tl.cumsum(dt_m * a[None, :], axis=0)
         c_m = tl.load(Cm + pid_b * stride_cb + group * stride_cg + m[:, None] * stride_cl + d[None, :],
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -155,8 +157,8 @@ if triton is not None:
         for s in range(0, start + BLOCK, BLOCK):
             n = s + tl.arange(0, BLOCK)
             n_ok = n < L
-            dt_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
-                            bias[:, None])  # [HEADS, BLOCK]
+            dt_n, _ = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
+                               bias[:, None])  # [HEADS, BLOCK]
             a_n = dt_n * a[:, None]
             cum_n = done[:, None] + tl.cumsum(a_n, axis=1)
             done += tl.sum(a_n, axis=1)
@@ -179,7 +181,8 @@ if triton is not None:
                  acc.to(Y.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
-    def _ssd_short_bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DC, RowQ, L, H, P, N, heads_per_group,
+    def _ssd_short_bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DC, RowQ, DApart, SlopePart, L, H, P, N,
+                                   heads_per_group,
                                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
                                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                                    stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
@@ -187,8 +190,13 @@ if triton is not None:
                                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_P: tl.constexpr,
                                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
         """One program: BLOCK rows m of one (sequence, group), every head of the group HEADS at a time, columns
-        n ≤ m. Writes dC of its rows (summed over the group's heads) and each head's Σ_n Q[m, n] into RowQ
-        (b, l, h) fp32."""
+        n ≤ m. Writes dC of its rows (summed over the group's heads), each head's Σ_n Q[m, n] into RowQ (b, l, h)
+        fp32, and per head the sums over its pairs of Q·(Σ_{n<t≤m} dt_t) (its share of dA) and of
+        Q·(Σ_{n<t≤m} softplus'_t) into DApart and SlopePart (b, blocks, h).
+
+        Those two are Σ_t da_t·dt_t and Σ_t da_t·softplus'_t, written pair by pair: through the reverse cumsum of
+        dcum, the rounding of RowQ and of the column kernel's sums (each Q computed twice, rounded apart) would be
+        weighted by cumulative sums up to l·dt and no longer cancel."""
         pid_m, group, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         col = tl.arange(0, HEADS * BLOCK_P)
         col_k, col_p = col // BLOCK_P, col % BLOCK_P
@@ -213,22 +221,29 @@ if triton is not None:
             bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
             col_head = first + col_k
             col_ok = (col_head < (group + 1) * heads_per_group) & (col_p < P)
-            before = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
-            dt_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
-                            bias[None, :])
+            before, before_slope = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh,
+                                                     BLOCK)
+            dt_m, slope_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
+                                     stride_dh, bias[None, :])
             cum_m = before[None, :] + tl.cumsum(dt_m * a[None, :], axis=0)
+            cum_slope_m = before_slope[None, :] + tl.cumsum(slope_m, axis=0)
             dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + col_head[None, :] * stride_yh + col_p[None, :],
                            mask=m_ok[:, None] & col_ok[None, :], other=0.0)
             row_q = tl.zeros((BLOCK, HEADS), dtype=tl.float32)
+            q_span = tl.zeros((BLOCK, HEADS), dtype=tl.float32)  # Σ_n Q·(cum[m] − cum[n])
+            q_slope = tl.zeros((BLOCK, HEADS), dtype=tl.float32)  # Σ_n Q·(Σ_{n<t≤m} softplus'_t)
             done = tl.zeros((HEADS,), dtype=tl.float32)
+            done_slope = tl.zeros((HEADS,), dtype=tl.float32)
             for s in range(0, start + BLOCK, BLOCK):
                 n = s + tl.arange(0, BLOCK)
                 n_ok = n < L
-                dt_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl,
-                                stride_dh, bias[:, None])
+                dt_n, slope_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :],
+                                         stride_dl, stride_dh, bias[:, None])
                 a_n = dt_n * a[:, None]
                 cum_n = done[:, None] + tl.cumsum(a_n, axis=1)
                 done += tl.sum(a_n, axis=1)
+                cum_slope_n = done_slope[:, None] + tl.cumsum(slope_n, axis=1)
+                done_slope += tl.sum(slope_n, axis=1)
                 b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                               other=0.0)
                 g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
@@ -238,16 +253,26 @@ if triton is not None:
                                other=0.0)
                 ds = tl.reshape(tl.dot(dy_m, tl.trans(x_bd), input_precision=PRECISION), (BLOCK, HEADS, BLOCK))
                 causal = (m[:, None] >= n[None, :])[:, None, :]
-                decay = tl.exp(tl.where(causal, cum_m[:, :, None] - cum_n[None, :, :], float("-inf")))
+                span = cum_m[:, :, None] - cum_n[None, :, :]
+                decay = tl.exp(tl.where(causal, span, float("-inf")))
                 w = ds * decay * dt_n[None, :, :]  # dS·exp(..)·dt[n]: summed over heads it is dG
-                row_q += tl.sum(w * g[:, None, :], axis=2)
+                # Q off the diagonal (Q[m, m] enters dcum[m] twice with opposite signs), in the column kernel's order
+                strict = (m[:, None] > n[None, :])[:, None, :]
+                q = tl.where(strict, ds * (g[:, None, :] * decay) * dt_n[None, :, :], 0.0)
+                row_q += tl.sum(q, axis=2)
+                q_span += tl.sum(q * span, axis=2)
+                q_slope += tl.sum(q * (cum_slope_m[:, :, None] - cum_slope_n[None, :, :]), axis=2)
                 dc = tl.dot(tl.sum(w, axis=1).to(b_n.dtype), b_n, acc=dc, input_precision=PRECISION)
             tl.store(RowQ + (pid_b * L + m[:, None]) * H + head[None, :], row_q, mask=m_ok[:, None] & h_ok[None, :])
+            part = (pid_b * tl.num_programs(0) + pid_m) * H + head
+            # cum[m] − cum[n] = A·Σ_{n<t≤m} dt_t
+            tl.store(DApart + part, tl.sum(q_span, axis=0) / tl.where(a != 0.0, a, 1.0), mask=h_ok)
+            tl.store(SlopePart + part, tl.sum(q_slope, axis=0), mask=h_ok)
         tl.store(DC + pid_b * stride_gbb + group * stride_gbg + m[:, None] * stride_gbl + d[None, :],
                  dc.to(DC.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _ssd_short_bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DB, Direct, DDpart, L, H, P, N,
+    def _ssd_short_bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DB, Direct, ColQ, DDpart, L, H, P, N,
                                    heads_per_group,
                                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
                                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
@@ -283,9 +308,9 @@ if triton is not None:
             bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
             col_head = first + col_k
             col_ok = (col_head < (group + 1) * heads_per_group) & (col_p < P)
-            before = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
-            dt_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
-                            bias[:, None])  # [HEADS, BLOCK]
+            before, _ = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
+            dt_n, _ = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
+                               bias[:, None])  # [HEADS, BLOCK]
             cum_n = before[:, None] + tl.cumsum(dt_n * a[:, None], axis=1)
             diag_ok = (row_k[:, None] == col_k[None, :]) & (xn < L)[:, None] & col_ok[None, :]
             bd_off = xn[:, None] * stride_xl + col_head[None, :] * stride_xh + col_p[None, :]
@@ -294,11 +319,12 @@ if triton is not None:
                             mask=diag_ok, other=0.0)
             dx = tl.zeros((HEADS * BLOCK, HEADS * BLOCK_P), dtype=tl.float32)
             direct = tl.zeros((HEADS, BLOCK), dtype=tl.float32)
+            col_q = tl.zeros((HEADS, BLOCK), dtype=tl.float32)
             done = before
             for s in range(start, L, BLOCK):
                 m = s + tl.arange(0, BLOCK)
                 m_ok = m < L
-                dt_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
+                dt_m, _ = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
                                 stride_dh, bias[None, :])  # [BLOCK, HEADS]
                 a_m = dt_m * a[None, :]
                 cum_m = done[None, :] + tl.cumsum(a_m, axis=0)
@@ -315,6 +341,8 @@ if triton is not None:
                 scores = tl.reshape(ge * dt_n[None, :, :], (BLOCK, HEADS * BLOCK))
                 dx = tl.dot(tl.trans(scores).to(dy_m.dtype), dy_m, acc=dx, input_precision=PRECISION)
                 direct += tl.sum(ds * ge, axis=0)
+                strict = (m[:, None] > n[None, :])[:, None, :]
+                col_q += tl.sum(tl.where(strict, ds * ge * dt_n[None, :, :], 0.0), axis=0)
                 dg = tl.sum(ds * decay * dt_n[None, :, :], axis=1)  # [rows, cols], summed over the heads
                 db = tl.dot(tl.trans(dg).to(c_m.dtype), c_m, acc=db, input_precision=PRECISION)
             d_col = tl.zeros((HEADS * BLOCK_P,), dtype=tl.float32)
@@ -322,9 +350,11 @@ if triton is not None:
                 d_col = tl.load(Dskip + col_head, mask=col_ok, other=0.0).to(tl.float32)
                 dx += d_col[None, :] * dy_bd.to(tl.float32)
             # only the diagonal blocks of dx are a head's own: the masked store writes each (position, head) once
-            tl.store(DX + pid_b * stride_gxb + xn[:, None] * stride_gxl + col_head[None, :] * stride_gxh + col_p[None, :],
-                     dx.to(DX.dtype.element_ty), mask=diag_ok)
+            dx_off = xn[:, None] * stride_gxl + col_head[None, :] * stride_gxh + col_p[None, :]
+            tl.store(DX + pid_b * stride_gxb + dx_off, dx.to(DX.dtype.element_ty), mask=diag_ok)
             tl.store(Direct + (pid_b * L + n[None, :]) * H + head[:, None], direct,
+                     mask=h_ok[:, None] & n_ok[None, :])
+            tl.store(ColQ + (pid_b * L + n[None, :]) * H + head[:, None], col_q,
                      mask=h_ok[:, None] & n_ok[None, :])
             dd = tl.sum(tl.reshape(tl.sum(x_bd.to(tl.float32) * dy_bd.to(tl.float32), axis=0), (HEADS, BLOCK_P)),
                         axis=1)
@@ -333,12 +363,12 @@ if triton is not None:
                  db.to(DB.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _ssd_short_bwd_dt_kernel(DT, A, DTBias, RowQ, Direct, DDT, DApart, DBiasPart, L, H,
+    def _ssd_short_bwd_dt_kernel(DT, A, DTBias, RowQ, ColQ, Direct, DDT, DirectPart, L, H,
                                  stride_db, stride_dl, stride_dh, stride_gb, stride_gl, stride_gh,
                                  BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
-        """One program: HEADS heads of one sequence, every position. dcum = RowQ − dt·Direct (Σ_m Q[m, n] is
-        dt[n]·Σ_m dS·G·exp(..)), da = its reverse cumsum, ddt = da·A + Direct through the softplus; each
-        sequence's Σ da·dt (dA) and Σ ddt_raw (dt_bias) into the partial buffers."""
+        """One program: HEADS heads of one sequence, every position. dcum = RowQ − ColQ, da = its reverse cumsum,
+        ddt = (da·A + Direct)·softplus' (the raw dt's gradient); each sequence's Σ Direct·softplus' (the direct
+        part of dt_bias's gradient; the rest comes pair by pair from the row kernel) into DirectPart (b, h)."""
         pid_h, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         head = pid_h * HEADS + tl.arange(0, HEADS)
         h_ok = head < H
@@ -348,16 +378,16 @@ if triton is not None:
         bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
         v = tl.load(DT + pid_b * stride_db + t[None, :] * stride_dl + head[:, None] * stride_dh, mask=ok,
                     other=0.0).to(tl.float32) + bias[:, None]
-        dt = tl.where(ok, tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v), 0.0)
+        slope = tl.where(ok, tl.where(v <= 20.0, tl.sigmoid(v), 1.0), 0.0)
         buf = (pid_b * L + t[None, :]) * H + head[:, None]
         direct = tl.load(Direct + buf, mask=ok, other=0.0)
-        dcum = tl.load(RowQ + buf, mask=ok, other=0.0) - dt * direct
-        da = tl.sum(dcum, axis=1)[:, None] - tl.cumsum(dcum, axis=1) + dcum  # Σ_{s≥t} dcum[s]
-        ddt = (da * a[:, None] + direct) * tl.where(v <= 20.0, tl.sigmoid(v), 1.0)
+        dcum = tl.load(RowQ + buf, mask=ok, other=0.0) - tl.load(ColQ + buf, mask=ok, other=0.0)
+        # Σ_{s≥t} dcum[s] scanned from the end: the total less a forward cumsum loses the small tail sums
+        da = tl.cumsum(dcum, axis=1, reverse=True)
+        ddt = (da * a[:, None] + direct) * slope
         tl.store(DDT + pid_b * stride_gb + t[None, :] * stride_gl + head[:, None] * stride_gh,
                  ddt.to(DDT.dtype.element_ty), mask=ok)
-        tl.store(DApart + pid_b * H + head, tl.sum(da * dt, axis=1), mask=h_ok)
-        tl.store(DBiasPart + pid_b * H + head, tl.sum(tl.where(ok, ddt, 0.0), axis=1), mask=h_ok)
+        tl.store(DirectPart + pid_b * H + head, tl.sum(direct * slope, axis=1), mask=h_ok)
 
 
 def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tensor) -> tuple[int, ...]:
@@ -426,25 +456,30 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     dC = torch.empty((b, l, g, n), dtype=C.dtype, device=dev)
     row_q = torch.empty((b, l, h), dtype=torch.float32, device=dev)
     direct = torch.empty((b, l, h), dtype=torch.float32, device=dev)
+    col_q = torch.empty((b, l, h), dtype=torch.float32, device=dev)
     dd_part = torch.empty((b, blocks, h), dtype=torch.float32, device=dev)
     A32, bias = A.contiguous(), dt_bias.contiguous()
     strides = (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
                *dB.stride()[:3])  # dB and dC: the same fresh layout
     common = dict(BLOCK_D=_pow2(n, 16), PRECISION=_precision(x), **consts, **launch)
-    _ssd_short_bwd_rows_kernel[(blocks, g, b)](x, dt, A32, B, C, dy, bias, dC, row_q, l, h, p, n, h // g,
+    dA_part = torch.empty((b, blocks, h), dtype=torch.float32, device=dev)
+    slope_part = torch.empty((b, blocks, h), dtype=torch.float32, device=dev)
+    _ssd_short_bwd_rows_kernel[(blocks, g, b)](x, dt, A32, B, C, dy, bias, dC, row_q, dA_part, slope_part,
+                                               l, h, p, n, h // g,
                                                *strides, **common)
     _ssd_short_bwd_cols_kernel[(blocks, g, b)](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, dB,
-                                               direct, dd_part, l, h, p, n, h // g, *strides,
+                                               direct, col_q, dd_part, l, h, p, n, h // g, *strides,
                                                HAS_D=D is not None, **common)
     ddt = torch.empty((b, l, h), dtype=dt.dtype, device=dev)
-    dA_part = torch.empty((b, h), dtype=torch.float32, device=dev)
-    dbias_part = torch.empty((b, h), dtype=torch.float32, device=dev)
+    direct_part = torch.empty((b, h), dtype=torch.float32, device=dev)
     per_program = min(_pow2(h), 8)
     _ssd_short_bwd_dt_kernel[(triton.cdiv(h, per_program), b)](
-        dt, A32, bias, row_q, direct, ddt, dA_part, dbias_part, l, h, *dt.stride(), *ddt.stride(),
+        dt, A32, bias, row_q, col_q, direct, ddt, direct_part, l, h, *dt.stride(), *ddt.stride(),
         BLOCK_L=_pow2(l, 16), HEADS=per_program, num_warps=4)
     dD = dd_part.sum((0, 1)).to(D.dtype) if D is not None else None
-    return (dx, ddt, dA_part.sum(0).to(A.dtype), dB, dC, dD, dbias_part.sum(0).to(dt_bias.dtype))
+    dA = dA_part.sum((0, 1))
+    dbias = direct_part.sum(0) + A32.float() * slope_part.sum((0, 1))  # Σ (da·A + Direct)·softplus'
+    return dx, ddt, dA.to(A.dtype), dB, dC, dD, dbias.to(dt_bias.dtype)
 
 
 class SSDShortScan(torch.autograd.Function):
