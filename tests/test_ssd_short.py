@@ -139,3 +139,24 @@ def test_short_scan_fusion_switch(tmp_path):
                       "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
     assert rows[0]["fusions_off"] == ["short_scan"] and rows[0]["status"] == "ok"
+
+
+def test_gpu_check_script_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu/ssd_short_check.py on CPU (--tiny, Triton's interpreter, fp32): the float64 correctness rows
+    (every tensor, repeats bit-identical), the kernel timings, and the launch sweep in its child process, each
+    config agreeing with the default launch; results in the jsonl and the summary."""
+    pytest.importorskip("triton")
+    from benchmarks.gpu import ssd_short_check
+    assert ssd_short_check.main(["--device", "cpu", "--tiny", "--sections", "1,2,6", "--repeats", "1",
+                                 "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ssd_short.jsonl").read_text().splitlines()]
+    corr = [r for r in rows if r["section"] == "correctness"]
+    assert len(corr) == 2 and all(r["repeat_identical"] for r in corr)
+    assert all(e["rel"] < 1e-4 and e["max"] < 1e-4 for r in corr for e in r["errors"].values())
+    assert set(corr[0]["errors"]) == {"y", "x", "dt", "A", "B", "C", "D", "dt_bias"}
+    assert len([r for r in rows if r["section"] == "kernel time"]) == 2
+    sweep = [r for r in rows if r["section"] == "sweep"]
+    assert {r["shape"] for r in sweep} == {"tiny", "tiny short"} and {r["kind"] for r in sweep} == {"fwd", "bwd"}
+    assert all(r["status"] == "ok" and r["rel_vs_default"] < 1e-5 for r in sweep)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "best bwd at tiny:" in summary and "| ours | tiny | float32 | True |" in summary
