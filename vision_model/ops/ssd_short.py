@@ -24,10 +24,12 @@ Only the inputs are saved for the backward; it recomputes the scores. With S[m,n
     da[t]  = Σ_{s≥t} dcum[s]                         dA = Σ da·dt
     ddt[n] = da[n]·A + Σ_m dS[m,n] G[m,n] exp(..)    (then through the softplus: · sigmoid(dt_raw + dt_bias))
 
-Two kernels share the pairs (m, n ≤ m) without atomics: one per block of rows (dC, and the row sums of Q), one per
-block of columns (dx, dB, the column sums Σ_m dS·G·exp(..), dD); each loops over every head of its group, so dB and
-dC are summed over heads on chip. A last small kernel per sequence turns the two sums into dcum, its reverse cumsum
-into ddt (through the softplus), and the per-sequence parts of dA and dt_bias's gradient.
+Two kernels share the pairs (m, n ≤ m) without atomics: one per block of rows (dC, the row sums of Q, and dA and the
+dcum part of dt_bias's gradient summed pair by pair: Σ_t da_t·w_t = Σ_{m,n} Q[m,n]·Σ_{n<t≤m} w_t, which the reverse
+cumsum would make ill-conditioned), one per block of columns (dx, dB, the column sums of Q and of dS·G·exp(..),
+dD); each loops over every head of its group, so dB and dC are summed over heads on chip. A last small kernel per
+sequence turns the row and column sums into dcum and its reverse cumsum into ddt (through the softplus).
+Requires A ≠ 0 (Mamba2's A = −exp(A_log) is negative).
 """
 from __future__ import annotations
 
