@@ -388,7 +388,8 @@ def format_summary(rows: list[dict], state: dict, seconds: float) -> str:
     sw = [r for r in rows if r["section"] == "sweep"]
     if sw:
         lines += ["## sweep (bf16 on CUDA; ms of one fwd or one bwd call)", "",
-                  "| shape | kind | BLOCK | HEADS | warps | ms | rel vs default | status |", "|---|---|---|---|---|---|---|---|"]
+                  "| shape | kind | BLOCK | HEADS | warps | ms | rel vs default | status |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(sw, key=lambda r: (r["shape"], r["kind"], r.get("ms", 1e9))):
             c = r["config"]
             ms = f"{r['ms']:.3f}" if "ms" in r else ""

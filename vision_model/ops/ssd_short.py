@@ -24,11 +24,11 @@ Only the inputs are saved for the backward; it recomputes the scores. With S[m,n
     da[t]  = Σ_{s≥t} dcum[s]                         dA = Σ da·dt
     ddt[n] = da[n]·A + Σ_m dS[m,n] G[m,n] exp(..)    (then through the softplus: · sigmoid(dt_raw + dt_bias))
 
-Two kernels share the pairs (m, n ≤ m) without atomics: one per block of rows (dC, the row sums of Q, and dA and the
-dcum part of dt_bias's gradient summed pair by pair: Σ_t da_t·w_t = Σ_{m,n} Q[m,n]·Σ_{n<t≤m} w_t, which the reverse
-cumsum would make ill-conditioned), one per block of columns (dx, dB, the column sums of Q and of dS·G·exp(..),
-dD); each loops over every head of its group, so dB and dC are summed over heads on chip. A last small kernel per
-sequence turns the row and column sums into dcum and its reverse cumsum into ddt (through the softplus).
+Two kernels share the pairs (m, n ≤ m) without atomics: one per block of rows (dC, the row sums of Q, and dA and
+the dcum part of dt_bias's gradient summed pair by pair: Σ_t da_t·w_t = Σ_{m,n} Q[m,n]·Σ_{n<t≤m} w_t, which the
+reverse cumsum would make ill-conditioned), one per block of columns (dx, dB, the column sums of Q and of
+dS·G·exp(..), dD); each loops over every head of its group, so dB and dC are summed over heads on chip. A last small
+kernel per sequence turns the row and column sums into dcum and its reverse cumsum into ddt (through the softplus).
 Requires A ≠ 0 (Mamba2's A = −exp(A_log) is negative).
 """
 from __future__ import annotations
@@ -92,6 +92,8 @@ def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
 
 
 if triton is not None:
+    # Names in the kernels are never reused for tensors of another shape: inside a loop Triton would take such a name
+    # for a loop-carried value of changing type and refuse to compile (the interpreter would not notice).
     @triton.jit
     def _dt_tile(DT, pos, head, ok, stride_l, stride_h, bias):
         """(softplus(dt + dt_bias), its derivative) in fp32 at positions `pos` of heads `head` (broadcast index
@@ -146,9 +148,9 @@ if triton is not None:
         m_ok = m < L
 
         dt_ptr = DT + pid_b * stride_db
-        before, _ = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
-        dt_m, _ = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
-                           bias[None, :])  # [BLOCK, HEADS]
+        before, _slope_before = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
+        dt_m, _slope_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :],
+                                  stride_dl, stride_dh, bias[None, :])  # [BLOCK, HEADS]
         cum_m = before[None, :] + tl.cumsum(dt_m * a[None, :], axis=0)
         c_m = tl.load(Cm + pid_b * stride_cb + group * stride_cg + m[:, None] * stride_cl + d[None, :],
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -159,8 +161,8 @@ if triton is not None:
         for s in range(0, start + BLOCK, BLOCK):
             n = s + tl.arange(0, BLOCK)
             n_ok = n < L
-            dt_n, _ = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
-                               bias[:, None])  # [HEADS, BLOCK]
+            dt_n, _slope_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :],
+                                      stride_dl, stride_dh, bias[:, None])  # [HEADS, BLOCK]
             a_n = dt_n * a[:, None]
             cum_n = done[:, None] + tl.cumsum(a_n, axis=1)
             done += tl.sum(a_n, axis=1)
@@ -310,9 +312,10 @@ if triton is not None:
             bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
             col_head = first + col_k
             col_ok = (col_head < (group + 1) * heads_per_group) & (col_p < P)
-            before, _ = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl, stride_dh, BLOCK)
-            dt_n, _ = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :], stride_dl, stride_dh,
-                               bias[:, None])  # [HEADS, BLOCK]
+            before, _slope_before = _log_decay_before(dt_ptr, start, head, h_ok, a, bias, L, stride_dl,
+                                                      stride_dh, BLOCK)
+            dt_n, _slope_n = _dt_tile(dt_ptr, n[None, :], head[:, None], h_ok[:, None] & n_ok[None, :],
+                                      stride_dl, stride_dh, bias[:, None])  # [HEADS, BLOCK]
             cum_n = before[:, None] + tl.cumsum(dt_n * a[:, None], axis=1)
             diag_ok = (row_k[:, None] == col_k[None, :]) & (xn < L)[:, None] & col_ok[None, :]
             bd_off = xn[:, None] * stride_xl + col_head[None, :] * stride_xh + col_p[None, :]
@@ -326,8 +329,8 @@ if triton is not None:
             for s in range(start, L, BLOCK):
                 m = s + tl.arange(0, BLOCK)
                 m_ok = m < L
-                dt_m, _ = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
-                                stride_dh, bias[None, :])  # [BLOCK, HEADS]
+                dt_m, _slope_m = _dt_tile(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :],
+                                          stride_dl, stride_dh, bias[None, :])  # [BLOCK, HEADS]
                 a_m = dt_m * a[None, :]
                 cum_m = done[None, :] + tl.cumsum(a_m, axis=0)
                 done += tl.sum(a_m, axis=0)
