@@ -1,10 +1,11 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
-backend="triton" runs mamba-ssm's chunked SSD scan (training, and inference for head shapes our kernel has no
-verified launch for) or our one-kernel SSD forward from `vision_model.ops.ssd_triton` (other inference); mamba-ssm's gated
-RMSNorm (training) or our RMSNorm kernel from `vision_model.ops.rmsnorm` (inference, gated and plain); and at inference
-our fused causal conv + SiLU from `vision_model.ops.conv`. backend="torch" runs the readable PyTorch definitions of all
-of them (`ssd_minimal`, and the `*_ref` beside each kernel).
+backend="triton" runs mamba-ssm's chunked SSD scan (training on sequences longer than one chunk or with
+`short_scan` off, and inference for head shapes our kernel has no verified launch for) or our one-kernel SSD forward
+from `vision_model.ops.ssd_triton` (other inference); mamba-ssm's gated RMSNorm (training) or our RMSNorm kernel from
+`vision_model.ops.rmsnorm` (inference, gated and plain); and at inference our fused causal conv + SiLU from
+`vision_model.ops.conv`. backend="torch" runs the readable PyTorch definitions of all of them (`ssd_minimal`, and the
+`*_ref` beside each kernel).
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
 
@@ -16,9 +17,13 @@ concatenation, where three slices each zero-fill and copy a full-size gradient),
 level of a joint step (`training.train`), the reorders between scan orders backpropagated as a gather by the inverse
 permutation (autograd's default for indexing zero-fills the gradient and scatter-adds into it, sorting the
 indices), the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
-activations may be transposed in and out around each convolution), and the gated RMSNorm's backward in our kernel
-(mamba-ssm's launches one program per SM, each walking thousands of rows one after another).  `block=False` restores the earlier training path (the inference block,
-norm folded into in_proj, with autograd) to measure against.
+activations may be transposed in and out around each convolution), the gated RMSNorm's backward in our kernel
+(mamba-ssm's launches one program per SM, each walking thousands of rows one after another); and sequences that fit
+in one chunk (at most 256 tokens: every vision config up to 224 px) train on our one-chunk SSD scan from
+`vision_model.ops.ssd_short` instead of mamba-ssm's chunked one (no state passing; C·Bᵀ recomputed per tile, never
+written, and shared by the several heads of a program; a backward of three kernels that sum dB and dC over heads on
+chip).  `block=False` restores the earlier training path (the inference block, norm folded into in_proj, with
+autograd) to measure against.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1
 from .rmsnorm import (gated_rms_norm_ref, gated_rms_norm_train, rms_norm_ref, rms_norm_triton, rms_rstd_triton,
                       row_rstd_ref)
 from .ssd_minimal import ssd_chunked
+from .ssd_short import short_scan_supported, ssd_short_scan
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
 BACKENDS = ("auto", "torch", "triton")
@@ -54,6 +60,7 @@ class TrainFusions:
     reorder_gather: bool = True  # a scan-order reorder backpropagates as a gather by the inverse permutation
     stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
     gated_norm: bool = True  # the gated RMSNorm's forward and backward in our Triton kernels (triton backend)
+    short_scan: bool = True  # sequences of one chunk (<= 256 tokens): our one-chunk SSD scan, forward and backward
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -130,6 +137,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
     if backend == "triton":
         # the kernels read any layout whose last dim is dense (the split views of the conv output); others copy
         x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+        if (dt_scale is None and current_fusions().short_scan and _needs_grad(x, dt, A, B, C, D, dt_bias)
+                and short_scan_supported(x.shape[1], x.shape[3], B.shape[3])):
+            return ssd_short_scan(x, dt, A, B, C, D, dt_bias)  # training, one chunk: no state passing
         return triton_chunk_scan()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
     dt = F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)
