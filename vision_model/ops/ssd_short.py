@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import tl, triton  # None where Triton cannot run (no GPU, no interpreter)
-from .conv import _compiler_disabled
+from ._triton import compiler_disabled, tl, triton  # None where Triton cannot run (no GPU, no interpreter)
+
 
 MAX_LEN = 256  # the longest sequence these kernels take: one chunk
 
@@ -504,7 +504,7 @@ class SSDShortScan(torch.autograd.Function):
         return (*grads, None, None)
 
 
-@_compiler_disabled
+@compiler_disabled
 def ssd_short_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
                    fwd_config: dict | None = None, bwd_config: dict | None = None) -> Tensor:
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x for l ≤ MAX_LEN with autograd, forward and backward in
