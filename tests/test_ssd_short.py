@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vision_model.ops.ssd_minimal import ssd_chunked, ssd_recurrent
-from vision_model.ops.ssd_short import (MAX_LEN, default_config, short_scan_supported, ssd_short_ref,
-                                        ssd_short_scan_ref)
+from vision_model.ops.ssd_short import (MAX_LEN, default_config, short_scan_preferred, short_scan_supported,
+                                        ssd_short_ref, ssd_short_scan_ref)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,6 +58,7 @@ def test_ssd_short_ref_refuses_more_than_one_chunk():
     with pytest.raises(ValueError, match="at most 256"):
         ssd_short_ref(x, dt, A, B, C, D)
     assert short_scan_supported(MAX_LEN, 64, 128) and not short_scan_supported(MAX_LEN + 1, 16, 64)
+    assert short_scan_preferred(145, 16, 64) and not short_scan_preferred(197, 16, 128)
 
 
 # (batch, length, heads, headdim, groups, d_state, launch config or None for the default, with D, strided inputs):

@@ -76,6 +76,14 @@ def short_scan_supported(seqlen: int, headdim: int, d_state: int) -> bool:
     return 1 <= seqlen <= MAX_LEN and headdim <= 128 and d_state <= 256
 
 
+def short_scan_preferred(seqlen: int, headdim: int, d_state: int) -> bool:
+    """Whether training should take `ssd_short_scan` over mamba-ssm's chunked scan for this shape. Measured on the
+    H200 (docs/notes.md 18.11, fwd+bwd, bf16): faster at d_state 64 and head dim 16 (145 tokens 1.26x, 37 tokens
+    4.2x, 145 tokens at 6 heads 1.75x), slower at d_state 128 (197 tokens, 64 heads: 0.88x), where each program's
+    recomputed C·Bᵀ tiles cost twice as much; head dims over 32 unmeasured, and mamba-ssm's tiles suit them."""
+    return short_scan_supported(seqlen, headdim, d_state) and d_state <= 64 and headdim <= 32
+
+
 def _pow2(v: int, least: int = 1) -> int:
     return max(least, 1 << max(0, v - 1).bit_length())
 
