@@ -115,6 +115,24 @@ def interleaved_best(calls: list[tuple[Callable[[], Any], Callable[[], Any]]], d
     return best
 
 
+def cuda_event_ms(call: Callable[[], Any], repeats: int = 20, rounds: int = 5) -> float:
+    """Median over `rounds` of the mean ms of `repeats` back-to-back calls between two CUDA events (one call per
+    event pair would time the launch too), after three untimed calls."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / repeats)
+    return sorted(times)[rounds // 2]
+
+
 def cuda_kernel_table(call: Callable[[], Any], row_limit: int = 16) -> str:
     """The top CUDA kernels of one call of `call` (after one untimed call), as torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile

@@ -33,7 +33,7 @@ import triton
 
 import vision_model.block as block_mod
 import vision_model.ops.conv as conv_mod
-from benchmarks.measure import cuda_kernel_table, interleaved_best
+from benchmarks.measure import cuda_event_ms, cuda_kernel_table, interleaved_best
 from vision_model import backends, create_model
 from vision_model.ops.rmsnorm import rms_norm_triton
 
@@ -44,22 +44,6 @@ ROWS = 16 * 4097
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
-
-
-def ms(call, repeats=20, rounds=5):
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / repeats)
-    return sorted(times)[rounds // 2]
 
 
 def mamba(module, name):
@@ -73,24 +57,24 @@ def sweep_norms(out):
     res = torch.randn_like(x)
     w = torch.rand(1024, device=DEV, dtype=DT) + 0.5
     ref = backends.rms_norm(x.float(), w.float(), 1e-5, "torch")
-    out(op="rms_norm", n=1024, impl="mamba add+norm", ms=ms(lambda: rms_norm_fn(x, w, None, residual=res, eps=1e-5,
-                                                                            prenorm=True)))
-    out(op="rms_norm", n=1024, impl="mamba", ms=ms(lambda: rms_norm_fn(x, w, None, eps=1e-5)),
+    out(op="rms_norm", n=1024, impl="mamba add+norm",
+        ms=cuda_event_ms(lambda: rms_norm_fn(x, w, None, residual=res, eps=1e-5, prenorm=True)))
+    out(op="rms_norm", n=1024, impl="mamba", ms=cuda_event_ms(lambda: rms_norm_fn(x, w, None, eps=1e-5)),
         err=rel(rms_norm_fn(x, w, None, eps=1e-5), ref))
-    out(op="rms_norm", n=1024, impl="F.rms_norm", ms=ms(lambda: F.rms_norm(x, (1024,), w, 1e-5)))
+    out(op="rms_norm", n=1024, impl="F.rms_norm", ms=cuda_event_ms(lambda: F.rms_norm(x, (1024,), w, 1e-5)))
     for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
         call = lambda: rms_norm_triton(x, w, 1e-5, rows_per_program=tile // 1024, num_warps=warps)
-        out(op="rms_norm", n=1024, impl="ours", tile=tile, warps=warps, ms=ms(call), err=rel(call(), ref))
+        out(op="rms_norm", n=1024, impl="ours", tile=tile, warps=warps, ms=cuda_event_ms(call), err=rel(call(), ref))
     for n in (256, 512, 1024, 2048):  # gated: D/8 .. D inner widths; z a slice of a wider in_proj output
         y = torch.randn(ROWS, n, device=DEV, dtype=DT)
         z = torch.randn(ROWS, 2 * n + 264, device=DEV, dtype=DT)[:, :n]
         wn = torch.rand(n, device=DEV, dtype=DT) + 0.5
         ref = backends.gated_rms_norm(y.float(), z.float(), wn.float(), 1e-5, "torch")
         call = lambda: gated_fn(y, wn, None, z=z, eps=1e-5, group_size=None, norm_before_gate=False)
-        out(op="gated", n=n, impl="mamba", ms=ms(call), err=rel(call(), ref))
+        out(op="gated", n=n, impl="mamba", ms=cuda_event_ms(call), err=rel(call(), ref))
         for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
             call = lambda: rms_norm_triton(y, wn, 1e-5, z=z, rows_per_program=max(1, tile // n), num_warps=warps)
-            out(op="gated", n=n, impl="ours", tile=tile, warps=warps, ms=ms(call), err=rel(call(), ref))
+            out(op="gated", n=n, impl="ours", tile=tile, warps=warps, ms=cuda_event_ms(call), err=rel(call(), ref))
 
 
 def sweep_conv(out):
@@ -107,7 +91,7 @@ def sweep_conv(out):
             if bl * bc > 16384:
                 continue
             call = lambda: conv_mod.causal_conv1d_silu_triton(xbc, w, b, block_l=bl, block_c=bc, num_warps=warps)
-            t = ms(call)
+            t = cuda_event_ms(call)
             out(op="conv", shape=name, block_l=bl, block_c=bc, warps=warps, ms=t, err=rel(call(), ref))
             # the pick minimises 4 x D/8 + D: D/8 >= 4x D is the target this serves
             best[(bl, bc, warps)] = best.get((bl, bc, warps), 0.0) + t * (4.0 if name == "D/8" else 1.0)
@@ -119,14 +103,14 @@ def sweep_gemms(out):
         y = torch.randn(ROWS, inner, device=DEV, dtype=DT)
         w = torch.randn(1024, inner, device=DEV, dtype=DT) * 0.02
         res = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
-        out(op="out_proj", inner=inner, impl="linear", ms=ms(lambda: F.linear(y, w)))
-        out(op="out_proj", inner=inner, impl="linear + add", ms=ms(lambda: F.linear(y, w) + res))
-        out(op="out_proj", inner=inner, impl="addmm", ms=ms(lambda: torch.addmm(res, y, w.t())),
+        out(op="out_proj", inner=inner, impl="linear", ms=cuda_event_ms(lambda: F.linear(y, w)))
+        out(op="out_proj", inner=inner, impl="linear + add", ms=cuda_event_ms(lambda: F.linear(y, w) + res))
+        out(op="out_proj", inner=inner, impl="addmm", ms=cuda_event_ms(lambda: torch.addmm(res, y, w.t())),
             err=rel(torch.addmm(res, y, w.t()), F.linear(y.float(), w.float()) + res.float()))
     x = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
     for rows in (772, 776, 784, 800, 832, 896, 1024, 1540, 1544, 1552, 1600, 1664):
         w = torch.randn(rows, 1024, device=DEV, dtype=DT) * 0.02
-        out(op="in_proj", rows=rows, ms=ms(lambda: F.linear(x, w)))
+        out(op="in_proj", rows=rows, ms=cuda_event_ms(lambda: F.linear(x, w)))
 
 
 def sweep_fold(out):
@@ -134,8 +118,8 @@ def sweep_fold(out):
     x = torch.randn(ROWS, 1024, device=DEV, dtype=DT)
     w = torch.rand(1024, device=DEV, dtype=DT) + 0.5
     rstd = rms_rstd_triton(x, 1e-5)
-    out(op="fold", part="pre-norm", impl="norm", ms=ms(lambda: rms_norm_triton(x, w, 1e-5)))
-    out(op="fold", part="pre-norm", impl="rstd only", ms=ms(lambda: rms_rstd_triton(x, 1e-5)),
+    out(op="fold", part="pre-norm", impl="norm", ms=cuda_event_ms(lambda: rms_norm_triton(x, w, 1e-5)))
+    out(op="fold", part="pre-norm", impl="rstd only", ms=cuda_event_ms(lambda: rms_rstd_triton(x, 1e-5)),
         err=rel(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5)))
     scale = rstd.view(16, 4097)
     for name, inner in (("D/8", 256), ("D", 2048)):
@@ -147,16 +131,17 @@ def sweep_fold(out):
         cw, cb = torch.randn(c, 1, 4, device=DEV, dtype=DT) * 0.3, torch.randn(c, device=DEV, dtype=DT) * 0.1
         ref = conv_mod.causal_conv1d_silu_ref(xbc.float(), cw.float(), cb.float(), scale)
         out(op="fold", part="conv", shape=name, impl="plain",
-            ms=ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb)))
+            ms=cuda_event_ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb)))
         out(op="fold", part="conv", shape=name, impl="row scale",
-            ms=ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb, scale)),
+            ms=cuda_event_ms(lambda: conv_mod.causal_conv1d_silu_triton(xbc, cw, cb, scale)),
             err=rel(conv_mod.causal_conv1d_silu_triton(xbc, cw, cb, scale), ref))
         y = torch.randn(16, 4097, inner, device=DEV, dtype=DT)
         wn = torch.rand(inner, device=DEV, dtype=DT) + 0.5
         ref = backends.gated_rms_norm(y.float(), z.float(), wn.float(), 1e-5, "torch", z_scale=scale)
-        out(op="fold", part="gated norm", shape=name, impl="plain", ms=ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z)))
+        out(op="fold", part="gated norm", shape=name, impl="plain",
+            ms=cuda_event_ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z)))
         out(op="fold", part="gated norm", shape=name, impl="z scale",
-            ms=ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z, z_scale=scale)),
+            ms=cuda_event_ms(lambda: rms_norm_triton(y, wn, 1e-5, z=z, z_scale=scale)),
             err=rel(rms_norm_triton(y, wn, 1e-5, z=z, z_scale=scale), ref))
 
 
@@ -175,8 +160,8 @@ def sweep_patchify(out):
         buf.zero_()
         patchify_triton(x, 16, buf)
         equal = bool(torch.equal(buf[:, :-1], ref[:, :-1]))
-        out(op="patchify", res=res, batch=batch, torch_ms=ms(torch_copy),
-            triton_ms=ms(lambda: patchify_triton(x, 16, buf)), equal=equal)
+        out(op="patchify", res=res, batch=batch, torch_ms=cuda_event_ms(torch_copy),
+            triton_ms=cuda_event_ms(lambda: patchify_triton(x, 16, buf)), equal=equal)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.measure import environment, free_memory, synchronize
+from benchmarks.measure import cuda_event_ms, environment, free_memory, synchronize
 from benchmarks.train_speed import ISSUE_MODEL, TINY_MODEL, bench, build_encoder, encoder_step, time_row
 from training.train import TrainConfig
 from vision_model.ops.backends import triton_chunk_scan
@@ -113,23 +113,6 @@ def profile_step(call, device: torch.device, out: Path) -> dict:
     return {"kernel_ms_total": total, "profiled_wall_ms": wall_ms, "top": kernels, "groups": groups}
 
 
-def _kernel_ms(call, repeats: int = 10) -> float:
-    """Median ms of one call, from `repeats` back-to-back calls between two CUDA events, three times."""
-    for _ in range(2):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / repeats)
-    return sorted(times)[1]
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -159,7 +142,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
     xb = x.clone().requires_grad_()
     yb = causal_conv1d_silu_ref(xb, w.bfloat16(), bias.bfloat16())  # cuDNN's depthwise conv, bf16 as under autocast
     emit(op="conv_bwd", impl="cudnn (reference under autograd)",
-         ms=_kernel_ms(lambda: torch.autograd.grad(yb, [xb], dy, retain_graph=True)))
+         ms=cuda_event_ms(lambda: torch.autograd.grad(yb, [xb], dy, retain_graph=True)))
     for block_c, warps, programs in [(c, wp, pg) for c in (32, 64, 128, 256) for wp in (1, 2, 4)
                                      for pg in (batch, batch // 4)]:
         if time.time() > deadline:
@@ -170,7 +153,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
                                                      num_warps=warps)
         got = call()
         errors = [_rel(a, r) for a, r in zip(got, ref)]
-        emit(op="conv_bwd", impl="triton", block_c=block_c, warps=warps, programs=programs, ms=_kernel_ms(call),
+        emit(op="conv_bwd", impl="triton", block_c=block_c, warps=warps, programs=programs, ms=cuda_event_ms(call),
              err=max(errors), err_dx_dw_db=errors)
     y = torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
     z = zx[..., :inner]
@@ -183,14 +166,14 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
         om = rmsnorm_fn(ym, wm, None, z=zm, eps=1e-5, group_size=None, norm_before_gate=False)
         got = torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)
         emit(op="gated_norm_bwd", impl="mamba-ssm rmsnorm_fn", err=max(_rel(a, r) for a, r in zip(got, ref)),
-             ms=_kernel_ms(lambda: torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)))
+             ms=cuda_event_ms(lambda: torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)))
     for rpp, warps, programs in [(r, wp, pg) for r in (1, 2, 4, 8) for wp in (2, 4, 8) for pg in (1024, 4096, 16384)]:
         if time.time() > deadline:
             break
         call = lambda: gated_rms_norm_bwd_triton(y, z, nw, dout, 1e-5, rows_per_program=rpp, programs=programs,
                                                  num_warps=warps)
         got = call()
-        emit(op="gated_norm_bwd", impl="triton", rows=rpp, warps=warps, programs=programs, ms=_kernel_ms(call),
+        emit(op="gated_norm_bwd", impl="triton", rows=rpp, warps=warps, programs=programs, ms=cuda_event_ms(call),
              err=max(_rel(a, r) for a, r in zip(got, ref)))
     return rows
 
