@@ -105,9 +105,19 @@ def main(argv=None) -> int:
     p.add_argument("--copies", type=int, default=500)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, few images, few steps")
     args = p.parse_args(argv)
+    try:  # the evaluation searches with FAISS: fail before minutes of training, not after
+        import faiss  # noqa: F401
+    except ImportError:
+        raise SystemExit("ssl_clipart: faiss is not importable (the evaluation needs it): install faiss-cpu, or carry "
+                         "its wheel to the GPU machine")
     started = time.time()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    runs = {"batch_probe_images_per_s": None}
+
+    def save_runs() -> None:  # after each stage, so a later failure keeps what finished
+        runs["wall_seconds"] = time.time() - started
+        (out / "runs.json").write_text(json.dumps(runs, indent=2, default=str))
     overrides = dict(TINY) if args.tiny else {}
     config = get_config(MODEL, **overrides)
     if args.folder:
@@ -132,12 +142,17 @@ def main(argv=None) -> int:
                          temperature=args.temperature, local_crops=args.local_crops, feature_nce=args.feature_nce,
                          max_minutes=None if args.tiny else args.ssl_minutes, **small)
     ssl_result = train(ssl_tc)
+    runs.update(batch_probe_images_per_s=probe, ssl={"result": ssl_result, "train_config": ssl_tc.__dict__})
+    shutil.copyfile(work / "ssl" / "metrics.jsonl", out / "ssl_metrics.jsonl")
+    save_runs()
     tree = labelled_tree(cache, work / "labelled")
     sup_tc = TrainConfig(model=MODEL, overrides=overrides, data=f"imagefolder:{tree}", out=str(work / "supervised"),
                          lr=2e-3, warmup_epochs=2, val_fraction=0.05, workers=2 if args.tiny else 12,
                          max_minutes=None if args.tiny else args.sup_minutes,
                          **({**small, "epochs": 1} if args.tiny else dict(epochs=200, batch_size=256)))
     sup_result = train(sup_tc)
+    runs["supervised"] = {"result": sup_result, "train_config": sup_tc.__dict__}
+    save_runs()
     model_dir = out / "model"
     shutil.copytree(work / "ssl" / "model", model_dir, dirs_exist_ok=True)
     compare = ["pixels", "random", "shipped", f"supervised reference (topic labels)={work / 'supervised' / 'model'}"]
@@ -150,11 +165,7 @@ def main(argv=None) -> int:
     (out / "report.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(folder_eval.markdown(result, title))
     folder_eval.plot(result, out / "report.png", title)
-    shutil.copyfile(work / "ssl" / "metrics.jsonl", out / "ssl_metrics.jsonl")
-    (out / "runs.json").write_text(json.dumps({"batch_probe_images_per_s": probe,
-                                               "ssl": {"result": ssl_result, "train_config": ssl_tc.__dict__},
-                                               "supervised": {"result": sup_result, "train_config": sup_tc.__dict__},
-                                               "wall_seconds": time.time() - started}, indent=2, default=str))
+    save_runs()
     write_model_card(model_dir, result, SHIPPED_NAME)
     print(folder_eval.markdown(result, title))
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
