@@ -207,6 +207,7 @@ def train_ssl(tc) -> dict:
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, mininterval=2)
     t_start, wall, seen, first = time.time(), 0.0, 0, step
     t_timed = None  # wall clock from the end of the first step (which compiles and autotunes), read after a sync
+    planned_at, cap = None, steps_per_epoch * tc.epochs  # (step, time) of the last fit of the schedule
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     budget = 60 * tc.max_minutes if tc.max_minutes else None
     losses: dict = {}
@@ -236,16 +237,20 @@ def train_ssl(tc) -> dict:
         else:
             seen += len(x)
         logging = step % 20 == 0 or step == total_steps
-        if logging or (budget and not planned and step == first + 20):
+        plan = budget and not planned and step in (first + 20, first + 100)
+        if logging or plan:
             sync()
             wall = time.time() - t_timed if t_timed is not None else 0.0
-        if budget and not planned and step == first + 20:  # fit the cosine schedule to the time left
-            rate = (step - first - 1) / max(wall, 1e-9)
-            total_steps = min(total_steps, max(step + 1, int(step + rate * (0.95 * budget - (time.time() - t_start)))))
+        if plan:  # fit the cosine schedule to the time left: a first guess, then from the steps since it
+            now = time.time()
+            rate = (step - first - 1) / max(wall, 1e-9) if planned_at is None else (step - planned_at[0]) / max(
+                now - planned_at[1], 1e-9)  # the first steps after compiling run slower than the rest
+            total_steps = min(cap, max(step + 1, int(step + rate * (0.95 * budget - (now - t_start)))))
             bar.total = total_steps
             log(f"--max-minutes {tc.max_minutes}: {rate:.2f} steps/s, planning {total_steps} steps "
                 f"({total_steps / steps_per_epoch:.1f} epochs)")
-            planned = True
+            planned_at = (step, now)
+            planned = step >= first + 100 or total_steps <= first + 100
         bar.update(1)
         if logging:
             img_s = seen / max(wall, 1e-9)
