@@ -1,10 +1,11 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
-backend="triton" runs mamba-ssm's chunked SSD scan (training on sequences longer than one chunk or with
-`short_scan` off, and inference for head shapes our kernel has no verified launch for) or our one-kernel SSD forward
-from `vision_model.ops.ssd_triton` (other inference); mamba-ssm's gated RMSNorm (training) or our RMSNorm kernel from
-`vision_model.ops.rmsnorm` (inference, gated and plain); and at inference our fused causal conv + SiLU from
-`vision_model.ops.conv`. backend="torch" runs the readable PyTorch definitions of all of them (`ssd_minimal`, and the
+backend="triton" runs mamba-ssm's chunked SSD scan (training where our one-chunk scan is not preferred: longer
+sequences, d_state over 64, head dims over 32, or `short_scan` off; and inference for head shapes our kernel has no
+verified launch for) or our one-kernel SSD forward from `vision_model.ops.ssd_triton` (other inference); our RMSNorm
+kernels from `vision_model.ops.rmsnorm` (inference, gated and plain; the gated one in training too, mamba-ssm's with
+`gated_norm` off); and our fused causal conv + SiLU from `vision_model.ops.conv` (inference, and training with
+`conv`). backend="torch" runs the readable PyTorch definitions of all of them (`ssd_minimal`, and the
 `*_ref` beside each kernel).
 `backend="auto"` takes Triton for CUDA tensors when mamba-ssm imports, else PyTorch.  The choice is made per call,
 so two models (or two calls) in one process never fight over a global switch.
