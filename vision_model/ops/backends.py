@@ -43,7 +43,7 @@ from torch import Tensor
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1d_silu_triton
 from .rmsnorm import (gated_rms_norm_ref, gated_rms_norm_train, rms_norm_ref, rms_norm_triton, rms_rstd_triton,
                       row_rstd_ref)
-from .ssd_minimal import ssd_chunked
+from .ssd_minimal import softplus_dt, ssd_chunked
 from .ssd_short import short_scan_preferred, ssd_short_scan
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -142,8 +142,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
                 and short_scan_preferred(x.shape[1], x.shape[3], B.shape[3])):
             return ssd_short_scan(x, dt, A, B, C, D, dt_bias)  # training, one chunk: no state passing
         return triton_chunk_scan()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
-    dt = F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
-    return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)
+    return ssd_chunked(x, softplus_dt(dt, dt_bias), A, B, C, D, chunk_size=chunk_size)
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str = "auto",

@@ -36,6 +36,11 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     return y if D is None else y + x * D[:, None]
 
 
+def softplus_dt(dt: Tensor, dt_bias: Tensor) -> Tensor:
+    """softplus(dt + dt_bias) in at least fp32: the step sizes the scan takes from the block's raw dt."""
+    return F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
+
+
 def _decay_matrix(a_cum: Tensor) -> Tensor:
     """a_cum (..., T) cumulative log-decays -> (..., T, T) with exp(a_cum[i] - a_cum[j]) for j <= i, else 0."""
     T = a_cum.shape[-1]

@@ -5,8 +5,8 @@ cumulative sum over t) the scan is masked linear attention with a decay,
 
     y[m] = Σ_{n≤m} G[m,n] · exp(cum[m] − cum[n]) · dt[n] · x[n]  +  D_h x[m],     G = C Bᵀ (l × l, per group)
 
-`ssd_short_ref` is that formula in PyTorch (autograd through it is the tests' reference for every gradient; it
-equals `ssd_minimal.ssd_chunked`). The Triton kernels compute it tile by tile, flash-attention-like: G is recomputed
+`ssd_short_ref` is that formula in PyTorch: `ssd_minimal.ssd_chunked` with the whole sequence in one chunk
+(autograd through it is the tests' reference for every gradient). The Triton kernels compute it tile by tile, flash-attention-like: G is recomputed
 from C and B (l × d_state each, small and L2-resident) for each tile of rows m and columns n ≤ m and never written to
 memory, and one program serves HEADS heads of one group, so a G tile is computed once for all of them. The heads sit
 side by side in the columns of one tile, as x is laid out (position, head, channel): the scores of HEADS heads form a
@@ -34,41 +34,28 @@ Requires A ≠ 0 (Mamba2's A = −exp(A_log) is negative).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import compiler_disabled, tl, triton  # None where Triton cannot run (no GPU, no interpreter)
+from .ssd_minimal import softplus_dt, ssd_chunked
 
 
 MAX_LEN = 256  # the longest sequence these kernels take: one chunk
 
 
 def ssd_short_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None) -> Tensor:
-    """y = SSD(x, dt, A, B, C) + D x for l ≤ MAX_LEN, as masked attention with a decay; shapes as in
-    `vision_model.ops.ssd_minimal` (x (b, l, h, p), dt (b, l, h) after the softplus, A (h,), B and C (b, l, g, n))."""
-    b, l, h, p = x.shape
-    g = B.shape[2]
-    if l > MAX_LEN:
-        raise ValueError(f"ssd_short_ref takes at most {MAX_LEN} tokens, got {l}")
-    in_dtype = x.dtype
-    work = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (t.to(work) for t in (x, dt, A, B, C))
-    cum = torch.cumsum(dt * A, dim=1)  # (b, l, h)
-    causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()[None, :, :, None]
-    decay = torch.exp((cum[:, :, None] - cum[:, None, :]).masked_fill(~causal, float("-inf")))  # (b, m, n, h)
-    G = torch.einsum("bmgk,bngk->bmng", C, B).repeat_interleave(h // g, dim=-1)  # (b, m, n, h): heads by group
-    scores = G * decay * dt[:, None]
-    y = torch.einsum("bmnh,bnhp->bmhp", scores, x)
-    if D is not None:
-        y = y + x * D.to(work)[:, None]
-    return y.to(in_dtype)
+    """y = SSD(x, dt, A, B, C) + D x for l ≤ MAX_LEN: `ssd_minimal.ssd_chunked` with the whole sequence in one chunk,
+    which is the masked attention with a decay above; shapes as there (x (b, l, h, p), dt (b, l, h) after the
+    softplus, A (h,), B and C (b, l, g, n))."""
+    if x.shape[1] > MAX_LEN:
+        raise ValueError(f"ssd_short_ref takes at most {MAX_LEN} tokens, got {x.shape[1]}")
+    return ssd_chunked(x, dt, A, B, C, D, chunk_size=MAX_LEN)
 
 
 def ssd_short_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                        dt_bias: Tensor) -> Tensor:
     """`ssd_short_ref` of softplus(dt + dt_bias): what `ssd_short_scan` computes, with autograd."""
-    dt = F.softplus(dt.float() + dt_bias.float()).to(torch.promote_types(dt.dtype, torch.float32))
-    return ssd_short_ref(x, dt, A, B, C, D)
+    return ssd_short_ref(x, softplus_dt(dt, dt_bias), A, B, C, D)
 
 
 def short_scan_supported(seqlen: int, headdim: int, d_state: int) -> bool:
