@@ -207,7 +207,7 @@ def train_ssl(tc) -> dict:
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, mininterval=2)
     t_start, wall, seen, first = time.time(), 0.0, 0, step
     t_timed = None  # wall clock from the end of the first step (which compiles and autotunes), read after a sync
-    planned_at, cap = None, steps_per_epoch * tc.epochs  # (step, time) of the last fit of the schedule
+    fit_from, cap = None, steps_per_epoch * tc.epochs  # (step, time) the schedule's rate is measured from
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     budget = 60 * tc.max_minutes if tc.max_minutes else None
     losses: dict = {}
@@ -234,22 +234,24 @@ def train_ssl(tc) -> dict:
         if step == first + 1:  # the first step pays for compilation and autotuning: not timed
             sync()
             t_timed = time.time()
+            fit_from = (step, t_timed)
         else:
             seen += len(x)
         logging = step % 20 == 0 or step == total_steps
+        checkpointing = step % tc.ckpt_every == 0 or step == total_steps
         plan = budget and not planned and step in (first + 20, first + 100)
-        if logging or plan:
+        if logging or checkpointing or plan:
             sync()
             wall = time.time() - t_timed if t_timed is not None else 0.0
-        if plan:  # fit the cosine schedule to the time left: a first guess, then from the steps since it
+        if plan:  # fit the cosine schedule to the time left: a first guess, then from the steps since it (the first
+            # steps after compiling run slower than the rest)
             now = time.time()
-            rate = (step - first - 1) / max(wall, 1e-9) if planned_at is None else (step - planned_at[0]) / max(
-                now - planned_at[1], 1e-9)  # the first steps after compiling run slower than the rest
+            rate = (step - fit_from[0]) / max(now - fit_from[1], 1e-9)
             total_steps = min(cap, max(step + 1, int(step + rate * (0.95 * budget - (now - t_start)))))
             bar.total = total_steps
             log(f"--max-minutes {tc.max_minutes}: {rate:.2f} steps/s, planning {total_steps} steps "
                 f"({total_steps / steps_per_epoch:.1f} epochs)")
-            planned_at = (step, now)
+            fit_from = (step, now)
             planned = step >= first + 100 or total_steps <= first + 100
         bar.update(1)
         if logging:
@@ -261,10 +263,12 @@ def train_ssl(tc) -> dict:
                                       **{("loss_D" if lv == 1 else f"loss_D/{lv}"): v
                                          for lv, v in losses.items()}}) + "\n")
             metrics.flush()
-        if step % tc.ckpt_every == 0 or step == total_steps:
+        if checkpointing:
             _checkpoint(ckpt, net, opt, step, total_steps, tc, earlier + wall, ema)
     bar.close()
     metrics.close()
+    sync()
+    wall = time.time() - t_timed if t_timed is not None else 0.0
     if step < total_steps:
         log(f"stopping at step {step}/{total_steps}: --max-minutes {tc.max_minutes} reached")
         _checkpoint(ckpt, net, opt, step, total_steps, tc, earlier + wall, ema)
@@ -272,7 +276,8 @@ def train_ssl(tc) -> dict:
     result = {"objective": "self-supervised", "images": n, "skipped_images": len(cache.skipped),
               "duplicates_dropped": len(cache.duplicates), "steps": step, "total_steps": total_steps,
               "epochs_done": step / steps_per_epoch, "train_seconds_total": earlier + wall,
-              "train_seconds_this_run": time.time() - t_start, "final_losses": {str(k): float(v) for k, v in losses.items()},
+              "train_seconds_this_run": time.time() - t_start,
+              "final_losses": {str(k): float(v) for k, v in losses.items()},
               "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                          else platform.processor() or platform.machine()),
               "torch": torch.__version__, "data": str(cache.source or cache.directory)}
