@@ -115,6 +115,12 @@ def interleaved_best(calls: list[tuple[Callable[[], Any], Callable[[], Any]]], d
     return best
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius norms, in float64): how far a result is from its reference."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def cuda_event_ms(call: Callable[[], Any], repeats: int = 20, rounds: int = 5) -> float:
     """Median over `rounds` of the mean ms of `repeats` back-to-back calls between two CUDA events (one call per
     event pair would time the launch too), after three untimed calls."""

@@ -13,13 +13,9 @@ import time
 
 import torch
 
+from benchmarks.measure import rel_error as rel
 from vision_model import create_model
 from vision_model.ops.backends import resolve_backend
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def level_settings(model, widths_mnm) -> list[tuple[str, dict]]:

@@ -29,6 +29,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from benchmarks.measure import rel_error as rel
 
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_CANDIDATES = (REPO / ".ref" / "matmamba-official", Path("/work/shared/reference/matmamba-official"))
@@ -191,11 +192,6 @@ SHAPES = {
     "small": ("256x4 rms avg @128", dict(d_model=256, n_layer=4, image_size=128, pool="avg", rms_norm=True), 4),
 }
 TOL = {"fp32": 2e-3, "bf16": 2e-2}
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def mnm_widths(d_model: int, n_layer: int) -> list[int]:

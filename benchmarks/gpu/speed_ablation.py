@@ -22,13 +22,9 @@ import timm
 import torch
 
 import vision_model.block as block_mod
-from benchmarks.measure import cuda_kernel_table, interleaved_best, measure
-from vision_model import backends, create_model
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+from benchmarks.measure import cuda_kernel_table, interleaved_best, measure, rel_error as rel
+from vision_model import create_model
+from vision_model.ops import backends
 
 
 @contextlib.contextmanager

@@ -33,17 +33,13 @@ import triton
 
 import vision_model.block as block_mod
 import vision_model.ops.conv as conv_mod
-from benchmarks.measure import cuda_event_ms, cuda_kernel_table, interleaved_best
-from vision_model import backends, create_model
+from benchmarks.measure import cuda_event_ms, cuda_kernel_table, interleaved_best, rel_error as rel
+from vision_model import create_model
+from vision_model.ops import backends
 from vision_model.ops.rmsnorm import rms_norm_triton
 
 DEV, DT = torch.device("cuda"), torch.bfloat16
 ROWS = 16 * 4097
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def mamba(module, name):

@@ -41,7 +41,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.measure import cuda_event_ms, environment, free_memory, synchronize
+from benchmarks.measure import cuda_event_ms, environment, free_memory, rel_error, synchronize
 from benchmarks.train_speed import ISSUE_MODEL, TINY_MODEL, bench, build_encoder, encoder_step, time_row
 from training.train import TrainConfig
 from vision_model.ops.backends import triton_chunk_scan
@@ -113,10 +113,6 @@ def profile_step(call, device: torch.device, out: Path) -> dict:
     return {"kernel_ms_total": total, "profiled_wall_ms": wall_ms, "top": kernels, "groups": groups}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
     """The conv and gated-norm backwards of one layer of the issue configuration (d_inner 768, d_state 64: the conv
     reads 896 channels of in_proj's 1,712-wide bf16 output; 145 tokens), launch parameters swept; errors of the bf16
@@ -152,7 +148,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
         call = lambda: causal_conv1d_silu_bwd_triton(x, w, bias, dy, block_c=block_c, programs=programs,
                                                      num_warps=warps)
         got = call()
-        errors = [_rel(a, r) for a, r in zip(got, ref)]
+        errors = [rel_error(a, r) for a, r in zip(got, ref)]
         emit(op="conv_bwd", impl="triton", block_c=block_c, warps=warps, programs=programs, ms=cuda_event_ms(call),
              err=max(errors), err_dx_dw_db=errors)
     y = torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
@@ -165,7 +161,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
         ym, zm, wm = (t.clone().requires_grad_() for t in (y, z.contiguous(), nw))
         om = rmsnorm_fn(ym, wm, None, z=zm, eps=1e-5, group_size=None, norm_before_gate=False)
         got = torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)
-        emit(op="gated_norm_bwd", impl="mamba-ssm rmsnorm_fn", err=max(_rel(a, r) for a, r in zip(got, ref)),
+        emit(op="gated_norm_bwd", impl="mamba-ssm rmsnorm_fn", err=max(rel_error(a, r) for a, r in zip(got, ref)),
              ms=cuda_event_ms(lambda: torch.autograd.grad(om, [ym, zm, wm], dout, retain_graph=True)))
     for rpp, warps, programs in [(r, wp, pg) for r in (1, 2, 4, 8) for wp in (2, 4, 8) for pg in (1024, 4096, 16384)]:
         if time.time() > deadline:
@@ -174,7 +170,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
                                                  num_warps=warps)
         got = call()
         emit(op="gated_norm_bwd", impl="triton", rows=rpp, warps=warps, programs=programs, ms=cuda_event_ms(call),
-             err=max(_rel(a, r) for a, r in zip(got, ref)))
+             err=max(rel_error(a, r) for a, r in zip(got, ref)))
     return rows
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.measure import rel_error as rel
 from benchmarks.train_speed import ISSUE_MODEL, ISSUE_VITS, bench, build_encoder, table, write
 from vision_model.datasets import fashion_mnist_dir
 from vision_model.ops.backends import TrainFusions, train_fusions, triton_chunk_scan
@@ -38,10 +39,6 @@ from vision_model.ops.conv import causal_conv1d_silu_ref, causal_conv1d_silu_tra
 
 MODEL_35M_224 = "matmamba_vision_35m:img_size=224:patch_size=16:d_model=512:depth=20:headdim=16"
 ALL_OFF = {name: False for name in TrainFusions.names()}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def agreement(device) -> dict:
