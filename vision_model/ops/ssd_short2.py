@@ -1,0 +1,465 @@
+"""The one-chunk SSD scan with the decay factored between blocks: every head of a group shares one C·Bᵀ product.
+
+Same computation as `ssd_short` (y = Σ_{n≤m} G[m,n]·exp(cum[m]−cum[n])·dt[n]·x[n] + D x per head, G = C Bᵀ, at most
+`MAX_LEN` tokens, `ssd_short_ref` the definition), organised differently. Split the sequence into blocks of BLOCK
+tokens. For a row block I and an earlier column block J, pick the reference r = cum just before I (per head):
+
+    exp(cum[m] − cum[n]) = exp(cum[m] − r) · exp(r − cum[n]) = u[m] · w[n],     both exponents ≤ 0 (no overflow)
+
+so the tile pair's contribution to every head is u ∘ (G_IJ · (w·dt ∘ x_J)): one dot of the shared G tile with the
+scaled x of all heads side by side, as x is laid out (position, head, channel). No per-head pairwise exponentials
+and no per-head tiny dots; this is the chunked SSD algorithm with BLOCK-sized chunks, its states never written.
+Only the diagonal tiles (m, n in one block) are computed pairwise, head by head, as in `ssd_short`.
+
+The backward follows the same split. Besides dx, dB, dC and dD it needs the decay's gradient da[t] (per position and
+head, before the softplus and A): the sum of Q[m,n] = dS[m,n]·S[m,n] over the pairs that straddle t (n < t ≤ m).
+Computed as a difference of row and column sums of Q it cancels badly over long sequences (the pairs on one side
+of t are counted twice and subtracted), so it is summed directly, from four parts that do not cancel: for t in
+block I, pairs with m in I and n before I (a suffix sum of per-row sums), with both in I (pairwise, on the diagonal
+tiles), with m after I and n in I (a prefix sum of per-column sums), and with m after I and n before I (per block
+pair totals, summed over the block pairs that straddle I).
+
+Kernels: a forward; a backward per row block (dC, the first two parts of da, the block-pair totals), one per column
+block (dx, dB, dD, the third part, Σ_m dS·G·exp(..) for dt) and a last per sequence (da, ddt through the softplus,
+dA and dt_bias). Each loops over every head of a group, HEADS at a time, so dB and dC are summed on chip; no atomics.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._triton import compiler_disabled, tl, triton
+from .ssd_short import MAX_LEN, short_scan_supported
+
+
+def _pow2(v: int, least: int = 1) -> int:
+    return max(least, 1 << max(0, v - 1).bit_length())
+
+
+def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
+    """32-token blocks; HEADS·headdim ≈ 128 columns a program (the shared dot's width)."""
+    heads = max(1, min(_pow2(heads_per_group), 128 // _pow2(headdim)))
+    block = 16 if seqlen <= 16 else 32
+    return {"BLOCK": block, "HEADS": heads, "num_warps": 4, "num_stages": 1}
+
+
+if triton is not None:
+    @triton.jit
+    def _dt_load(DT, pos, head, ok, stride_l, stride_h, bias):
+        """(softplus(dt + dt_bias), its derivative) in fp32; 0 where not `ok`."""
+        v = tl.load(DT + pos * stride_l + head * stride_h, mask=ok, other=0.0).to(tl.float32) + bias
+        dt = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+        return tl.where(ok, dt, 0.0), tl.where(ok, tl.where(v <= 20.0, tl.sigmoid(v), 1.0), 0.0)
+
+    @triton.jit
+    def _widen(v, BP: tl.constexpr):
+        """[R, HEADS] -> [R, HEADS·BP]: each head's value over its BP channels (x's column layout)."""
+        r: tl.constexpr = v.shape[0]
+        k: tl.constexpr = v.shape[1]
+        return tl.reshape(tl.broadcast_to(v[:, :, None], (r, k, BP)), (r, k * BP))
+
+    @triton.jit
+    def _per_head(t, HEADS: tl.constexpr, BP: tl.constexpr):
+        """[R, HEADS·BP] -> [R, HEADS]: the sum over each head's channels."""
+        r: tl.constexpr = t.shape[0]
+        return tl.sum(tl.reshape(t, (r, HEADS, BP)), axis=2)
+
+    @triton.jit
+    def _fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
+                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                    stride_yb, stride_yl, stride_yh,
+                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                    HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: rows m of block I for HEADS heads of one group of one sequence."""
+        pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        group = pid_h // hblocks
+        first = group * heads_per_group + (pid_h % hblocks) * HEADS
+        end = (group + 1) * heads_per_group
+        k = tl.arange(0, HEADS)
+        head = first + k
+        h_ok = head < end
+        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
+        col = tl.arange(0, HEADS * BP)
+        col_k, col_p = col // BP, col % BP
+        col_ok = (first + col_k < end) & (col_p < P)
+        col_off = (first + col_k) * stride_xh + col_p
+        d = tl.arange(0, BD)
+        d_ok = d < N
+        start = pid_m * BLOCK
+        m = start + tl.arange(0, BLOCK)
+        m_ok = m < L
+        dt_ptr = DT + pid_b * stride_db
+        x_ptr = X + pid_b * stride_xb
+        b_ptr = Bm + pid_b * stride_bb + group * stride_bg
+        c_m = tl.load(Cm + pid_b * stride_cb + group * stride_cg + m[:, None] * stride_cl + d[None, :],
+                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
+        tail = tl.zeros((HEADS,), dtype=tl.float32)  # Σ dt·A over the blocks between J and I
+        for back in range(0, pid_m):  # earlier blocks J, nearest first
+            n = (pid_m - 1 - back) * BLOCK + tl.arange(0, BLOCK)
+            dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], h_ok[None, :] & (n < L)[:, None], stride_dl,
+                                stride_dh, bias[None, :])
+            a_n = dt_n * a[None, :]
+            w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n  # exp(r − cum[n])·dt
+            tail += tl.sum(a_n, axis=0)
+            x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
+            xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
+            b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
+            g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
+            acc = tl.dot(g.to(x_n.dtype), xw, acc=acc, input_precision=PRECISION)
+        dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
+                            bias[None, :])
+        acc = acc * _widen(tl.exp(tl.cumsum(dt_m * a[None, :], axis=0)), BP)  # · exp(cum[m] − r)
+        # the diagonal tile, head by head: a head's scores times x with only that head's columns
+        x_m = tl.load(x_ptr + m[:, None] * stride_xl + col_off[None, :], mask=m_ok[:, None] & col_ok[None, :],
+                      other=0.0)
+        b_m = tl.load(b_ptr + m[:, None] * stride_bl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        g = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
+        causal = m[:, None] >= m[None, :]
+        for kk in tl.static_range(HEADS):
+            ok = first + kk < end
+            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
+            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
+            dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
+            cs = tl.cumsum(dt_k * a_k, axis=0)
+            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            s = g * e * dt_k[None, :]
+            acc = tl.dot(s.to(x_m.dtype), tl.where((col_k == kk)[None, :], x_m, 0.0), acc=acc,
+                         input_precision=PRECISION)
+        tile_ok = m_ok[:, None] & col_ok[None, :]
+        if HAS_D:
+            acc += tl.load(Dskip + first + col_k, mask=col_ok, other=0.0).to(tl.float32)[None, :] * x_m.to(tl.float32)
+        tl.store(Y + pid_b * stride_yb + m[:, None] * stride_yl + ((first + col_k) * stride_yh + col_p)[None, :],
+                 acc.to(Y.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DC, DaRow, Mass, L, H, P, N, heads_per_group,
+                         stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                         stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                         stride_yb, stride_yl, stride_yh, stride_gbb, stride_gbl, stride_gbg,
+                         BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """One program: rows m of block I of one (sequence, group), every head of the group HEADS at a time.
+        Writes dC of its rows; into DaRow (b, l, h) fp32 the parts of da[t] from pairs with m in I (n before I: a
+        suffix sum of row totals; n in I: pairwise); into Mass (b, blocks, blocks, h) fp32 the total of Q over each
+        block pair (I, J < I)."""
+        pid_m, group, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        blocks = tl.num_programs(0)
+        k = tl.arange(0, HEADS)
+        col = tl.arange(0, HEADS * BP)
+        col_k, col_p = col // BP, col % BP
+        d = tl.arange(0, BD)
+        d_ok = d < N
+        start = pid_m * BLOCK
+        m = start + tl.arange(0, BLOCK)
+        m_ok = m < L
+        dt_ptr = DT + pid_b * stride_db
+        x_ptr = X + pid_b * stride_xb
+        dy_ptr = DY + pid_b * stride_yb
+        b_ptr = Bm + pid_b * stride_bb + group * stride_bg
+        c_m = tl.load(Cm + pid_b * stride_cb + group * stride_cg + m[:, None] * stride_cl + d[None, :],
+                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        b_m = tl.load(b_ptr + m[:, None] * stride_bl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        g_mm = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
+        causal = m[:, None] >= m[None, :]
+        end = (group + 1) * heads_per_group
+        dc = tl.zeros((BLOCK, BD), dtype=tl.float32)
+        dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # the diagonal tile's dG, summed over heads
+        for first in range(group * heads_per_group, end, HEADS):
+            head = first + k
+            h_ok = head < end
+            a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+            bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
+            col_ok = (first + col_k < end) & (col_p < P)
+            col_off = (first + col_k) * stride_xh + col_p
+            dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
+                                stride_dh, bias[None, :])
+            u = _widen(tl.exp(tl.cumsum(dt_m * a[None, :], axis=0)), BP)  # exp(cum[m] − r)
+            tile_ok = m_ok[:, None] & col_ok[None, :]
+            dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + ((first + col_k) * stride_yh + col_p)[None, :],
+                           mask=tile_ok, other=0.0)
+            dyu = dy_m.to(tl.float32) * u
+            dyu_lo = dyu.to(dy_m.dtype)
+            acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
+            tail = tl.zeros((HEADS,), dtype=tl.float32)
+            for back in range(0, pid_m):
+                jb = pid_m - 1 - back
+                n = jb * BLOCK + tl.arange(0, BLOCK)
+                dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], h_ok[None, :] & (n < L)[:, None], stride_dl,
+                                    stride_dh, bias[None, :])
+                a_n = dt_n * a[None, :]
+                w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n
+                tail += tl.sum(a_n, axis=0)
+                x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
+                xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
+                b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
+                g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
+                part = tl.dot(g.to(x_n.dtype), xw, input_precision=PRECISION)  # this block pair's share of y / u
+                acc += part
+                # Q summed over the block pair, per head
+                mass = tl.sum(_per_head(dyu * part, HEADS, BP), axis=0)
+                tl.store(Mass + ((pid_b * blocks + pid_m) * blocks + jb) * H + head, mass, mask=h_ok)
+                dg = tl.dot(dyu_lo, tl.trans(xw), input_precision=PRECISION)  # Σ_heads u dy · w dt x
+                dc = tl.dot(dg.to(b_n.dtype), b_n, acc=dc, input_precision=PRECISION)
+            # pairs with n before I: Σ_{m ≥ t, m in I} (Σ_n Q[m, n])
+            row_q = _per_head(dyu * acc, HEADS, BP)
+            da = tl.cumsum(row_q, axis=0, reverse=True)
+            x_m = tl.load(x_ptr + m[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
+            for kk in tl.static_range(HEADS):
+                ok = first + kk < end
+                a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
+                bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
+                dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
+                cs = tl.cumsum(dt_k * a_k, axis=0)
+                e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+                ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
+                w_k = ds * e * dt_k[None, :]
+                dg_mm += w_k
+                q = w_k * g_mm
+                # pairs inside I: Σ_{m ≥ t} Σ_{n < t} Q[m, n]
+                before_t = tl.cumsum(q, axis=1) - q
+                da_k = tl.sum(tl.where(causal, before_t, 0.0), axis=0)
+                da += tl.where((k == kk)[None, :], da_k[:, None], 0.0)
+            tl.store(DaRow + (pid_b * L + m[:, None]) * H + head[None, :], da, mask=m_ok[:, None] & h_ok[None, :])
+        dc = tl.dot(dg_mm.to(b_m.dtype), b_m, acc=dc, input_precision=PRECISION)
+        tl.store(DC + pid_b * stride_gbb + group * stride_gbg + m[:, None] * stride_gbl + d[None, :],
+                 dc.to(DC.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DB, DaCol, Direct, DDpart, L, H, P, N,
+                         heads_per_group,
+                         stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                         stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                         stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
+                         stride_gbb, stride_gbl, stride_gbg,
+                         BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                         HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: columns n of block J of one (sequence, group), every head of the group HEADS at a time.
+        Z[n] = Σ_{m ≥ n} G[m,n]·exp(cum[m]−cum[n])·dy[m] (per head) gives dx = dt·Z + D dy and Direct = Σ_p x·Z
+        (fp32, (b, l, h)); writes dB, into DaCol the part of da[t] from pairs with n in J before t and m after J
+        (a prefix sum of column totals), and dD's share into DDpart (b, blocks, h)."""
+        pid_n, group, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        blocks = tl.num_programs(0)
+        k = tl.arange(0, HEADS)
+        col = tl.arange(0, HEADS * BP)
+        col_k, col_p = col // BP, col % BP
+        d = tl.arange(0, BD)
+        d_ok = d < N
+        start = pid_n * BLOCK
+        n = start + tl.arange(0, BLOCK)
+        n_ok = n < L
+        dt_ptr = DT + pid_b * stride_db
+        x_ptr = X + pid_b * stride_xb
+        dy_ptr = DY + pid_b * stride_yb
+        c_ptr = Cm + pid_b * stride_cb + group * stride_cg
+        b_n = tl.load(Bm + pid_b * stride_bb + group * stride_bg + n[:, None] * stride_bl + d[None, :],
+                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        c_n = tl.load(c_ptr + n[:, None] * stride_cl + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        g_nn = tl.dot(c_n, tl.trans(b_n), input_precision=PRECISION)  # [m, n], both in J
+        causal = n[:, None] >= n[None, :]
+        end = (group + 1) * heads_per_group
+        db = tl.zeros((BLOCK, BD), dtype=tl.float32)
+        dg_nn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for first in range(group * heads_per_group, end, HEADS):
+            head = first + k
+            h_ok = head < end
+            a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+            bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
+            col_ok = (first + col_k < end) & (col_p < P)
+            col_off = (first + col_k) * stride_xh + col_p
+            y_off = ((first + col_k) * stride_yh + col_p)[None, :]
+            tile_ok = n_ok[:, None] & col_ok[None, :]
+            dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], n_ok[:, None] & h_ok[None, :], stride_dl,
+                                stride_dh, bias[None, :])
+            a_n = dt_n * a[None, :]
+            after = tl.cumsum(a_n, axis=0, reverse=True) - a_n
+            w = _widen(tl.exp(after), BP)  # exp(cum[end of J] − cum[n])
+            x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
+            dy_n = tl.load(dy_ptr + n[:, None] * stride_yl + y_off, mask=tile_ok, other=0.0)
+            dt_wide = _widen(dt_n, BP)
+            xw = (x_n.to(tl.float32) * w * dt_wide).to(x_n.dtype)
+            z = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
+            lead = tl.zeros((HEADS,), dtype=tl.float32)  # Σ dt·A over the blocks between J and I
+            for s in range(start + BLOCK, L, BLOCK):  # later blocks I
+                m = s + tl.arange(0, BLOCK)
+                m_ok = m < L
+                dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
+                                    stride_dh, bias[None, :])
+                a_m = dt_m * a[None, :]
+                u = tl.exp(tl.cumsum(a_m, axis=0) + lead[None, :])  # exp(cum[m] − cum[end of J])
+                lead += tl.sum(a_m, axis=0)
+                dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + y_off, mask=m_ok[:, None] & col_ok[None, :],
+                               other=0.0)
+                dyu = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
+                c_m = tl.load(c_ptr + m[:, None] * stride_cl + d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                              other=0.0)
+                g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)  # [m, n]
+                z = tl.dot(tl.trans(g).to(dy_m.dtype), dyu, acc=z, input_precision=PRECISION)
+                dg = tl.dot(dyu, tl.trans(xw), input_precision=PRECISION)  # [m, n]
+                db = tl.dot(tl.trans(dg).to(c_m.dtype), c_m, acc=db, input_precision=PRECISION)
+            z = z * w
+            # pairs with m after J: Σ_{n < t, n in J} (Σ_m Q[m, n])
+            col_q = _per_head(x_n.to(tl.float32) * z, HEADS, BP) * dt_n
+            da = tl.cumsum(col_q, axis=0) - col_q
+            for kk in tl.static_range(HEADS):
+                ok = first + kk < end
+                a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
+                bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
+                dt_k, _s = _dt_load(dt_ptr, n, first + kk, n_ok & ok, stride_dl, stride_dh, bias_k)
+                cs = tl.cumsum(dt_k * a_k, axis=0)
+                e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # [m, n]
+                dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
+                z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
+                ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
+                dg_nn += ds * e * dt_k[None, :]
+            direct = _per_head(x_n.to(tl.float32) * z, HEADS, BP)
+            dx = z * dt_wide
+            if HAS_D:
+                d_col = tl.load(Dskip + first + col_k, mask=col_ok, other=0.0).to(tl.float32)
+                dx += d_col[None, :] * dy_n.to(tl.float32)
+            tl.store(DX + pid_b * stride_gxb + n[:, None] * stride_gxl + ((first + col_k) * stride_gxh + col_p)[None, :],
+                     dx.to(DX.dtype.element_ty), mask=tile_ok)
+            buf = (pid_b * L + n[:, None]) * H + head[None, :]
+            out_ok = n_ok[:, None] & h_ok[None, :]
+            tl.store(Direct + buf, direct, mask=out_ok)
+            tl.store(DaCol + buf, da, mask=out_ok)
+            dd = tl.sum(_per_head(x_n.to(tl.float32) * dy_n.to(tl.float32), HEADS, BP), axis=0)
+            tl.store(DDpart + (pid_b * blocks + pid_n) * H + head, dd, mask=h_ok)
+        db = tl.dot(tl.trans(dg_nn).to(c_n.dtype), c_n, acc=db, input_precision=PRECISION)
+        tl.store(DB + pid_b * stride_gbb + group * stride_gbg + n[:, None] * stride_gbl + d[None, :],
+                 db.to(DB.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _bwd_dt_kernel(DT, A, DTBias, DaRow, DaCol, Cross, Direct, DDT, Part, L, H, stride_db, stride_dl, stride_dh,
+                       stride_gb, stride_gl, stride_gh,
+                       BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
+        """One program: HEADS heads of one sequence, every position. da = DaRow + DaCol + Cross (per block),
+        ddt = (da·A + Direct)·softplus' (the raw dt's gradient); Σ_t da·dt (dA's share) and Σ_t ddt (dt_bias's)
+        into Part (b, 2, h)."""
+        pid_h, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        head = pid_h * HEADS + tl.arange(0, HEADS)
+        h_ok = head < H
+        t = tl.arange(0, BLOCK_L)
+        ok = h_ok[:, None] & (t < L)[None, :]
+        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
+        dt, slope = _dt_load(DT + pid_b * stride_db, t[None, :], head[:, None], ok, stride_dl, stride_dh,
+                             bias[:, None])
+        buf = (pid_b * L + t[None, :]) * H + head[:, None]
+        blocks = tl.cdiv(L, BLOCK)
+        da = (tl.load(DaRow + buf, mask=ok, other=0.0) + tl.load(DaCol + buf, mask=ok, other=0.0)
+              + tl.load(Cross + (pid_b * blocks + t[None, :] // BLOCK) * H + head[:, None], mask=ok, other=0.0))
+        ddt = (da * a[:, None] + tl.load(Direct + buf, mask=ok, other=0.0)) * slope
+        tl.store(DDT + pid_b * stride_gb + t[None, :] * stride_gl + head[:, None] * stride_gh,
+                 ddt.to(DDT.dtype.element_ty), mask=ok)
+        tl.store(Part + pid_b * 2 * H + head, tl.sum(da * dt, axis=1), mask=h_ok)
+        tl.store(Part + (pid_b * 2 + 1) * H + head, tl.sum(ddt, axis=1), mask=h_ok)
+
+
+def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tensor) -> tuple[int, ...]:
+    if triton is None:
+        raise RuntimeError("the short SSD scan needs Triton")
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    if (dt.shape != (b, l, h) or B.shape != (b, l, g, n) or C.shape != B.shape or h % g or A.shape != (h,)
+            or dt_bias.shape != (h,)):
+        raise ValueError(f"SSD shapes do not match: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}, C {tuple(C.shape)}, dt_bias {tuple(dt_bias.shape)}")
+    if not short_scan_supported(l, p, n):
+        raise ValueError(f"the short SSD scan takes at most {MAX_LEN} tokens, headdim <= 128 and d_state <= 256; "
+                         f"got {l} tokens, headdim {p}, d_state {n}")
+    return b, l, h, p, g, n
+
+
+def _layout(config: dict | None, l: int, h: int, g: int, p: int) -> tuple[dict, dict]:
+    config = dict(config or default_config(l, h // g, p))
+    launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    heads, block = config["HEADS"], config["BLOCK"]
+    if heads & (heads - 1) or block & (block - 1) or block < 16:
+        raise ValueError(f"HEADS ({heads}) must be a power of two and BLOCK ({block}) a power of two >= 16")
+    block_p = max(_pow2(p), 16 // heads)  # at least 16 columns in the dots
+    return {"BLOCK": block, "HEADS": heads, "BP": block_p}, launch
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _precision(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def ssd_short_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
+                      config: dict | None = None) -> Tensor:
+    """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x for l ≤ MAX_LEN, in x's dtype."""
+    b, l, h, p, g, n = _check(x, dt, A, B, C, dt_bias)
+    x, B, C = (_dense(t) for t in (x, B, C))
+    consts, launch = _layout(config, l, h, g, p)
+    y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
+    hblocks = triton.cdiv(h // g, consts["HEADS"])
+    _fwd_kernel[(triton.cdiv(l, consts["BLOCK"]), g * hblocks, b)](
+        x, dt, A.contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y, l, p, n, h // g, hblocks,
+        *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3],
+        BD=_pow2(n, 16), HAS_D=D is not None, PRECISION=_precision(x), **consts, **launch)
+    return y
+
+
+def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
+                       dy: Tensor, config: dict | None = None) -> tuple[Tensor, ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias), each in its input's dtype (dD None without D); dt raw."""
+    b, l, h, p, g, n = _check(x, dt, A, B, C, dt_bias)
+    x, B, C, dy = (_dense(t) for t in (x, B, C, dy))
+    consts, launch = _layout(config, l, h, g, p)
+    blocks = triton.cdiv(l, consts["BLOCK"])
+    dev, f32 = x.device, torch.float32
+    dx = torch.empty((b, l, h, p), dtype=x.dtype, device=dev)
+    dB = torch.empty((b, l, g, n), dtype=B.dtype, device=dev)
+    dC = torch.empty((b, l, g, n), dtype=C.dtype, device=dev)
+    da_row = torch.empty((b, l, h), dtype=f32, device=dev)
+    da_col = torch.empty((b, l, h), dtype=f32, device=dev)
+    direct = torch.empty((b, l, h), dtype=f32, device=dev)
+    mass = torch.zeros((b, blocks, blocks, h), dtype=f32, device=dev)  # only J < I is written
+    dd_part = torch.empty((b, blocks, h), dtype=f32, device=dev)
+    A32, bias = A.contiguous(), dt_bias.contiguous()
+    strides = (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
+    common = dict(BD=_pow2(n, 16), PRECISION=_precision(x), **consts, **launch)
+    _bwd_rows_kernel[(blocks, g, b)](x, dt, A32, B, C, dy, bias, dC, da_row, mass, l, h, p, n, h // g,
+                                     *strides, *dC.stride()[:3], **common)
+    _bwd_cols_kernel[(blocks, g, b)](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, dB, da_col,
+                                     direct, dd_part, l, h, p, n, h // g, *strides, *dx.stride()[:3],
+                                     *dB.stride()[:3], HAS_D=D is not None, **common)
+    # pairs with m after block I and n before it: Σ over the block pairs (I2 > I > J) of their totals
+    idx = torch.arange(blocks, device=dev)
+    straddle = ((idx[:, None, None] > idx[None, None, :]) & (idx[None, :, None] < idx[None, None, :])).to(f32)
+    cross = torch.einsum("bijh,ijk->bkh", mass, straddle).contiguous()
+    ddt = torch.empty((b, l, h), dtype=dt.dtype, device=dev)
+    part = torch.empty((b, 2, h), dtype=f32, device=dev)
+    per_program = min(_pow2(h), 8)
+    _bwd_dt_kernel[(triton.cdiv(h, per_program), b)](
+        dt, A32, bias, da_row, da_col, cross, direct, ddt, part, l, h, *dt.stride(), *ddt.stride(),
+        BLOCK=consts["BLOCK"], BLOCK_L=_pow2(l, 16), HEADS=per_program, num_warps=4)
+    dD = dd_part.sum((0, 1)).to(D.dtype) if D is not None else None
+    sums = part.sum(0)
+    return dx, ddt, sums[0].to(A.dtype), dB, dC, dD, sums[1].to(dt_bias.dtype)
+
+
+class SSDShortScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, fwd_config=None, bwd_config=None):
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias)
+        ctx.bwd_config = bwd_config
+        return ssd_short_forward(x, dt, A, B, C, D, dt_bias, fwd_config)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dt, A, B, C, D, dt_bias = ctx.saved_tensors
+        grads = ssd_short_backward(x, dt, A, B, C, D, dt_bias, dy, ctx.bwd_config)
+        return (*grads, None, None)
+
+
+@compiler_disabled
+def ssd_short_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor,
+                   fwd_config: dict | None = None, bwd_config: dict | None = None) -> Tensor:
+    return SSDShortScan.apply(x, dt, A, B, C, D, dt_bias, fwd_config, bwd_config)
