@@ -208,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model, no mamba-ssm: the script on CPU")
     p.add_argument("--impls", default="factored,tiled", help="our scans to check and time (factored, tiled)")
+    p.add_argument("--check-shapes", default=None, help="section 1 at these shapes only, by name (comma-separated)")
     p.add_argument("--sweep-impl", default="factored", choices=tuple(IMPLS), help="the scan whose launches to sweep")
     p.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not has_mamba:
         raise SystemExit("needs mamba-ssm (pip install --no-deps the wheel from /work/shared/wheels)")
     timing_shapes, check_shapes = (TINY_SHAPES, TINY_SHAPES) if args.tiny else (TIMING_SHAPES, CHECK_SHAPES)
+    if args.check_shapes:
+        check_shapes = [s for s in check_shapes if s[0] in args.check_shapes.split(",")]
     sections = {int(s) for s in args.sections.split(",") if s}
     impls = [i for i in args.impls.split(",") if i]
     if not set(impls) <= set(IMPLS):

@@ -37,8 +37,10 @@ def _pow2(v: int, least: int = 1) -> int:
 
 
 def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
-    """32-token blocks; HEADS·headdim ≈ 128 columns a program (the shared dot's width)."""
-    heads = max(1, min(_pow2(heads_per_group), 128 // _pow2(headdim)))
+    """32-token blocks; HEADS·headdim ≈ 64 columns a program (the shared dot's width): every program of the
+    forward and the backward serves one block of HEADS heads, so a small block keeps registers free and the grid
+    wide."""
+    heads = max(1, min(_pow2(heads_per_group), 64 // _pow2(headdim)))
     block = 16 if seqlen <= 16 else 32
     return {"BLOCK": block, "HEADS": heads, "num_warps": 4, "num_stages": 1}
 
@@ -135,201 +137,197 @@ if triton is not None:
                  acc.to(Y.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
-    def _bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DC, DaRow, Mass, L, H, P, N, heads_per_group,
+    def _bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DCpart, DaRow, Mass, L, H, P, N, heads_per_group, hblocks,
                          stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
                          stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-                         stride_yb, stride_yl, stride_yh, stride_gbb, stride_gbl, stride_gbg,
+                         stride_yb, stride_yl, stride_yh,
                          BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                          PRECISION: tl.constexpr):
-        """One program: rows m of block I of one (sequence, group), every head of the group HEADS at a time.
-        Writes dC of its rows; into DaRow (b, l, h) fp32 the parts of da[t] from pairs with m in I (n before I: a
-        suffix sum of row totals; n in I: pairwise); into Mass (b, blocks, blocks, h) fp32 the total of Q over each
-        block pair (I, J < I)."""
-        pid_m, group, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        """One program: rows m of block I for HEADS heads of one group of one sequence. Writes these heads' share
+        of dC of its rows into DCpart (b, l, groups·hblocks, N) fp32 (summed over the head blocks afterwards); into
+        DaRow (b, l, h) fp32 the parts of da[t] from pairs with m in I (n before I: a suffix sum of row totals; n in
+        I: pairwise); into Mass (b, blocks, blocks, h) fp32 the total of Q over each block pair (I, J < I)."""
+        pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         blocks = tl.num_programs(0)
+        group = pid_h // hblocks
+        first = group * heads_per_group + (pid_h % hblocks) * HEADS
+        end = (group + 1) * heads_per_group
         k = tl.arange(0, HEADS)
+        head = first + k
+        h_ok = head < end
+        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
         col = tl.arange(0, HEADS * BP)
         col_k, col_p = col // BP, col % BP
+        col_ok = (first + col_k < end) & (col_p < P)
+        col_off = (first + col_k) * stride_xh + col_p
         d = tl.arange(0, BD)
         d_ok = d < N
         start = pid_m * BLOCK
         m = start + tl.arange(0, BLOCK)
         m_ok = m < L
+        tile_ok = m_ok[:, None] & col_ok[None, :]
         dt_ptr = DT + pid_b * stride_db
         x_ptr = X + pid_b * stride_xb
-        dy_ptr = DY + pid_b * stride_yb
+        dy_ptr = DY + pid_b * stride_yb + m[:, None] * stride_yl + ((first + col_k) * stride_yh + col_p)[None, :]
         b_ptr = Bm + pid_b * stride_bb + group * stride_bg
         c_m = tl.load(Cm + pid_b * stride_cb + group * stride_cg + m[:, None] * stride_cl + d[None, :],
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
+                            bias[None, :])
+        u = tl.exp(tl.cumsum(dt_m * a[None, :], axis=0))  # exp(cum[m] − r), [BLOCK, HEADS]
+        dy_m = tl.load(dy_ptr, mask=tile_ok, other=0.0)
+        dyu_lo = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
+        acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
+        dc = tl.zeros((BLOCK, BD), dtype=tl.float32)
+        tail = tl.zeros((HEADS,), dtype=tl.float32)
+        for back in range(0, pid_m):  # earlier blocks J, nearest first
+            jb = pid_m - 1 - back
+            n = jb * BLOCK + tl.arange(0, BLOCK)
+            dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], h_ok[None, :] & (n < L)[:, None], stride_dl,
+                                stride_dh, bias[None, :])
+            a_n = dt_n * a[None, :]
+            w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n
+            tail += tl.sum(a_n, axis=0)
+            x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
+            xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
+            b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
+            g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
+            part = tl.dot(g.to(x_n.dtype), xw, input_precision=PRECISION)  # this block pair's share of y / u
+            acc += part
+            # Q summed over the block pair, per head: Σ dy·u·part
+            mass = tl.sum(_per_head(dy_m.to(tl.float32) * _widen(u, BP) * part, HEADS, BP), axis=0)
+            tl.store(Mass + ((pid_b * blocks + pid_m) * blocks + jb) * H + head, mass, mask=h_ok)
+            dg = tl.dot(dyu_lo, tl.trans(xw), input_precision=PRECISION)  # Σ_heads u dy · w dt x
+            dc = tl.dot(dg.to(b_n.dtype), b_n, acc=dc, input_precision=PRECISION)
+        # pairs with n before I: Σ_{m ≥ t, m in I} (Σ_n Q[m, n])
+        row_q = _per_head(dy_m.to(tl.float32) * _widen(u, BP) * acc, HEADS, BP)
+        da = tl.cumsum(row_q, axis=0, reverse=True)
+        x_m = tl.load(x_ptr + m[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
         b_m = tl.load(b_ptr + m[:, None] * stride_bl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         g_mm = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
         causal = m[:, None] >= m[None, :]
-        end = (group + 1) * heads_per_group
-        dc = tl.zeros((BLOCK, BD), dtype=tl.float32)
-        dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # the diagonal tile's dG, summed over heads
-        for first in range(group * heads_per_group, end, HEADS):
-            head = first + k
-            h_ok = head < end
-            a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
-            bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
-            col_ok = (first + col_k < end) & (col_p < P)
-            col_off = (first + col_k) * stride_xh + col_p
-            dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
-                                stride_dh, bias[None, :])
-            u = _widen(tl.exp(tl.cumsum(dt_m * a[None, :], axis=0)), BP)  # exp(cum[m] − r)
-            tile_ok = m_ok[:, None] & col_ok[None, :]
-            dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + ((first + col_k) * stride_yh + col_p)[None, :],
-                           mask=tile_ok, other=0.0)
-            dyu = dy_m.to(tl.float32) * u
-            dyu_lo = dyu.to(dy_m.dtype)
-            acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
-            tail = tl.zeros((HEADS,), dtype=tl.float32)
-            for back in range(0, pid_m):
-                jb = pid_m - 1 - back
-                n = jb * BLOCK + tl.arange(0, BLOCK)
-                dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], h_ok[None, :] & (n < L)[:, None], stride_dl,
-                                    stride_dh, bias[None, :])
-                a_n = dt_n * a[None, :]
-                w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n
-                tail += tl.sum(a_n, axis=0)
-                x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
-                xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
-                b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
-                g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
-                part = tl.dot(g.to(x_n.dtype), xw, input_precision=PRECISION)  # this block pair's share of y / u
-                acc += part
-                # Q summed over the block pair, per head
-                mass = tl.sum(_per_head(dyu * part, HEADS, BP), axis=0)
-                tl.store(Mass + ((pid_b * blocks + pid_m) * blocks + jb) * H + head, mass, mask=h_ok)
-                dg = tl.dot(dyu_lo, tl.trans(xw), input_precision=PRECISION)  # Σ_heads u dy · w dt x
-                dc = tl.dot(dg.to(b_n.dtype), b_n, acc=dc, input_precision=PRECISION)
-            # pairs with n before I: Σ_{m ≥ t, m in I} (Σ_n Q[m, n])
-            row_q = _per_head(dyu * acc, HEADS, BP)
-            da = tl.cumsum(row_q, axis=0, reverse=True)
-            x_m = tl.load(x_ptr + m[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
-            for kk in tl.static_range(HEADS):
-                ok = first + kk < end
-                a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
-                bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
-                dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
-                cs = tl.cumsum(dt_k * a_k, axis=0)
-                e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-                ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
-                w_k = ds * e * dt_k[None, :]
-                dg_mm += w_k
-                q = w_k * g_mm
-                # pairs inside I: Σ_{m ≥ t} Σ_{n < t} Q[m, n]
-                before_t = tl.cumsum(q, axis=1) - q
-                da_k = tl.sum(tl.where(causal, before_t, 0.0), axis=0)
-                da += tl.where((k == kk)[None, :], da_k[:, None], 0.0)
-            tl.store(DaRow + (pid_b * L + m[:, None]) * H + head[None, :], da, mask=m_ok[:, None] & h_ok[None, :])
+        dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # the diagonal tile's dG, summed over these heads
+        for kk in tl.static_range(HEADS):
+            ok = first + kk < end
+            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
+            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
+            dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
+            cs = tl.cumsum(dt_k * a_k, axis=0)
+            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
+            w_k = ds * e * dt_k[None, :]
+            dg_mm += w_k
+            q = w_k * g_mm
+            # pairs inside I: Σ_{m ≥ t} Σ_{n < t} Q[m, n]
+            before_t = tl.cumsum(q, axis=1) - q
+            da_k = tl.sum(tl.where(causal, before_t, 0.0), axis=0)
+            da += tl.where((k == kk)[None, :], da_k[:, None], 0.0)
+        tl.store(DaRow + (pid_b * L + m[:, None]) * H + head[None, :], da, mask=m_ok[:, None] & h_ok[None, :])
         dc = tl.dot(dg_mm.to(b_m.dtype), b_m, acc=dc, input_precision=PRECISION)
-        tl.store(DC + pid_b * stride_gbb + group * stride_gbg + m[:, None] * stride_gbl + d[None, :],
-                 dc.to(DC.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(DCpart + ((pid_b * L + m[:, None]) * tl.num_programs(1) + pid_h) * N + d[None, :], dc,
+                 mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DB, DaCol, Direct, DDpart, L, H, P, N,
-                         heads_per_group,
+    def _bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DBpart, DaCol, Direct, DDpart, L, H, P, N,
+                         heads_per_group, hblocks,
                          stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
                          stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                          stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
-                         stride_gbb, stride_gbl, stride_gbg,
                          BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
                          HAS_D: tl.constexpr, PRECISION: tl.constexpr):
-        """One program: columns n of block J of one (sequence, group), every head of the group HEADS at a time.
+        """One program: columns n of block J for HEADS heads of one group of one sequence.
         Z[n] = Σ_{m ≥ n} G[m,n]·exp(cum[m]−cum[n])·dy[m] (per head) gives dx = dt·Z + D dy and Direct = Σ_p x·Z
-        (fp32, (b, l, h)); writes dB, into DaCol the part of da[t] from pairs with n in J before t and m after J
-        (a prefix sum of column totals), and dD's share into DDpart (b, blocks, h)."""
-        pid_n, group, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        (fp32, (b, l, h)); writes these heads' share of dB into DBpart (b, l, groups·hblocks, N) fp32, into DaCol
+        the part of da[t] from pairs with n in J before t and m after J (a prefix sum of column totals), and dD's
+        share into DDpart (b, blocks, h)."""
+        pid_n, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         blocks = tl.num_programs(0)
+        group = pid_h // hblocks
+        first = group * heads_per_group + (pid_h % hblocks) * HEADS
+        end = (group + 1) * heads_per_group
         k = tl.arange(0, HEADS)
+        head = first + k
+        h_ok = head < end
+        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
+        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
         col = tl.arange(0, HEADS * BP)
         col_k, col_p = col // BP, col % BP
+        col_ok = (first + col_k < end) & (col_p < P)
+        col_off = (first + col_k) * stride_xh + col_p
+        y_off = ((first + col_k) * stride_yh + col_p)[None, :]
         d = tl.arange(0, BD)
         d_ok = d < N
         start = pid_n * BLOCK
         n = start + tl.arange(0, BLOCK)
         n_ok = n < L
+        tile_ok = n_ok[:, None] & col_ok[None, :]
         dt_ptr = DT + pid_b * stride_db
         x_ptr = X + pid_b * stride_xb
         dy_ptr = DY + pid_b * stride_yb
         c_ptr = Cm + pid_b * stride_cb + group * stride_cg
         b_n = tl.load(Bm + pid_b * stride_bb + group * stride_bg + n[:, None] * stride_bl + d[None, :],
                       mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], n_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
+                            bias[None, :])
+        a_n = dt_n * a[None, :]
+        w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n)  # exp(cum[end of J] − cum[n]), [BLOCK, HEADS]
+        x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
+        xw = (x_n.to(tl.float32) * _widen(w * dt_n, BP)).to(x_n.dtype)
+        z = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
+        db = tl.zeros((BLOCK, BD), dtype=tl.float32)
+        lead = tl.zeros((HEADS,), dtype=tl.float32)  # Σ dt·A over the blocks between J and I
+        for s in range(start + BLOCK, L, BLOCK):  # later blocks I
+            m = s + tl.arange(0, BLOCK)
+            m_ok = m < L
+            dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
+                                stride_dh, bias[None, :])
+            a_m = dt_m * a[None, :]
+            u = tl.exp(tl.cumsum(a_m, axis=0) + lead[None, :])  # exp(cum[m] − cum[end of J])
+            lead += tl.sum(a_m, axis=0)
+            dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + y_off, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+            dyu = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
+            c_m = tl.load(c_ptr + m[:, None] * stride_cl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)  # [m, n]
+            z = tl.dot(tl.trans(g).to(dy_m.dtype), dyu, acc=z, input_precision=PRECISION)
+            dg = tl.dot(dyu, tl.trans(xw), input_precision=PRECISION)  # [m, n]
+            db = tl.dot(tl.trans(dg).to(c_m.dtype), c_m, acc=db, input_precision=PRECISION)
+        z = z * _widen(w, BP)
+        # pairs with m after J: Σ_{n < t, n in J} (Σ_m Q[m, n])
+        col_q = _per_head(x_n.to(tl.float32) * z, HEADS, BP) * dt_n
+        da = tl.cumsum(col_q, axis=0) - col_q
+        dy_n = tl.load(dy_ptr + n[:, None] * stride_yl + y_off, mask=tile_ok, other=0.0)
         c_n = tl.load(c_ptr + n[:, None] * stride_cl + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         g_nn = tl.dot(c_n, tl.trans(b_n), input_precision=PRECISION)  # [m, n], both in J
         causal = n[:, None] >= n[None, :]
-        end = (group + 1) * heads_per_group
-        db = tl.zeros((BLOCK, BD), dtype=tl.float32)
         dg_nn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for first in range(group * heads_per_group, end, HEADS):
-            head = first + k
-            h_ok = head < end
-            a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
-            bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
-            col_ok = (first + col_k < end) & (col_p < P)
-            col_off = (first + col_k) * stride_xh + col_p
-            y_off = ((first + col_k) * stride_yh + col_p)[None, :]
-            tile_ok = n_ok[:, None] & col_ok[None, :]
-            dt_n, _s = _dt_load(dt_ptr, n[:, None], head[None, :], n_ok[:, None] & h_ok[None, :], stride_dl,
-                                stride_dh, bias[None, :])
-            a_n = dt_n * a[None, :]
-            after = tl.cumsum(a_n, axis=0, reverse=True) - a_n
-            w = _widen(tl.exp(after), BP)  # exp(cum[end of J] − cum[n])
-            x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
-            dy_n = tl.load(dy_ptr + n[:, None] * stride_yl + y_off, mask=tile_ok, other=0.0)
-            dt_wide = _widen(dt_n, BP)
-            xw = (x_n.to(tl.float32) * w * dt_wide).to(x_n.dtype)
-            z = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
-            lead = tl.zeros((HEADS,), dtype=tl.float32)  # Σ dt·A over the blocks between J and I
-            for s in range(start + BLOCK, L, BLOCK):  # later blocks I
-                m = s + tl.arange(0, BLOCK)
-                m_ok = m < L
-                dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl,
-                                    stride_dh, bias[None, :])
-                a_m = dt_m * a[None, :]
-                u = tl.exp(tl.cumsum(a_m, axis=0) + lead[None, :])  # exp(cum[m] − cum[end of J])
-                lead += tl.sum(a_m, axis=0)
-                dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + y_off, mask=m_ok[:, None] & col_ok[None, :],
-                               other=0.0)
-                dyu = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
-                c_m = tl.load(c_ptr + m[:, None] * stride_cl + d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                              other=0.0)
-                g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)  # [m, n]
-                z = tl.dot(tl.trans(g).to(dy_m.dtype), dyu, acc=z, input_precision=PRECISION)
-                dg = tl.dot(dyu, tl.trans(xw), input_precision=PRECISION)  # [m, n]
-                db = tl.dot(tl.trans(dg).to(c_m.dtype), c_m, acc=db, input_precision=PRECISION)
-            z = z * w
-            # pairs with m after J: Σ_{n < t, n in J} (Σ_m Q[m, n])
-            col_q = _per_head(x_n.to(tl.float32) * z, HEADS, BP) * dt_n
-            da = tl.cumsum(col_q, axis=0) - col_q
-            for kk in tl.static_range(HEADS):
-                ok = first + kk < end
-                a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
-                bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
-                dt_k, _s = _dt_load(dt_ptr, n, first + kk, n_ok & ok, stride_dl, stride_dh, bias_k)
-                cs = tl.cumsum(dt_k * a_k, axis=0)
-                e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # [m, n]
-                dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
-                z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
-                ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
-                dg_nn += ds * e * dt_k[None, :]
-            direct = _per_head(x_n.to(tl.float32) * z, HEADS, BP)
-            dx = z * dt_wide
-            if HAS_D:
-                d_col = tl.load(Dskip + first + col_k, mask=col_ok, other=0.0).to(tl.float32)
-                dx += d_col[None, :] * dy_n.to(tl.float32)
-            tl.store(DX + pid_b * stride_gxb + n[:, None] * stride_gxl + ((first + col_k) * stride_gxh + col_p)[None, :],
-                     dx.to(DX.dtype.element_ty), mask=tile_ok)
-            buf = (pid_b * L + n[:, None]) * H + head[None, :]
-            out_ok = n_ok[:, None] & h_ok[None, :]
-            tl.store(Direct + buf, direct, mask=out_ok)
-            tl.store(DaCol + buf, da, mask=out_ok)
-            dd = tl.sum(_per_head(x_n.to(tl.float32) * dy_n.to(tl.float32), HEADS, BP), axis=0)
-            tl.store(DDpart + (pid_b * blocks + pid_n) * H + head, dd, mask=h_ok)
+        for kk in tl.static_range(HEADS):
+            ok = first + kk < end
+            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
+            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
+            dt_k, _s = _dt_load(dt_ptr, n, first + kk, n_ok & ok, stride_dl, stride_dh, bias_k)
+            cs = tl.cumsum(dt_k * a_k, axis=0)
+            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # [m, n]
+            dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
+            z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
+            ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
+            dg_nn += ds * e * dt_k[None, :]
+        direct = _per_head(x_n.to(tl.float32) * z, HEADS, BP)
+        dx = z * _widen(dt_n, BP)
+        if HAS_D:
+            d_col = tl.load(Dskip + first + col_k, mask=col_ok, other=0.0).to(tl.float32)
+            dx += d_col[None, :] * dy_n.to(tl.float32)
+        tl.store(DX + pid_b * stride_gxb + n[:, None] * stride_gxl + ((first + col_k) * stride_gxh + col_p)[None, :],
+                 dx.to(DX.dtype.element_ty), mask=tile_ok)
+        buf = (pid_b * L + n[:, None]) * H + head[None, :]
+        out_ok = n_ok[:, None] & h_ok[None, :]
+        tl.store(Direct + buf, direct, mask=out_ok)
+        tl.store(DaCol + buf, da, mask=out_ok)
+        dd = tl.sum(_per_head(x_n.to(tl.float32) * dy_n.to(tl.float32), HEADS, BP), axis=0)
+        tl.store(DDpart + (pid_b * blocks + pid_n) * H + head, dd, mask=h_ok)
         db = tl.dot(tl.trans(dg_nn).to(c_n.dtype), c_n, acc=db, input_precision=PRECISION)
-        tl.store(DB + pid_b * stride_gbb + group * stride_gbg + n[:, None] * stride_gbl + d[None, :],
-                 db.to(DB.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(DBpart + ((pid_b * L + n[:, None]) * tl.num_programs(1) + pid_h) * N + d[None, :], db,
+                 mask=n_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _bwd_dt_kernel(DT, A, DTBias, DaRow, DaCol, Cross, Direct, DDT, Part, L, H, stride_db, stride_dl, stride_dh,
@@ -415,8 +413,9 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     blocks = triton.cdiv(l, consts["BLOCK"])
     dev, f32 = x.device, torch.float32
     dx = torch.empty((b, l, h, p), dtype=x.dtype, device=dev)
-    dB = torch.empty((b, l, g, n), dtype=B.dtype, device=dev)
-    dC = torch.empty((b, l, g, n), dtype=C.dtype, device=dev)
+    hblocks = triton.cdiv(h // g, consts["HEADS"])
+    db_part = torch.empty((b, l, g * hblocks, n), dtype=f32, device=dev)  # summed over each group's head blocks
+    dc_part = torch.empty((b, l, g * hblocks, n), dtype=f32, device=dev)
     da_row = torch.empty((b, l, h), dtype=f32, device=dev)
     da_col = torch.empty((b, l, h), dtype=f32, device=dev)
     direct = torch.empty((b, l, h), dtype=f32, device=dev)
@@ -425,11 +424,14 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     A32, bias = A.contiguous(), dt_bias.contiguous()
     strides = (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
     common = dict(BD=_pow2(n, 16), PRECISION=_precision(x), **consts, **launch)
-    _bwd_rows_kernel[(blocks, g, b)](x, dt, A32, B, C, dy, bias, dC, da_row, mass, l, h, p, n, h // g,
-                                     *strides, *dC.stride()[:3], **common)
-    _bwd_cols_kernel[(blocks, g, b)](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, dB, da_col,
-                                     direct, dd_part, l, h, p, n, h // g, *strides, *dx.stride()[:3],
-                                     *dB.stride()[:3], HAS_D=D is not None, **common)
+    grid = (blocks, g * hblocks, b)
+    _bwd_rows_kernel[grid](x, dt, A32, B, C, dy, bias, dc_part, da_row, mass, l, h, p, n, h // g, hblocks,
+                           *strides, **common)
+    _bwd_cols_kernel[grid](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, db_part, da_col,
+                           direct, dd_part, l, h, p, n, h // g, hblocks, *strides, *dx.stride()[:3],
+                           HAS_D=D is not None, **common)
+    dB = db_part.unflatten(2, (g, hblocks)).sum(3).to(B.dtype)
+    dC = dc_part.unflatten(2, (g, hblocks)).sum(3).to(C.dtype)
     # pairs with m after block I and n before it: Σ over the block pairs (I2 > I > J) of their totals
     idx = torch.arange(blocks, device=dev)
     straddle = ((idx[:, None, None] > idx[None, None, :]) & (idx[None, :, None] < idx[None, None, :])).to(f32)
