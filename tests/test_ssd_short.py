@@ -58,12 +58,13 @@ def test_ssd_short_ref_refuses_more_than_one_chunk():
     with pytest.raises(ValueError, match="at most 256"):
         ssd_short_ref(x, dt, A, B, C, D)
     assert short_scan_supported(MAX_LEN, 64, 128) and not short_scan_supported(MAX_LEN + 1, 16, 64)
-    assert short_scan_preferred(145, 16, 64) and not short_scan_preferred(197, 16, 128)
+    assert short_scan_preferred(145, 16, 64) and short_scan_preferred(197, 16, 128)
+    assert not short_scan_preferred(197, 64, 128) and not short_scan_preferred(145, 16, 256)
 
 
 # (batch, length, heads, headdim, groups, d_state, launch config or None for the default, with D, strided inputs):
-# lengths 1, 5, 37, 64, 145, 200 (none but 64 a multiple of the blocks), 1 to 8 heads, head dims 8/16/32, d_state
-# 16/64, one and two groups (and 3 heads a group: programs of 2 and 4 heads run short), HEADS 1/2/4/8, blocks 16/32/64
+# lengths 1, 5, 37, 40, 64, 145, 200 (none but 64 a multiple of the blocks), 1 to 8 heads, head dims 8/16/32,
+# d_state 16/64/128, one and two groups (and 3 heads a group: programs of 2 and 4 heads run short), HEADS 1/2/4/8, blocks 16/32/64
 CASES = [
     (2, 1, 3, 8, 1, 16, None, True, False),
     (1, 5, 2, 16, 2, 16, dict(BLOCK=16, HEADS=1), True, True),
@@ -74,19 +75,17 @@ CASES = [
     (1, 145, 4, 16, 1, 64, None, True, True),
     (1, 145, 6, 16, 2, 16, dict(BLOCK=32, HEADS=4), True, False),
     (1, 200, 2, 8, 1, 16, dict(BLOCK=64, HEADS=1), True, False),
+    (1, 40, 4, 16, 1, 128, None, True, False),
 ]
 
 
-@pytest.mark.parametrize("impl", ["ssd_short", "ssd_short2"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c[:6]) + ("" if c[6] is None else str(tuple(c[6].values())))
                                              for c in CASES])
-def test_triton_short_scan_equals_reference(case, impl):
+def test_triton_short_scan_equals_reference(case):
     """Forward against the definition and the chunked scan, every gradient (x, dt, A, B, C, D, dt_bias) against
-    autograd through the definition in float64, through the autograd Function; fp32, relative error <= 1e-4. Both
-    scans: tile by tile (ssd_short) and with the decay factored between blocks (ssd_short2)."""
+    autograd through the definition in float64, through the autograd Function; fp32, relative error <= 1e-4."""
     pytest.importorskip("triton")
-    import importlib
-    ssd_short_scan = importlib.import_module(f"vision_model.ops.{impl}").ssd_short_scan
+    from vision_model.ops.ssd_short import ssd_short_scan
     b, l, h, p, g, n, config, with_d, strided = case
     inputs = _inputs(b, l, h, p, g, n, seed=l + h, with_d=with_d, strided=strided)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
@@ -112,6 +111,7 @@ def test_default_config_serves_every_head_shape():
     the shortest sequences."""
     assert default_config(145, 48, 16) == {"BLOCK": 32, "HEADS": 4, "num_warps": 4, "num_stages": 1}
     assert default_config(37, 32, 16)["HEADS"] == 4 and default_config(197, 64, 16)["BLOCK"] == 32
+    assert default_config(145, 48, 32)["HEADS"] == 2
     assert default_config(5, 3, 8)["HEADS"] == 4 and default_config(5, 1, 8)["HEADS"] == 1
     assert default_config(10, 6, 64)["HEADS"] == 1 and default_config(10, 6, 64)["BLOCK"] == 16
 
@@ -166,13 +166,11 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     assert "best bwd at tiny:" in summary and "| ours | tiny | float32 | True |" in summary
 
 
-@pytest.mark.parametrize("impl", ["ssd_short", "ssd_short2"])
-def test_triton_short_scan_with_decays_from_none_to_total(impl):
+def test_triton_short_scan_with_decays_from_none_to_total():
     """Heads whose decay spans the whole sequence, a block, a token and far less than a token (dt·A from -0.02 to
-    about -500 a token): the factored scan's exponents stay <= 0, nothing overflows, every gradient stays exact."""
+    about -500 a token): the factored exponents stay <= 0, nothing overflows, every gradient stays exact."""
     pytest.importorskip("triton")
-    import importlib
-    scan = importlib.import_module(f"vision_model.ops.{impl}").ssd_short_scan
+    from vision_model.ops.ssd_short import ssd_short_scan as scan
     x, dt, A, B, C, D, dt_bias = _inputs(1, 100, 4, 16, 1, 16, seed=3)
     inputs = [x, dt + 2.0, -torch.tensor([0.01, 2.0, 30.0, 200.0]), B, C, D, dt_bias]
     leaves = [t.detach().clone().requires_grad_() for t in inputs]

@@ -24,7 +24,6 @@ start, stops whatever runs):
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -101,17 +100,9 @@ def errors(got, ref) -> dict:
     return out
 
 
-# our two one-chunk scans: the decay factored between blocks (every head shares one C·Bᵀ dot), and tile by tile
-IMPLS = {"factored": "vision_model.ops.ssd_short2", "tiled": "vision_model.ops.ssd_short"}
-
-
-def impl_module(impl: str):
-    return importlib.import_module(IMPLS[impl])
-
-
-def ours(fwd_config=None, bwd_config=None, impl="factored"):
-    scan = impl_module(impl).ssd_short_scan
-    return lambda x, dt, A, B, C, D, dt_bias: scan(x, dt, A, B, C, D, dt_bias, fwd_config, bwd_config)
+def ours(fwd_config=None, bwd_config=None):
+    from vision_model.ops.ssd_short import ssd_short_scan
+    return lambda x, dt, A, B, C, D, dt_bias: ssd_short_scan(x, dt, A, B, C, D, dt_bias, fwd_config, bwd_config)
 
 
 def reference(x, dt, A, B, C, D, dt_bias):
@@ -149,17 +140,11 @@ def time_fn(fn, shape, device, repeats, dtype=torch.bfloat16) -> dict:
 
 # -- the sweep (child process) -------------------------------------------------------------------------------------
 
-def sweep_configs(tiny: bool = False, impl: str = "factored") -> list[tuple[str, dict]]:
-    """(kind, config): forward and backward launches; for the tiled scan the register-heaviest left out
-    ([BLOCK, HEADS, BLOCK] score tiles above 16k elements)."""
+def sweep_configs(tiny: bool = False) -> list[tuple[str, dict]]:
+    """(kind, config): forward and backward launches."""
     out = []
-    if tiny:
-        grid = ((16, 32), (1, 4), (4,))
-    else:
-        grid = ((16, 32, 64), (2, 4, 8, 16) if impl == "factored" else (1, 2, 4, 8), (4, 8))
+    grid = ((16, 32), (1, 4), (4,)) if tiny else ((16, 32, 64), (2, 4, 8), (4, 8))
     for block, heads, warps in itertools.product(*grid):
-        if impl == "tiled" and block * heads * block > 16384:
-            continue
         cfg = {"BLOCK": block, "HEADS": heads, "num_warps": warps, "num_stages": 1}
         out += [("fwd", cfg), ("bwd", cfg)]
     return out
@@ -168,9 +153,7 @@ def sweep_configs(tiny: bool = False, impl: str = "factored") -> list[tuple[str,
 def sweep_child(args) -> None:
     """Times each (kind, config) of args.configs (a JSON list) at args.shape (JSON), one JSON line each on
     stdout."""
-    mod = impl_module(args.sweep_impl)
-    default_config, ssd_short_backward, ssd_short_forward = (mod.default_config, mod.ssd_short_backward,
-                                                             mod.ssd_short_forward)
+    from vision_model.ops.ssd_short import default_config, ssd_short_backward, ssd_short_forward
     device = torch.device(args.device)
     name, b, l, h, p, n = json.loads(args.shape)
     leaves, dy = make_inputs(b, l, h, p, n, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -207,9 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="1,2,3,4,5,6,7")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model, no mamba-ssm: the script on CPU")
-    p.add_argument("--impls", default="factored,tiled", help="our scans to check and time (factored, tiled)")
     p.add_argument("--check-shapes", default=None, help="section 1 at these shapes only, by name (comma-separated)")
-    p.add_argument("--sweep-impl", default="factored", choices=tuple(IMPLS), help="the scan whose launches to sweep")
     p.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
@@ -231,9 +212,6 @@ def main(argv=None) -> int:
     if args.check_shapes:
         check_shapes = [s for s in check_shapes if s[0] in args.check_shapes.split(",")]
     sections = {int(s) for s in args.sections.split(",") if s}
-    impls = [i for i in args.impls.split(",") if i]
-    if not set(impls) <= set(IMPLS):
-        p.error(f"--impls: choose from {', '.join(IMPLS)}")
     if not has_mamba:
         sections -= {4, 5, 7}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -261,19 +239,18 @@ def main(argv=None) -> int:
         if 1 in sections:
             for shape in check_shapes:
                 name, _, l, h, pd, n = shape
-                for dtype, impl in itertools.product(
-                        (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,), impls):
+                for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
                     leaves, dy = make_inputs(args.check_batch, l, h, pd, n, dtype, device, seed=1)
                     t0 = time.time()
                     try:
-                        got = grads_of(ours(impl=impl), leaves, dy, h, pd, n)
-                        again = grads_of(ours(impl=impl), leaves, dy, h, pd, n)
+                        got = grads_of(ours(), leaves, dy, h, pd, n)
+                        again = grads_of(ours(), leaves, dy, h, pd, n)
                     except Exception as exc:  # noqa: BLE001 - a kernel that does not compile: recorded, go on
-                        add({"section": "error", "impl": impl, "shape": name, "dtype": str(dtype)[6:],
+                        add({"section": "error", "impl": "ours", "shape": name, "dtype": str(dtype)[6:],
                              "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
                         continue
                     ref = grads_of(reference, [t.double() for t in leaves], dy.double(), h, pd, n)
-                    add({"section": "correctness", "impl": impl, "shape": name, "dtype": str(dtype)[6:],
+                    add({"section": "correctness", "impl": "ours", "shape": name, "dtype": str(dtype)[6:],
                          "batch": args.check_batch, "errors": errors(got, ref),
                          "repeat_identical": all(torch.equal(a, b) for a, b in zip(got, again)),
                          "seconds": time.time() - t0})
@@ -282,18 +259,17 @@ def main(argv=None) -> int:
             summarize()
         if 2 in sections:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter has no bf16
-            for shape, impl in itertools.product(timing_shapes, impls):
+            for shape in timing_shapes:
                 try:
-                    add({"section": "kernel time", "impl": impl, "shape": shape[0], "batch": shape[1],
-                         **time_fn(ours(impl=impl), shape, device, args.repeats, dtype)})
+                    add({"section": "kernel time", "impl": "ours", "shape": shape[0], "batch": shape[1],
+                         **time_fn(ours(), shape, device, args.repeats, dtype)})
                 except Exception as exc:  # noqa: BLE001
-                    add({"section": "error", "impl": impl, "shape": shape[0],
+                    add({"section": "error", "impl": "ours", "shape": shape[0],
                          "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
                 free_memory()
             summarize()
         if 3 in sections:
-            for impl in impls:
-                train_rows(f"short_scan on, {impl}", {"factored_scan": impl == "factored"}, add, device, args.tiny)
+            train_rows("short_scan on", {}, add, device, args.tiny)
             summarize()
         def mamba_errors(dtype):
             for shape in check_shapes:
@@ -344,11 +320,11 @@ def train_rows(label: str, off: dict, add, device, tiny: bool) -> None:
 def run_sweep(args, shapes, add, left, summarize) -> None:
     """Every sweep config at the first shape (the issue's), then its three best fwd and bwd configs and the default
     at the other shapes, each shape in a child process restarted after the config it died on."""
-    default_config = impl_module(args.sweep_impl).default_config
+    from vision_model.ops.ssd_short import default_config
     first, seen_rows = shapes[0], []
     for shape in shapes:
         if shape is first:
-            configs = sweep_configs(args.tiny, args.sweep_impl)
+            configs = sweep_configs(args.tiny)
         else:
             done = [r for r in seen_rows if r["shape"] == first[0] and r["status"] == "ok"
                     and r["rel_vs_default"] < 5e-2]
@@ -362,7 +338,6 @@ def run_sweep(args, shapes, add, left, summarize) -> None:
         while todo and left() > 10:
             cmd = [sys.executable, "-m", "benchmarks.gpu.ssd_short_check", "--sweep-child", "--shape",
                    json.dumps(shape), "--configs", json.dumps(todo), "--repeats", str(args.repeats),
-                   "--sweep-impl", args.sweep_impl,
                    "--device", args.device]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
             seen = 0

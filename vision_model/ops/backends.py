@@ -21,9 +21,9 @@ indices), the conv stem run on channels-last images (cuDNN's tensor-core convolu
 activations may be transposed in and out around each convolution), the gated RMSNorm's backward in our kernel
 (mamba-ssm's launches one program per SM, each walking thousands of rows one after another); and sequences that fit
 in one chunk (at most 256 tokens: every vision config up to 224 px) train on our one-chunk SSD scan from
-`vision_model.ops.ssd_short` instead of mamba-ssm's chunked one (no state passing; C·Bᵀ recomputed per tile, never
-written, and shared by the several heads of a program; a backward of three kernels that sum dB and dC over heads on
-chip).  `block=False` restores the earlier training path (the inference block, norm folded into in_proj, with
+`vision_model.ops.ssd_short` instead of mamba-ssm's chunked one (no state passing; the decay factored between blocks
+of tokens, so one C·Bᵀ tile serves every head of a program in one dot; C·Bᵀ recomputed, never written).
+`block=False` restores the earlier training path (the inference block, norm folded into in_proj, with
 autograd) to measure against.
 """
 from __future__ import annotations
@@ -44,7 +44,6 @@ from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1
 from .rmsnorm import (gated_rms_norm_ref, gated_rms_norm_train, rms_norm_ref, rms_norm_triton, rms_rstd_triton,
                       row_rstd_ref)
 from .ssd_minimal import softplus_dt, ssd_chunked
-from . import ssd_short2
 from .ssd_short import short_scan_preferred, ssd_short_scan
 from .ssd_triton import fused_forward_supported, ssd_forward_triton
 
@@ -62,8 +61,7 @@ class TrainFusions:
     reorder_gather: bool = True  # a scan-order reorder backpropagates as a gather by the inverse permutation
     stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
     gated_norm: bool = True  # the gated RMSNorm's forward and backward in our Triton kernels (triton backend)
-    short_scan: bool = True  # one chunk (<= 256 tokens), d_state <= 64, head dim <= 32: our one-chunk SSD scan
-    factored_scan: bool = True  # that scan with the decay factored between blocks (ssd_short2), else tile by tile
+    short_scan: bool = True  # one chunk (<= 256 tokens), d_state <= 128, head dim <= 32: our one-chunk SSD scan
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -142,8 +140,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
         x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
         if (dt_scale is None and current_fusions().short_scan and _needs_grad(x, dt, A, B, C, D, dt_bias)
                 and short_scan_preferred(x.shape[1], x.shape[3], B.shape[3])):
-            scan = ssd_short2.ssd_short_scan if current_fusions().factored_scan else ssd_short_scan
-            return scan(x, dt, A, B, C, D, dt_bias)  # training, one chunk: no state passing
+            return ssd_short_scan(x, dt, A, B, C, D, dt_bias)  # training, one chunk: no state passing
         return triton_chunk_scan()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
     return ssd_chunked(x, softplus_dt(dt, dt_bias), A, B, C, D, chunk_size=chunk_size)
 
