@@ -236,3 +236,15 @@ def test_train_profile_script_tiny_on_cpu(tmp_path, capsys):
     assert train_profile.main(["--device", "cpu", "--tiny", "--budget", "0.01", "--out", str(tmp_path / "cut")]) == 0
     cut = json.loads((tmp_path / "cut" / "train_profile.json").read_text())
     assert cut["cut"] and not cut["rows"]
+
+
+def test_same_loss_script_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu/same_loss.py on CPU: the reference path, then the fused path for as many steps from the same
+    start (on CPU both take the PyTorch path, so they agree); the table and every step's losses written."""
+    from benchmarks.gpu import same_loss
+    assert same_loss.main(["--device", "cpu", "--tiny", "--steps", "3", "--batch", "4", "--window", "2",
+                           "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "same_loss.json").read_text())
+    assert [len(c) for c in data["curves"].values()] == [3, 3] and data["steps_compared"] == 3
+    assert data["weights_rel_diff"] < 1e-4 and set(data["levels"]) == {"1", "2", "4", "8"}
+    assert "| D/8 |" in (tmp_path / "same_loss.md").read_text()

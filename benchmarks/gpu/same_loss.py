@@ -27,7 +27,8 @@ from training.cache import open_cache, topic_of, uint8_batch
 from training.train import TrainConfig, param_groups, train_step
 from vision_model.ops.backends import TrainFusions, train_fusions
 
-PATHS = {"fused": ("auto", {}), "reference": ("torch", {name: False for name in TrainFusions.names()})}
+# the reference first: the fused path then trains exactly as many steps, so the final weights compare too
+PATHS = {"reference": ("torch", {name: False for name in TrainFusions.names()}), "fused": ("auto", {})}
 
 
 def load_pack(pack: str, cache_dir: str, tiny: bool):
@@ -44,7 +45,8 @@ def load_pack(pack: str, cache_dir: str, tiny: bool):
     return cache, keep, labels, names
 
 
-def run(path: str, args, data, device) -> dict:
+def run(path: str, args, data, device, steps: int | None = None) -> dict:
+    """`steps` steps, or until the path's share of --budget is spent."""
     backend, flags = PATHS[path]
     torch.manual_seed(args.seed)
     spec = TINY_MODEL if args.tiny else ISSUE_MODEL
@@ -60,11 +62,11 @@ def run(path: str, args, data, device) -> dict:
     order = np.random.default_rng(args.seed)
     curve, t0, first_step_s = [], time.time(), None
     with train_fusions(**flags):
-        for step in range(args.steps):
+        for step in range(args.steps if steps is None else steps):
             if step == 1:
                 first_step_s, t0 = time.time() - t0, time.time()  # compiling is not training: off the budget
-            if time.time() - t0 > args.budget / len(PATHS):
-                break  # each path gets its share of --budget: the curves are compared over their common length
+            if steps is None and time.time() - t0 > args.budget / len(PATHS):
+                break
             if args.tiny:
                 images, labels, _ = data
                 rows = order.integers(0, len(labels), args.batch)
@@ -90,9 +92,8 @@ def smoothed(curve: list[dict], level: str, window: int) -> np.ndarray:
 
 def summarize(runs: list[dict], window: int) -> tuple[dict, str]:
     a, b = runs
-    steps = min(len(a["curve"]), len(b["curve"]))
+    steps = len(a["curve"])
     window = min(window, steps)
-    a, b = ({**r, "curve": r["curve"][:steps]} for r in runs)
     levels = [k for k in a["curve"][0] if k != "grad_norm"]
     table, lines = {}, [f"| level | {a['path']} (last {window}) | {b['path']} | gap now | largest gap |",
                         "|---|---|---|---|---|"]
@@ -107,7 +108,7 @@ def summarize(runs: list[dict], window: int) -> tuple[dict, str]:
                      f"{row['gap_max']:.4f} |")
     wa, wb = a["weights"], b["weights"]
     rel = float((wa - wb).norm() / wb.norm())
-    lines += ["", f"{steps} steps compared; weights at the end of each run: relative difference {rel:.2e}; "
+    lines += ["", f"{steps} steps each; final weights: relative difference {rel:.2e}; "
                   f"{a['path']} {a['seconds']:.0f} s after a first step of {a['first_step_s'] or 0:.0f} s, "
                   f"{b['path']} {b['seconds']:.0f} s after {b['first_step_s'] or 0:.0f} s"]
     return {"steps_compared": steps, "levels": table, "weights_rel_diff": rel}, "\n".join(lines)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     data = load_pack(args.pack, args.cache, args.tiny)
     runs = []
     for path in PATHS:
-        runs.append(run(path, args, data, device))
+        runs.append(run(path, args, data, device, len(runs[0]["curve"]) if runs else None))
         print(f"{path}: {runs[-1]['seconds']:.0f} s, last losses {runs[-1]['curve'][-1]}", flush=True)
     result, text = summarize(runs, args.window)
     out = {"environment": environment(device), "args": {k: str(v) for k, v in vars(args).items()}, **result,

@@ -435,6 +435,11 @@ def ssd_short_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     b, l, h, p, g, n = _check(x, dt, A, B, C, dt_bias)
     x, B, C = (_dense(t) for t in (x, B, C))
     consts, launch = _layout(config, l, h, g, p)
+    if consts["BLOCK"] >= 64 and consts["BLOCK"] > consts["HEADS"] * consts["BP"]:
+        # measured wrong on the H200 with Triton 3.6 (64-token blocks of 32 columns: 0.23 relative error at 4 warps,
+        # NaN at 8) while Triton's interpreter computes it right; no such launch is trusted (docs/notes.md 18.12)
+        raise ValueError(f"the forward takes no 64-token blocks with fewer columns ({consts['BLOCK']} tokens, "
+                         f"HEADS x headdim = {consts['HEADS'] * consts['BP']})")
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     hblocks = triton.cdiv(h // g, consts["HEADS"])
     _fwd_kernel[(triton.cdiv(l, consts["BLOCK"]), g * hblocks, b)](
