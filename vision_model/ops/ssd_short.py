@@ -107,14 +107,10 @@ if triton is not None:
         return tl.sum(tl.reshape(t, (r, HEADS, BP)), axis=2)
 
     @triton.jit
-    def _fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
-                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
-                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-                    stride_yb, stride_yl, stride_yh,
-                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                    HAS_D: tl.constexpr, PRECISION: tl.constexpr):
-        """One program: rows m of block I for HEADS heads of one group of one sequence."""
-        pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    def _head_block(pid_h, hblocks, heads_per_group, A, DTBias, P, stride_h, HEADS: tl.constexpr, BP: tl.constexpr):
+        """The HEADS heads of program column pid_h (hblocks of them a group): (group, first head, end of the group,
+        head index in the block, heads, valid, A and dt_bias of each, and x's columns: the head of each column, its
+        channel, valid, offset)."""
         group = pid_h // hblocks
         first = group * heads_per_group + (pid_h % hblocks) * HEADS
         end = (group + 1) * heads_per_group
@@ -126,7 +122,29 @@ if triton is not None:
         col = tl.arange(0, HEADS * BP)
         col_k, col_p = col // BP, col % BP
         col_ok = (first + col_k < end) & (col_p < P)
-        col_off = (first + col_k) * stride_xh + col_p
+        return group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, (first + col_k) * stride_h + col_p
+
+    @triton.jit
+    def _diagonal_decay(DT, A, DTBias, pos, pos_ok, head, end, causal, stride_l, stride_h):
+        """One head's pairwise decay exp(cum[m] − cum[n]) on a diagonal tile (0 above the diagonal) and its dt."""
+        ok = head < end
+        a = tl.load(A + head, mask=ok, other=0.0).to(tl.float32)
+        bias = tl.load(DTBias + head, mask=ok, other=0.0).to(tl.float32)
+        dt, _slope = _dt_load(DT, pos, head, pos_ok & ok, stride_l, stride_h, bias)
+        cs = tl.cumsum(dt * a, axis=0)
+        return tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))), dt
+
+    @triton.jit
+    def _fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
+                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                    stride_yb, stride_yl, stride_yh,
+                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                    HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: rows m of block I for HEADS heads of one group of one sequence."""
+        pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, col_off = _head_block(
+            pid_h, hblocks, heads_per_group, A, DTBias, P, stride_xh, HEADS, BP)
         d = tl.arange(0, BD)
         d_ok = d < N
         start = pid_m * BLOCK
@@ -161,12 +179,8 @@ if triton is not None:
         g = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
         causal = m[:, None] >= m[None, :]
         for kk in tl.static_range(HEADS):
-            ok = first + kk < end
-            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
-            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
-            dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
-            cs = tl.cumsum(dt_k * a_k, axis=0)
-            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl,
+                                      stride_dh)
             s = g * e * dt_k[None, :]
             acc = tl.dot(s.to(x_m.dtype), tl.where((col_k == kk)[None, :], x_m, 0.0), acc=acc,
                          input_precision=PRECISION)
@@ -189,18 +203,8 @@ if triton is not None:
         I: pairwise); into Mass (b, blocks, blocks, h) fp32 the total of Q over each block pair (I, J < I)."""
         pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         blocks = tl.num_programs(0)
-        group = pid_h // hblocks
-        first = group * heads_per_group + (pid_h % hblocks) * HEADS
-        end = (group + 1) * heads_per_group
-        k = tl.arange(0, HEADS)
-        head = first + k
-        h_ok = head < end
-        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
-        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
-        col = tl.arange(0, HEADS * BP)
-        col_k, col_p = col // BP, col % BP
-        col_ok = (first + col_k < end) & (col_p < P)
-        col_off = (first + col_k) * stride_xh + col_p
+        group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, col_off = _head_block(
+            pid_h, hblocks, heads_per_group, A, DTBias, P, stride_xh, HEADS, BP)
         d = tl.arange(0, BD)
         d_ok = d < N
         start = pid_m * BLOCK
@@ -249,12 +253,8 @@ if triton is not None:
         causal = m[:, None] >= m[None, :]
         dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # the diagonal tile's dG, summed over these heads
         for kk in tl.static_range(HEADS):
-            ok = first + kk < end
-            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
-            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
-            dt_k, _s = _dt_load(dt_ptr, m, first + kk, m_ok & ok, stride_dl, stride_dh, bias_k)
-            cs = tl.cumsum(dt_k * a_k, axis=0)
-            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl,
+                                      stride_dh)
             ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
             w_k = ds * e * dt_k[None, :]
             dg_mm += w_k
@@ -283,18 +283,8 @@ if triton is not None:
         share into DDpart (b, blocks, h)."""
         pid_n, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         blocks = tl.num_programs(0)
-        group = pid_h // hblocks
-        first = group * heads_per_group + (pid_h % hblocks) * HEADS
-        end = (group + 1) * heads_per_group
-        k = tl.arange(0, HEADS)
-        head = first + k
-        h_ok = head < end
-        a = tl.load(A + head, mask=h_ok, other=0.0).to(tl.float32)
-        bias = tl.load(DTBias + head, mask=h_ok, other=0.0).to(tl.float32)
-        col = tl.arange(0, HEADS * BP)
-        col_k, col_p = col // BP, col % BP
-        col_ok = (first + col_k < end) & (col_p < P)
-        col_off = (first + col_k) * stride_xh + col_p
+        group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, col_off = _head_block(
+            pid_h, hblocks, heads_per_group, A, DTBias, P, stride_xh, HEADS, BP)
         y_off = ((first + col_k) * stride_yh + col_p)[None, :]
         d = tl.arange(0, BD)
         d_ok = d < N
@@ -342,12 +332,8 @@ if triton is not None:
         causal = n[:, None] >= n[None, :]
         dg_nn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for kk in tl.static_range(HEADS):
-            ok = first + kk < end
-            a_k = tl.load(A + first + kk, mask=ok, other=0.0).to(tl.float32)
-            bias_k = tl.load(DTBias + first + kk, mask=ok, other=0.0).to(tl.float32)
-            dt_k, _s = _dt_load(dt_ptr, n, first + kk, n_ok & ok, stride_dl, stride_dh, bias_k)
-            cs = tl.cumsum(dt_k * a_k, axis=0)
-            e = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # [m, n]
+            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, n, n_ok, first + kk, end, causal, stride_dl,
+                                      stride_dh)  # [m, n]
             dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
             z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
             ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
