@@ -65,8 +65,9 @@ def short_scan_supported(seqlen: int, headdim: int, d_state: int) -> bool:
 
 def short_scan_preferred(seqlen: int, headdim: int, d_state: int) -> bool:
     """Whether training should take `ssd_short_scan` over mamba-ssm's chunked scan for this shape: where it was
-    measured faster on the H200 (docs/notes.md 18.12, fwd+bwd, bf16; head dim 16 at d_state 64 and 128). Head dims
-    over 32 are unmeasured, and mamba-ssm's tiles suit them."""
+    measured faster on the H200 (docs/notes.md 18.12, fwd+bwd, bf16: head dim 16 at d_state 64 and 128, 1.6-5x).
+    Head dim 32 (two heads a program, the same 64 columns) is taken unmeasured; over 32 mamba-ssm's tiles suit the
+    heads better."""
     return short_scan_supported(seqlen, headdim, d_state) and d_state <= 128 and headdim <= 32
 
 
