@@ -465,9 +465,11 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     dB = db_part.unflatten(2, (g, hblocks)).sum(3).to(B.dtype)
     dC = dc_part.unflatten(2, (g, hblocks)).sum(3).to(C.dtype)
     # pairs with m after block I and n before it: Σ over the block pairs (I2 > I > J) of their totals
+    # (sums, not a matmul: no TF32 however the caller set torch's matmul precision)
     idx = torch.arange(blocks, device=dev)
-    straddle = ((idx[:, None, None] > idx[None, None, :]) & (idx[None, :, None] < idx[None, None, :])).to(f32)
-    cross = torch.einsum("bijh,ijk->bkh", mass, straddle).contiguous()
+    before = torch.zeros_like(mass)  # [b, I2, k]: Σ_{J < k} of block row I2
+    before[:, :, 1:] = mass[:, :, :-1].cumsum(2)
+    cross = (before * (idx[:, None] > idx[None, :]).to(f32)[None, :, :, None]).sum(1).contiguous()
     ddt = torch.empty((b, l, h), dtype=dt.dtype, device=dev)
     part = torch.empty((b, 2, h), dtype=f32, device=dev)
     per_program = min(_pow2(h), 8)
