@@ -64,7 +64,8 @@ def test_ssd_short_ref_refuses_more_than_one_chunk():
 
 # (batch, length, heads, headdim, groups, d_state, launch config or None for the default, with D, strided inputs):
 # lengths 1, 5, 37, 40, 64, 145, 200 (none but 64 a multiple of the blocks), 1 to 8 heads, head dims 8/16/32,
-# d_state 16/64/128, one and two groups (and 3 heads a group: programs of 2 and 4 heads run short), HEADS 1/2/4/8, blocks 16/32/64
+# d_state 16/64/128, one and two groups (and 3 heads a group: programs of 2 and 4 heads run short), HEADS 1/2/4/8,
+# blocks 16/32/64
 CASES = [
     (2, 1, 3, 8, 1, 16, None, True, False),
     (1, 5, 2, 16, 2, 16, dict(BLOCK=16, HEADS=1), True, True),

@@ -29,6 +29,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+
 from benchmarks.measure import rel_error as rel
 
 REPO = Path(__file__).resolve().parents[2]

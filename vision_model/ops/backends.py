@@ -1,7 +1,7 @@
 """The block's kernels behind one switch: pure PyTorch (any device, autograd) or Triton (CUDA).
 
 backend="triton" runs mamba-ssm's chunked SSD scan (training where our one-chunk scan is not preferred: longer
-sequences, d_state over 64, head dims over 32, or `short_scan` off; and inference for head shapes our kernel has no
+sequences, d_state over 128, head dims over 32, or `short_scan` off; and inference for head shapes our kernel has no
 verified launch for) or our one-kernel SSD forward from `vision_model.ops.ssd_triton` (other inference); our RMSNorm
 kernels from `vision_model.ops.rmsnorm` (inference, gated and plain; the gated one in training too, mamba-ssm's with
 `gated_norm` off); and our fused causal conv + SiLU from `vision_model.ops.conv` (inference, and training with
