@@ -475,6 +475,9 @@ def main(argv=None) -> int:
                                     "official, which takes minutes a call in the interpreter)")
     ap.add_argument("--profile-size", type=int, default=1024, help="profile 135M D/4 and D/8 at this size")
     ap.add_argument("--skip-verify", action="store_true", help="no (a): the several-heads kernel stays off")
+    ap.add_argument("--verify-share", type=float, default=0.5,
+                    help="the share of --budget the verification may take (the scan timings get 0.1 more); a cold "
+                         "Triton cache spends minutes of it autotuning mamba-ssm's kernels in each candidate's process")
     ap.add_argument("--verify-one", help=argparse.SUPPRESS)  # a child process: one candidate's checks
     args = ap.parse_args(argv)
     started = time.time()
@@ -506,9 +509,9 @@ def main(argv=None) -> int:
 
     verify_lines: list[str] = []
     checks, passed = ([], set()) if args.skip_verify else run_verification(
-        args.smoke, started + 0.5 * args.budget, verify_lines)
+        args.smoke, started + args.verify_share * args.budget, verify_lines)
     try:
-        timings = scan_timings(passed, started + 0.6 * args.budget, args.smoke)
+        timings = scan_timings(passed, started + (args.verify_share + 0.1) * args.budget, args.smoke)
     except Exception as exc:  # noqa: BLE001 - timings are context: the speed table still runs
         log(f"scan timings failed: {type(exc).__name__}: {str(exc)[:200]}")
         timings = []

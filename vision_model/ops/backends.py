@@ -11,18 +11,20 @@ kernels from `vision_model.ops.rmsnorm` (inference, gated and plain; the gated o
 so two models (or two calls) in one process never fight over a global switch.
 
 Training (autograd) on the triton backend has its own fusions, each of which `train_fusions` can turn off (a context
-variable, so it holds for one thread's calls only): the conv's forward and backward in Triton, the pre-norm fused
-into in_proj's input (mamba-ssm's layer_norm_linear_fn: one pass writes the bf16 normalised rows, and its backward
-recomputes them instead of saving them), in_proj's output split with one `torch.split` (its backward is one
-concatenation, where three slices each zero-fill and copy a full-size gradient), the stem computed once for every
-level of a joint step (`training.train`), the reorders between scan orders backpropagated as a gather by the inverse
-permutation (autograd's default for indexing zero-fills the gradient and scatter-adds into it, sorting the
-indices), the conv stem run on channels-last images (cuDNN's tensor-core convolutions work in NHWC, so NCHW
-activations may be transposed in and out around each convolution), the gated RMSNorm's backward in our kernel
-(mamba-ssm's launches one program per SM, each walking thousands of rows one after another); and sequences that fit
-in one chunk (at most 256 tokens: every vision config up to 224 px) train on our one-chunk SSD scan from
-`vision_model.ops.ssd_short` instead of mamba-ssm's chunked one (no state passing; the decay factored between blocks
-of tokens, so one C·Bᵀ tile serves every head of a program in one dot; C·Bᵀ recomputed, never written).
+variable, so it holds for one thread's calls only): the conv's forward and backward in Triton, the pre-norm fused into
+in_proj's input (one pass writes the bf16 normalised rows): our kernels from `vision_model.ops.prenorm`, or with
+`own_prenorm` off mamba-ssm's layer_norm_linear_fn (which recomputes the rows in its backward instead of saving them,
+and whose backward launches one program per SM, each walking thousands of rows), in_proj's output split with one
+`torch.split` (its backward is one concatenation, where three slices each zero-fill and copy a full-size gradient),
+the stem computed once for every level of a joint step (`training.train`), the reorders between scan orders
+backpropagated as a gather by the inverse permutation (autograd's default for indexing zero-fills the gradient and
+scatter-adds into it, sorting the indices), the conv stem run on channels-last images (cuDNN's tensor-core
+convolutions work in NHWC, so NCHW activations may be transposed in and out around each convolution), the gated
+RMSNorm's backward in our kernel (mamba-ssm's launches one program per SM, each walking thousands of rows one after
+another); and sequences that fit in one chunk (at most 256 tokens: every vision config up to 224 px) train on our
+one-chunk SSD scan from `vision_model.ops.ssd_short` instead of mamba-ssm's chunked one (no state passing; the decay
+factored between blocks of tokens, so one C·Bᵀ tile serves every head of a program in one dot; C·Bᵀ recomputed, never
+written).
 `block=False` restores the earlier training path (the inference block, norm folded into in_proj, with
 autograd) to measure against.
 """
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import causal_conv1d_silu_ref, causal_conv1d_silu_train, causal_conv1d_silu_triton
+from .prenorm import norm_linear_triton
 from .rmsnorm import (gated_rms_norm_ref, gated_rms_norm_train, rms_norm_ref, rms_norm_triton, rms_rstd_triton,
                       row_rstd_ref)
 from .ssd_minimal import softplus_dt, ssd_chunked
@@ -62,6 +65,8 @@ class TrainFusions:
     stem_channels_last: bool = True  # the conv stem trains on channels-last images (no NCHW<->NHWC transposes)
     gated_norm: bool = True  # the gated RMSNorm's forward and backward in our Triton kernels (triton backend)
     short_scan: bool = True  # one chunk (<= 256 tokens), d_state <= 128, head dim <= 32: our one-chunk SSD scan
+    # the pre-norm's forward and backward in our Triton kernels; off: mamba-ssm's layer_norm_linear_fn
+    own_prenorm: bool = True
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -178,11 +183,17 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: st
 
 def norm_linear(x: Tensor, norm: torch.nn.Module, weight: Tensor, backend: str = "auto") -> Tensor:
     """F.linear(norm(x), weight) for the block's pre-norm (nn.RMSNorm or nn.LayerNorm): on the triton backend with
-    autograd, mamba-ssm's layer_norm_linear_fn (the normalised rows written once in the autocast dtype, recomputed
-    in the backward)."""
+    autograd, the normalised rows written once in the autocast dtype, by our kernels (`norm_linear_triton`, which
+    saves them for the backward) or with `own_prenorm` off by mamba-ssm's layer_norm_linear_fn (which recomputes
+    them in the backward)."""
     backend = resolve_backend(backend, x.device)
+    fusions = current_fusions()
+    fusable = fusions.norm_linear and isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm))
+    if backend == "triton" and fusable and fusions.own_prenorm:
+        return norm_linear_triton(x, norm.weight, getattr(norm, "bias", None), weight, norm.eps,
+                                  is_rms=isinstance(norm, torch.nn.RMSNorm))
     fused = _mamba_ssm_op("layer_norm", "layer_norm_linear_fn") if backend == "triton" else None
-    if fused is not None and current_fusions().norm_linear and isinstance(norm, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+    if fused is not None and fusable:
         return fused(x, norm.weight, getattr(norm, "bias", None), weight, None, eps=norm.eps,
                      is_rms_norm=isinstance(norm, torch.nn.RMSNorm))
     return F.linear(norm(x), weight)
