@@ -11,7 +11,7 @@ every few hundred files and at the end) and, once complete, index.json (keys, sk
 that is killed resumes at the next unprocessed file of state.json. The folder's files are listed with
 `index.sources.open_source`, so a cache and an index of the same folder name the same files by the same keys.
 
-Images are composited on white where they have alpha and fitted to size x size in the config's crop style ('pad':
+Transparent images are composited on black or white, whichever contrasts with the picture, and fitted to size x size in the config's crop style ('pad':
 the long side fitted, the rest padded with the border colour; 'center': short side, centre crop). Duplicates are
 found by the sha256 of the decoded full-size pixels (clip art collections file one picture under several topics);
 the first in key order is kept.
@@ -73,8 +73,8 @@ def open_cache(directory: str | os.PathLike) -> ImageCache:
 def decode_for_cache(data: bytes, size: int, crop: str, max_pixels: int) -> tuple[str, np.ndarray]:
     """(sha256 of the decoded RGB pixels, (3, size, size) uint8) of an encoded file; raises UnreadableImage.
 
-    Decoding is index.sources.decode_image's and mode handling (alpha composited on white, palettes, 16-bit)
-    preprocess.to_mode's: the project's decoder (hook: vision_model/images.py replaces both when it lands).
+    Decoding is index.sources.decode_image's and mode handling (transparency on a contrasting background,
+    palettes, 16-bit) preprocess.to_mode's: the project's one decoder (vision_model/images.py).
     """
     img = to_mode(decode_image(data, max_pixels), 3)
     digest = hashlib.sha256(img.tobytes() + f"{img.width}x{img.height}".encode()).hexdigest()

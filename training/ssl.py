@@ -310,8 +310,8 @@ def write_model_card(model_dir: str | Path, report: dict, name: str) -> Path:
         "at D, query it at any level. Load it with `vision_model.load_model(\"" + name + "\")`.", "",
         "## Data", "",
         f"{res.get('images')} distinct images of Debian's `openclipart-png` ({res.get('duplicates_dropped')} "
-        f"duplicates by decoded pixels dropped, {res.get('skipped_images')} files skipped), alpha composited on "
-        f"white, fitted into {config.img_size}x{config.img_size} ({config.crop}). The topic folders were never "
+        f"duplicates by decoded pixels dropped, {res.get('skipped_images')} files skipped), transparency composited "
+        f"on black or white, whichever contrasts with the picture (vision_model.images.flatten), fitted into {config.img_size}x{config.img_size} ({config.crop}). The topic folders were never "
         "read in training; evaluation uses them as held-out labels.", "",
         "## Objective and recipe", "",
         f"Self-supervised (`matsearch train --objective self-supervised`, training/ssl.py): multi-crop InfoNCE at D "

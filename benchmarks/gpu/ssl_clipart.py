@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     lr = args.lr * (batch / 512) ** 0.5
     warmup = max(5.0, 60 * batch / len(cache))  # at least 60 warm-up steps
     small = dict(epochs=3, batch_size=16, ckpt_every=4) if args.tiny else dict(epochs=5000, batch_size=batch)
-    ssl_tc = TrainConfig(model=MODEL, overrides=overrides, data=str(cache.directory), objective="self-supervised",
+    trained_on = f"clip art (Debian's openclipart-png, {len(cache):,} images, no labels)"
+    ssl_tc = TrainConfig(model=MODEL, overrides={**overrides, "trained_on": trained_on}, data=str(cache.directory),
+                         objective="self-supervised",
                          out=str(work / "ssl"), lr=lr, warmup_epochs=warmup, weight_decay=0.05,
                          temperature=args.temperature, local_crops=args.local_crops, feature_nce=args.feature_nce,
                          max_minutes=None if args.tiny else args.ssl_minutes, **small)
