@@ -231,6 +231,19 @@ def test_ssd_forward_heads_kernel_equals_one_head_kernel():
     assert max_rel_err(y, y_one) < 1e-5
 
 
+def test_ssd_forward_heads_shortest_verified_chunk(monkeypatch):
+    """With a head shape verified at two chunk lengths the launch takes the shorter, and only verified lengths pass
+    the CUDA gate."""
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(16, 128, 4, 64), (16, 128, 4, 32)})
+    config = launch_config(16, 64, 16, 128, 4097, torch.device("cpu"))
+    assert config["HEADS"] == 4 and config["CHUNK"] == 32
+    check_cuda_launch(config, 16, 128)
+    check_cuda_launch(dict(config, CHUNK=64), 16, 128)
+    with pytest.raises(ValueError, match="several-heads kernel"):
+        check_cuda_launch(dict(config, CHUNK=16), 16, 128)
+    assert launch_config(16, 64, 32, 128, 4097, torch.device("cpu"))["CHUNK"] == 64  # head dim 32: none verified
+
+
 def test_ssd_forward_heads_launch_gate(monkeypatch):
     """Head dims 32 and 16 with d_state 128 (the paper's shapes) take the several-heads kernel on CUDA only once a GPU
     run has put the launch in the verified table; until then they go to mamba-ssm, and a forced launch is refused."""
@@ -241,14 +254,14 @@ def test_ssd_forward_heads_launch_gate(monkeypatch):
     assert not fused_forward_supported(32, 128) and not fused_forward_supported(16, 128)
     with pytest.raises(ValueError, match="several-heads kernel runs on CUDA only for the verified"):
         check_cuda_launch(config, 32, 128)
-    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(32, 128, 2)})
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(32, 128, 2, 64)})
     assert fused_forward_supported(32, 128) and not fused_forward_supported(16, 128)
     check_cuda_launch(config, 32, 128)
-    for bad in (dict(config, num_warps=8), dict(config, CHUNK=128), dict(config, HEADS=1)):
+    for bad in (dict(config, num_warps=8), dict(config, CHUNK=128), dict(config, CHUNK=32), dict(config, HEADS=1)):
         with pytest.raises(ValueError, match="several-heads kernel"):
             check_cuda_launch(bad, 32, 128)
     # a verified several-heads launch is preferred to the verified one-head 16-wide block at d_state <= 32
-    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(16, 32, 4)})
+    monkeypatch.setattr(ssd_triton, "VERIFIED_MULTIHEAD", {(16, 32, 4, 64)})
     assert launch_config(1, 12, 16, 32, 197, torch.device("cpu"))["HEADS"] == 4
     with pytest.raises(ValueError, match="heads a program"):
         x, dt, A, B, C, D, dt_bias, _ = _ssd_inputs(1, 8, 4, 12, 16, False, False)

@@ -5,18 +5,19 @@ official code and ViT-B/16.
     python3 -m benchmarks.gpu.official_speed --smoke --out /tmp/os         # CPU: Triton's interpreter, tiny shapes
 
 (a) Verification. Each candidate launch of `vision_model.ops.ssd_triton`'s several-heads kernel (head dim 32 with
-d_state 128: the 135M; head dim 16: the 35M) runs in a process of its own (a launch that faults poisons the CUDA
+d_state 128: the 135M; head dim 16: the 35M; now with 32-token chunks, the launches with 64-token chunks being verified
+and committed) runs in a process of its own (a launch that faults poisons the CUDA
 context) on the encoders' own calls: 224, 1024 (4097 tokens) and 2048 px (16385 tokens), D and D/8 head counts, a
 few batch sizes, odd lengths and head counts, dt scaled per row. Against `ssd_minimal` in float64 and mamba-ssm's
 `mamba_chunk_scan_combined`: fp32 (true fp32 dots) within 1e-4 of float64; bf16 within max(2x mamba-ssm's own bf16
 error on the same inputs, 5e-3); every repeat bit-identical (the compiler race of docs/notes.md section 11 showed as
 run-to-run changes); all finite. Then (in this process) the scan alone, bf16, at each level's head count: ours
-(launches that passed) against mamba-ssm (ms).
+(launches that passed) against the committed launch and mamba-ssm (ms).
 A PASS/FAIL table is printed with the line to put in `ssd_triton.VERIFIED_MULTIHEAD`.
 
 (b) Speed, bf16 images/s (`embed`, batch 128 / 16 / 4 at 224 / 1024 / 2048 px): our 135M and 35M at D, D/2, D/4,
-D/8 with the several-heads kernel switched on (only launches that passed (a) in this run) and with the current
-path (mamba-ssm's scan for these head shapes), the official code (found as `benchmarks.gpu.official_parity` finds
+D/8 with this run's passed launches added to the verified set (new) and with the current path (the committed
+`VERIFIED_MULTIHEAD`; mamba-ssm's scan for head shapes with no verified launch), the official code (found as `benchmarks.gpu.official_parity` finds
 it, and built by its helpers) and timm ViT-B/16. 1024 px first, and at each size ViT, then per model the new path,
 the official code, the current path: rows past --budget are recorded as skipped. At 1024
 px the CUDA kernels of one 135M call at D/4 and at D/8 are profiled on both paths (profile.txt): why the current
@@ -39,8 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# (headdim, d_state, heads a program): the paper's 135M and 35M head shapes, each a 64-wide block of x columns
-CANDIDATES = [(32, 128, 2), (16, 128, 4)]
+# (headdim, d_state, heads a program, chunk length): the paper's 135M and 35M head shapes, each a 64-wide block of x
+# columns; 64-token chunks passed on the H200 and are committed, 32-token ones timed faster there and are next
+CANDIDATES = [(32, 128, 2, 32), (16, 128, 4, 32)]
 # (batch, seqlen, heads, dt scaled per row): the encoders' own calls (both presets have 64 heads at D, 8 at D/8) and
 # odd ones: a ragged last chunk, a head count that leaves the last program half empty
 GPU_CASES = [(16, 4097, 64, False), (16, 4097, 8, False), (16, 4097, 16, True), (2, 16385, 64, False),
@@ -100,7 +102,7 @@ def verify_candidate(key: tuple[int, int, int], smoke: bool) -> None:
     from vision_model.ops.backends import triton_chunk_scan
     from vision_model.ops.ssd_minimal import ssd_chunked
     from vision_model.ops.ssd_triton import launch_config, ssd_forward_triton
-    headdim, d_state, heads_per_program = key
+    headdim, d_state, heads_per_program, chunk = key
     device = "cpu" if smoke else "cuda"
     mamba = triton_chunk_scan()
     rel = lambda y, ref: ((y.double() - ref).norm() / ref.norm()).item()
@@ -112,7 +114,7 @@ def verify_candidate(key: tuple[int, int, int], smoke: bool) -> None:
         row, x, dt, A, B, C, D, dt_bias, scale = make_inputs(b, l, h, headdim, d_state, device, scaled)
         dt_eff = dt if scale is None else dt * scale[..., None]
         ref = ssd_chunked(*(v.double() for v in (x, F.softplus(dt_eff + dt_bias), A, B, C, D)), chunk_size=64)
-        config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program)
+        config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program, CHUNK=chunk)
         if smoke:
             config["CHUNK"] = 16  # several chunks and segments even at interpreter lengths
             config["segments"] = 2
@@ -156,8 +158,9 @@ def _wall_ms(fn, return_mode="median") -> float:
 
 def scan_timings(passed: set, deadline: float, smoke: bool = False) -> list[dict]:
     """The scan alone, bf16, median ms, at each level's head count of the 1024 and 2048 px calls: ours (launches
-    that passed) against mamba-ssm's chunked scan at the presets' chunk length; at 1024 px also two launches not yet
-    verified (32-long chunks: half the intra-chunk work at head dim 16; twice the segments), for the next round."""
+    that passed) against mamba-ssm's chunked scan at the presets' chunk length; at 1024 px also the committed launch
+    (`launch_config`'s, what inference runs today) and one not yet verified (twice the segments), for the next
+    round."""
     import torch
 
     from vision_model.ops.backends import triton_chunk_scan
@@ -169,23 +172,24 @@ def scan_timings(passed: set, deadline: float, smoke: bool = False) -> list[dict
         timed, level_heads, device, dtype = TIMED, LEVEL_HEADS, "cuda", torch.bfloat16
     mamba, rows = triton_chunk_scan(), []
     for key in CANDIDATES:
-        headdim, d_state, heads_per_program = key
+        headdim, d_state, heads_per_program, chunk = key
         for b, l in timed:
             for level, h in level_heads.items():
                 if time.time() > deadline:
                     return rows
                 _, x, dt, A, B, C, D, dt_bias, _ = make_inputs(b, l, h, headdim, d_state, device, False)
                 x, dt, B, C = (v.to(dtype) for v in (x, dt, B, C))
-                config = dict(launch_config(b, h, headdim, d_state, l, x.device), HEADS=heads_per_program)
+                current = launch_config(b, h, headdim, d_state, l, x.device)
+                config = dict(current, HEADS=heads_per_program, CHUNK=chunk)
                 row = {"key": list(key), "timed": f"b{b} L{l}", "level": level, "heads": h,
                        "segments": config["segments"]}
                 if key in passed:
                     ours = lambda cfg=config: ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(cfg),
                                                                  unverified=True)
                     row["ours_ms"] = do_bench(ours, return_mode="median")
-                    if (b, l) == timed[0]:  # untried launches, timed for the next round (not verified: y compared)
+                    if (b, l) == timed[0]:  # today's launch, and an untried one (y compared)
                         y = ours()
-                        for name, variant in (("chunk32", dict(config, CHUNK=32)),
+                        for name, variant in (("current", current),
                                               ("segments_x2", dict(config, segments=2 * config["segments"]))):
                             try:
                                 row[f"{name}_ms"] = do_bench(lambda v=variant: ours(v), return_mode="median")
@@ -247,7 +251,7 @@ def run_verification(smoke: bool, deadline: float, out_lines: list[str]) -> tupl
 
 def verification_table(checks: list[dict], timings: list[dict], passed: set) -> str:
     nan = float("nan")
-    lines = ["| launch (headdim, d_state, heads) | case | fp32 err | fp32 mamba-ssm err | bf16 err "
+    lines = ["| launch (headdim, d_state, heads, chunk) | case | fp32 err | fp32 mamba-ssm err | bf16 err "
              "| bf16 mamba-ssm err | repeats equal | result |", "|---|---|---|---|---|---|---|---|"]
     for r in checks:
         if "error" in r:
@@ -261,12 +265,12 @@ def verification_table(checks: list[dict], timings: list[dict], passed: set) -> 
     if timings:
         lines += ["", "scan alone, bf16 (--smoke: fp32, one call's wall time), median ms (ours: several heads a "
                   "program; mamba-ssm: chunk 256)", "",
-                  "| launch | batch, tokens | level | heads | segments | ours ms | mamba-ssm ms | chunk 32 ms "
+                  "| launch | batch, tokens | level | heads | segments | ours ms | mamba-ssm ms | committed launch ms "
                   "| 2x segments ms |", "|---|---|---|---|---|---|---|---|---|"]
         for t in timings:
             lines.append(f"| {tuple(t['key'])} | {t['timed']} | D/{t['level']} | {t['heads']} | {t['segments']} | "
                          f"{t.get('ours_ms', nan):.3f} | {t.get('mamba_ms', nan):.3f} | "
-                         f"{t.get('chunk32_ms', nan):.3f} | {t.get('segments_x2_ms', nan):.3f} |")
+                         f"{t.get('current_ms', nan):.3f} | {t.get('segments_x2_ms', nan):.3f} |")
     lines += ["", "VERIFIED_MULTIHEAD entries this run supports (vision_model/ops/ssd_triton.py): "
               + (repr(sorted(passed)) if passed else "none")]
     return "\n".join(lines)
@@ -294,6 +298,7 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     impls = [i for i in args.impls.split(",") if i]
+    committed = set(ssd_triton.VERIFIED_MULTIHEAD)  # the current path's launches
     matmamba = None
     if "official" in impls:
         from benchmarks.gpu.official_parity import import_official
@@ -314,8 +319,10 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
             free_memory()
 
     def path(on: bool, headdim: int):
-        """The several-heads kernel on (this run's passed launch for the head dim) or off (the current path)."""
+        """This run's passed launches for the head dim added to the committed ones (on), or the committed ones
+        alone (off: the current path)."""
         ssd_triton.VERIFIED_MULTIHEAD.clear()
+        ssd_triton.VERIFIED_MULTIHEAD.update(committed)
         if on:
             ssd_triton.VERIFIED_MULTIHEAD.update(k for k in passed if k[0] == headdim)
 

@@ -242,13 +242,13 @@ def headdim_block(headdim: int, d_state: int) -> int | None:
 
 
 # Launches of the several-heads-a-program kernel (`_ssd_forward_heads_kernel`) that a GPU run verified, as
-# (headdim, d_state, heads per program), each with 64-long chunks, 4 warps and one stage. A CUDA launch outside this
+# (headdim, d_state, heads per program, chunk length), each with 4 warps and one stage. A CUDA launch outside this
 # set is refused (`unverified=True` lets GPU experiments through). benchmarks/gpu/official_speed.py checks the
 # candidates against mamba-ssm and the PyTorch scan in fp32 and bf16 and prints the entries to add here; its speed
 # table switches the kernel on only for the entries its own run passed. Both entries passed all eight cases (224,
 # 1024 and 2048 px calls at D and D/8 head counts, odd lengths and head counts, dt scaled per row) on the H200,
 # results/bench/h200-2026-12-02-official-speed-v2/call-b-verified-new/verify.jsonl.
-VERIFIED_MULTIHEAD: set[tuple[int, int, int]] = {(32, 128, 2), (16, 128, 4)}
+VERIFIED_MULTIHEAD: set[tuple[int, int, int, int]] = {(32, 128, 2, 64), (16, 128, 4, 64)}
 
 
 def heads_per_program(headdim: int) -> int | None:
@@ -259,9 +259,16 @@ def heads_per_program(headdim: int) -> int | None:
     return 64 // headdim
 
 
-def multihead_verified(headdim: int, d_state: int) -> bool:
+def multihead_chunk(headdim: int, d_state: int) -> int | None:
+    """The chunk length of the several-heads launch for a head shape: the shortest verified one (shorter chunks do
+    less work inside each chunk, which dominates at narrow heads), or None where no launch is verified."""
     heads = heads_per_program(headdim)
-    return heads is not None and (headdim, d_state, heads) in VERIFIED_MULTIHEAD
+    chunks = [c for (p, n, h, c) in VERIFIED_MULTIHEAD if (p, n, h) == (headdim, d_state, heads)]
+    return min(chunks) if chunks else None
+
+
+def multihead_verified(headdim: int, d_state: int) -> bool:
+    return multihead_chunk(headdim, d_state) is not None
 
 
 def fused_forward_supported(headdim: int, d_state: int) -> bool:
@@ -275,10 +282,10 @@ def check_cuda_launch(config: dict, headdim: int, d_state: int) -> None:
     common = (config["CHUNK"] <= MAX_CHUNK and config.get("num_warps", NUM_WARPS) == NUM_WARPS
               and config.get("num_stages", NUM_STAGES) == NUM_STAGES)
     if "HEADS" in config:
-        if not common or (headdim, d_state, config["HEADS"]) not in VERIFIED_MULTIHEAD:
+        if not common or (headdim, d_state, config["HEADS"], config["CHUNK"]) not in VERIFIED_MULTIHEAD:
             raise ValueError(f"SSD forward launch {config} for headdim {headdim}, d_state {d_state}: the "
-                             f"several-heads kernel runs on CUDA only for the verified (headdim, d_state, heads) "
-                             f"{sorted(VERIFIED_MULTIHEAD)} with chunks of at most {MAX_CHUNK}, {NUM_WARPS} warps, "
+                             f"several-heads kernel runs on CUDA only for the verified (headdim, d_state, heads, "
+                             f"chunk) {sorted(VERIFIED_MULTIHEAD)}, {NUM_WARPS} warps, "
                              f"{NUM_STAGES} stage (vision_model/ops/ssd_triton.py VERIFIED_MULTIHEAD)")
         return
     block = headdim_block(headdim, d_state)
@@ -308,6 +315,7 @@ def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: in
     block_p = headdim_block(headdim, d_state)
     per_program = heads_per_program(headdim)
     if per_program is not None and (multihead_verified(headdim, d_state) or block_p is None):
+        chunk = multihead_chunk(headdim, d_state) or chunk
         layout, programs = {"HEADS": per_program}, batch * triton.cdiv(heads, per_program)
     else:
         block_p = block_p or 16
