@@ -136,12 +136,12 @@ if triton is not None:
         return tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))), dt
 
     @triton.jit
-    def _fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
-                    stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
-                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-                    stride_yb, stride_yl, stride_yh,
-                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                    HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+    def _ssd_short_fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
+                              stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                              stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                              stride_yb, stride_yl, stride_yh,
+                              BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                              HAS_D: tl.constexpr, PRECISION: tl.constexpr):
         """One program: rows m of block I for HEADS heads of one group of one sequence."""
         pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, col_off = _head_block(
@@ -192,12 +192,13 @@ if triton is not None:
                  acc.to(Y.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
-    def _bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DCpart, DaRow, Mass, L, H, P, N, heads_per_group, hblocks,
-                         stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
-                         stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-                         stride_yb, stride_yl, stride_yh,
-                         BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                         PRECISION: tl.constexpr):
+    def _ssd_short_bwd_rows_kernel(X, DT, A, Bm, Cm, DY, DTBias, DCpart, DaRow, Mass, L, H, P, N, heads_per_group,
+                                   hblocks,
+                                   stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                                   stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                                   stride_yb, stride_yl, stride_yh,
+                                   BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                                   PRECISION: tl.constexpr):
         """One program: rows m of block I for HEADS heads of one group of one sequence. Writes these heads' share
         of dC of its rows into DCpart (b, l, groups·hblocks, N) fp32 (summed over the head blocks afterwards); into
         DaRow (b, l, h) fp32 the parts of da[t] from pairs with m in I (n before I: a suffix sum of row totals; n in
@@ -270,13 +271,13 @@ if triton is not None:
                  mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DBpart, DaCol, Direct, DDpart, L, H, P, N,
-                         heads_per_group, hblocks,
-                         stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
-                         stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-                         stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
-                         BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                         HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+    def _ssd_short_bwd_cols_kernel(X, DT, A, Bm, Cm, Dskip, DY, DTBias, DX, DBpart, DaCol, Direct, DDpart, L, H, P, N,
+                                   heads_per_group, hblocks,
+                                   stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
+                                   stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+                                   stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
+                                   BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+                                   HAS_D: tl.constexpr, PRECISION: tl.constexpr):
         """One program: columns n of block J for HEADS heads of one group of one sequence.
         Z[n] = Σ_{m ≥ n} G[m,n]·exp(cum[m]−cum[n])·dy[m] (per head) gives dx = dt·Z + D dy and Direct = Σ_p x·Z
         (fp32, (b, l, h)); writes these heads' share of dB into DBpart (b, l, groups·hblocks, N) fp32, into DaCol
@@ -357,9 +358,10 @@ if triton is not None:
                  mask=n_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _bwd_dt_kernel(DT, A, DTBias, DaRow, DaCol, Cross, Direct, DDT, Part, L, H, stride_db, stride_dl, stride_dh,
-                       stride_gb, stride_gl, stride_gh,
-                       BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
+    def _ssd_short_bwd_dt_kernel(DT, A, DTBias, DaRow, DaCol, Cross, Direct, DDT, Part, L, H, stride_db, stride_dl,
+                                 stride_dh,
+                                 stride_gb, stride_gl, stride_gh,
+                                 BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
         """One program: HEADS heads of one sequence, every position. da = DaRow + DaCol + Cross (per block),
         ddt = (da·A + Direct)·softplus' (the raw dt's gradient); Σ_t da·dt (dA's share) and Σ_t ddt (dt_bias's)
         into Part (b, 2, h)."""
@@ -429,7 +431,7 @@ def ssd_short_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                          f"HEADS x headdim = {consts['HEADS'] * consts['BP']})")
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     hblocks = triton.cdiv(h // g, consts["HEADS"])
-    _fwd_kernel[(triton.cdiv(l, consts["BLOCK"]), g * hblocks, b)](
+    _ssd_short_fwd_kernel[(triton.cdiv(l, consts["BLOCK"]), g * hblocks, b)](
         x, dt, A.contiguous(), B, C, D if D is not None else A, dt_bias.contiguous(), y, l, p, n, h // g, hblocks,
         *x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *y.stride()[:3],
         BD=_pow2(n, 16), HAS_D=D is not None, PRECISION=_precision(x), **consts, **launch)
@@ -457,9 +459,9 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     strides = (*x.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3])
     common = dict(BD=_pow2(n, 16), PRECISION=_precision(x), **consts, **launch)
     grid = (blocks, g * hblocks, b)
-    _bwd_rows_kernel[grid](x, dt, A32, B, C, dy, bias, dc_part, da_row, mass, l, h, p, n, h // g, hblocks,
+    _ssd_short_bwd_rows_kernel[grid](x, dt, A32, B, C, dy, bias, dc_part, da_row, mass, l, h, p, n, h // g, hblocks,
                            *strides, **common)
-    _bwd_cols_kernel[grid](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, db_part, da_col,
+    _ssd_short_bwd_cols_kernel[grid](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, db_part, da_col,
                            direct, dd_part, l, h, p, n, h // g, hblocks, *strides, *dx.stride()[:3],
                            HAS_D=D is not None, **common)
     dB = db_part.unflatten(2, (g, hblocks)).sum(3).to(B.dtype)
@@ -473,7 +475,7 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     ddt = torch.empty((b, l, h), dtype=dt.dtype, device=dev)
     part = torch.empty((b, 2, h), dtype=f32, device=dev)
     per_program = min(_pow2(h), 8)
-    _bwd_dt_kernel[(triton.cdiv(h, per_program), b)](
+    _ssd_short_bwd_dt_kernel[(triton.cdiv(h, per_program), b)](
         dt, A32, bias, da_row, da_col, cross, direct, ddt, part, l, h, *dt.stride(), *ddt.stride(),
         BLOCK=consts["BLOCK"], BLOCK_L=_pow2(l, 16), HEADS=per_program, num_warps=4)
     dD = dd_part.sum((0, 1)).to(D.dtype) if D is not None else None
