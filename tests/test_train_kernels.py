@@ -248,3 +248,22 @@ def test_same_loss_script_tiny_on_cpu(tmp_path):
     assert [len(c) for c in data["curves"].values()] == [3, 3] and data["steps_compared"] == 3
     assert data["weights_rel_diff"] < 1e-4 and set(data["levels"]) == {"1", "2", "4", "8"}
     assert "| D/8 |" in (tmp_path / "same_loss.md").read_text()
+
+
+def test_same_loss_script_compares_schedules_on_cpu(tmp_path):
+    """same_loss.py --compare schedules on CPU: `all` and `sampled` for as many steps from the same start, the narrower
+    levels of `sampled` logged only on the steps that ran them, and each level's held-out top-1 for both."""
+    from benchmarks.gpu import same_loss
+    assert same_loss.main(["--device", "cpu", "--tiny", "--steps", "6", "--batch", "4", "--window", "2",
+                           "--compare", "schedules", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "same_loss.json").read_text())
+    curves = data["curves"]
+    assert [len(c) for c in curves.values()] == [6, 6]
+    assert all(set(c) == {"1", "2", "4", "8", "grad_norm"} for c in curves["all"])
+    assert [sorted(k for k in c if k != "grad_norm") for c in curves["sampled"][:3]] == [["1", "2"], ["1", "4"],
+                                                                                         ["1", "8"]]
+    assert data["weights_rel_diff"] > 0  # different schedules, different weights
+    for row in data["levels"].values():
+        assert set(row["heldout_top1"]) == {"all", "sampled"}
+        assert all(0 <= v <= 100 for v in row["heldout_top1"].values())
+    assert "held-out top-1" in (tmp_path / "same_loss.md").read_text()
