@@ -266,3 +266,25 @@ def test_ssd_forward_heads_launch_gate(monkeypatch):
     with pytest.raises(ValueError, match="heads a program"):
         x, dt, A, B, C, D, dt_bias, _ = _ssd_inputs(1, 8, 4, 12, 16, False, False)
         ssd_forward_triton(x, dt, A, B, C, D, dt_bias, config=dict(CHUNK=16, HEADS=2))
+
+
+def test_official_speed_script_smoke(tmp_path):
+    """benchmarks/gpu/official_speed.py --smoke (its own process: it switches Triton to the interpreter and stubs
+    CUDA device contexts): every candidate launch passes its checks in the interpreter, and the speed table has the
+    new path (the candidates added) and the current path (the committed launches) at every level."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu.official_speed", "--smoke", "--sizes", "32",
+                           "--models", "35m", "--out", str(tmp_path)], cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "official_speed.json").read_text())
+    from benchmarks.gpu.official_speed import CANDIDATES
+    assert sorted(map(tuple, result["passed"])) == sorted(CANDIDATES)
+    rows = {(r["impl"], r["level"]): r for r in result["speed"] if r["model"] == "35m"}
+    for impl in ("ours-new", "ours-current"):
+        assert all(rows[(impl, lv)].get("img_s", 0) > 0 for lv in (1, 2, 4, 8)), rows
+    assert "PASS" in (tmp_path / "official_speed.md").read_text()
