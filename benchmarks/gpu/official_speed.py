@@ -4,25 +4,29 @@ official code and ViT-B/16.
     python3 -m benchmarks.gpu.official_speed --budget 520 --out $OUT        # H200, one command (~9 min)
     python3 -m benchmarks.gpu.official_speed --smoke --out /tmp/os         # CPU: Triton's interpreter, tiny shapes
 
+From a cold Triton cache prefix `MAMBA_DETERMINISTIC=1 TRITON_CACHE_AUTOTUNING=0`: mamba-ssm (the yardstick of the
+checks and timings) then compiles one configuration a kernel instead of autotuning for minutes in each candidate's
+process, which took the whole verification budget on the H200 (docs/notes.md 18.13).
+
 (a) Verification. Each candidate launch of `vision_model.ops.ssd_triton`'s several-heads kernel (head dim 32 with
-d_state 128: the 135M; head dim 16: the 35M; now with 32-token chunks, the launches with 64-token chunks being verified
-and committed) runs in a process of its own (a launch that faults poisons the CUDA
-context) on the encoders' own calls: 224, 1024 (4097 tokens) and 2048 px (16385 tokens), D and D/8 head counts, a
-few batch sizes, odd lengths and head counts, dt scaled per row. Against `ssd_minimal` in float64 and mamba-ssm's
-`mamba_chunk_scan_combined`: fp32 (true fp32 dots) within 1e-4 of float64; bf16 within max(2x mamba-ssm's own bf16
-error on the same inputs, 5e-3); every repeat bit-identical (the compiler race of docs/notes.md section 11 showed as
-run-to-run changes); all finite. Then (in this process) the scan alone, bf16, at each level's head count: ours
-(launches that passed) against the committed launch and mamba-ssm (ms).
+d_state 128: the 135M; head dim 16: the 35M; now with 32-token chunks, the launches with 64-token chunks being
+verified and committed) runs in a process of its own (a launch that faults poisons the CUDA context) on the encoders'
+own calls: 224, 1024 (4097 tokens) and 2048 px (16385 tokens), D and D/8 head counts, a few batch sizes, odd lengths
+and head counts, dt scaled per row. Against `ssd_minimal` in float64 and mamba-ssm's `mamba_chunk_scan_combined`: fp32
+(true fp32 dots) within 1e-4 of float64; bf16 within max(2x mamba-ssm's own bf16 error on the same inputs, 5e-3);
+every repeat bit-identical (the compiler race of docs/notes.md section 11 showed as run-to-run changes); all finite.
+Then (in this process) the scan alone, bf16, at each level's head count: ours (launches that passed) against the
+committed launch and mamba-ssm (ms).
 A PASS/FAIL table is printed with the line to put in `ssd_triton.VERIFIED_MULTIHEAD`.
 
-(b) Speed, bf16 images/s (`embed`, batch 128 / 16 / 4 at 224 / 1024 / 2048 px): our 135M and 35M at D, D/2, D/4,
-D/8 with this run's passed launches added to the verified set (new) and with the current path (the committed
-`VERIFIED_MULTIHEAD`; mamba-ssm's scan for head shapes with no verified launch), the official code (found as `benchmarks.gpu.official_parity` finds
-it, and built by its helpers) and timm ViT-B/16. 1024 px first, and at each size ViT, then per model the new path,
-the official code, the current path: rows past --budget are recorded as skipped. At 1024
-px the CUDA kernels of one 135M call at D/4 and at D/8 are profiled on both paths (profile.txt): why the current
-path ran D/8 slower than D/4 (docs/notes.md 18.4); and each model's features at D and D/8 with the new kernel are
-compared with the current path's (relative difference, bf16).
+(b) Speed, bf16 images/s (`embed`, batch 128 / 16 / 4 at 224 / 1024 / 2048 px): our 135M and 35M at D, D/2, D/4, D/8
+with this run's passed launches added to the verified set (new) and with the current path (the committed
+`VERIFIED_MULTIHEAD`; mamba-ssm's scan for head shapes with no verified launch), the official code (found as
+`benchmarks.gpu.official_parity` finds it, and built by its helpers) and timm ViT-B/16. 1024 px first, and at each
+size ViT, then per model the new path, the official code, the current path: rows past --budget are recorded as
+skipped. At 1024 px the CUDA kernels of one 135M call at D/4 and at D/8 are profiled on both paths (profile.txt): why
+the current path ran D/8 slower than D/4 (docs/notes.md 18.4); and each model's features at D and D/8 with the new
+kernel are compared with the current path's (relative difference, bf16).
 
 Writes into --out: official_speed.json (everything), official_speed.md (tables), verify.jsonl (one line per
 check), profile.txt. Needs CUDA with mamba-ssm installed (PYTHONPATH), or --smoke on a CPU.
@@ -94,7 +98,7 @@ def make_inputs(batch, seqlen, heads, headdim, d_state, device, scaled, seed=0):
     return row, x, dt, A, B, C, D, dt_bias, scale
 
 
-def verify_candidate(key: tuple[int, int, int], smoke: bool) -> None:
+def verify_candidate(key: tuple[int, int, int, int], smoke: bool) -> None:
     """Every case of one candidate: JSON lines on stdout (a "starting" line on stderr first, so a fault names it)."""
     import torch
     import torch.nn.functional as F
@@ -481,7 +485,7 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", help="of ours-new, ours-current, official, vit (default all; --smoke: all but "
                                     "official, which takes minutes a call in the interpreter)")
     ap.add_argument("--profile-size", type=int, default=1024, help="profile 135M D/4 and D/8 at this size")
-    ap.add_argument("--skip-verify", action="store_true", help="no (a): the several-heads kernel stays off")
+    ap.add_argument("--skip-verify", action="store_true", help="no (a): only the committed launches run")
     ap.add_argument("--verify-share", type=float, default=0.5,
                     help="the share of --budget the verification may take (the scan timings get 0.1 more); a cold "
                          "Triton cache spends minutes of it autotuning mamba-ssm's kernels in each candidate's process")
