@@ -39,7 +39,7 @@ from retrieval.encoder import QueryEncoder
 from retrieval.knn import InMemoryDatabase, labels_of
 from retrieval.submodel import Submodel
 from training.cache import build_cache, is_cache, open_cache, topic_of
-from vision_model.preprocess import _fit
+from vision_model.preprocess import fit_to_size
 
 from . import metrics
 
@@ -66,7 +66,7 @@ def copy_of(image: np.ndarray, transform: str, rng: np.random.Generator, size: i
         img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     else:
         raise ValueError(f"unknown transform {transform!r}")
-    return _fit(TF.pil_to_tensor(img), size, crop).numpy()
+    return fit_to_size(TF.pil_to_tensor(img), size, crop).numpy()
 
 
 class Encoder:

@@ -11,10 +11,10 @@ every few hundred files and at the end) and, once complete, index.json (keys, sk
 that is killed resumes at the next unprocessed file of state.json. The folder's files are listed with
 `index.sources.open_source`, so a cache and an index of the same folder name the same files by the same keys.
 
-Transparent images are composited on black or white, whichever contrasts with the picture, and fitted to size x size in the config's crop style ('pad':
-the long side fitted, the rest padded with the border colour; 'center': short side, centre crop). Duplicates are
-found by the sha256 of the decoded full-size pixels (clip art collections file one picture under several topics);
-the first in key order is kept.
+Transparent images are composited on black or white, whichever contrasts with the picture, and fitted to size x size
+in the config's crop style ('pad': the long side fitted, the rest padded with the border colour; 'center': short side,
+centre crop). Duplicates are found by the sha256 of the decoded full-size pixels (clip art collections file one
+picture under several topics); the first in key order is kept.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from PIL import Image
 from index.sources import open_source
 from vision_model.images import UnreadableImage, decode_image
 from vision_model.fileio import atomic_write
-from vision_model.preprocess import _fit, to_mode
+from vision_model.preprocess import fit_to_size, to_mode
 
 IMAGES_FILE, STATE_FILE, INDEX_FILE = "images.npy", "state.json", "index.json"
 DEFAULT_MAX_PIXELS = 40_000_000  # larger files are skipped (reported): decoding one costs seconds and >100 MB
@@ -79,7 +79,7 @@ def decode_for_cache(data: bytes, size: int, crop: str, max_pixels: int) -> tupl
     img = to_mode(decode_image(data, max_pixels), 3)
     digest = hashlib.sha256(img.tobytes() + f"{img.width}x{img.height}".encode()).hexdigest()
     img.thumbnail((4 * size, 4 * size), Image.Resampling.BOX)  # big drawings: shrink cheaply first, then antialias
-    x = _fit(TF.pil_to_tensor(img), size, crop)
+    x = fit_to_size(TF.pil_to_tensor(img), size, crop)
     return digest, x.numpy()
 
 

@@ -19,7 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from vision_model.config import MatMambaVisionConfig
 from vision_model.images import UnreadableImage, decode_image  # noqa: F401  (UnreadableImage: re-exported)
-from vision_model.preprocess import _fit, model_pixels, to_mode, to_model_input
+from vision_model.preprocess import fit_to_size, model_pixels, to_mode, to_model_input
 
 
 # -- ImageFolder trees -----------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def train_image(config: MatMambaVisionConfig, img: Image.Image, gen: torch.Gener
     """
     x = model_pixels(config, img)
     left, top, w, h = random_crop_box(x.shape[-1], x.shape[-2], gen)
-    x = _fit(x[:, top:top + h, left:left + w], config.img_size, config.crop)
+    x = fit_to_size(x[:, top:top + h, left:left + w], config.img_size, config.crop)
     if torch.rand(1, generator=gen).item() < 0.5:
         x = x.flip(-1)
     return to_model_input(config, x)[0]

@@ -46,7 +46,7 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def _fit(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
+def fit_to_size(img: Tensor, size: int, crop: str, resize_size: int | None = None) -> Tensor:
     """uint8 (c, h, w) -> (c, size, size), or a batch of same-sized images (n, c, h, w) -> (n, c, size, size):
     "center": short side to resize_size (default size), centre crop; else long side to size and padding with each
     image's border colour. PyTorch's own ops, not torchvision's (whose import costs
@@ -127,7 +127,7 @@ def fitted_pixels_batch(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
     if config.dark_background:
         light = _border(x).mean(1) > 127
         x = torch.where(light.view(-1, 1, 1, 1), 255 - x, x)
-    return _fit(x, config.img_size, config.crop, config.resize_size)
+    return fit_to_size(x, config.img_size, config.crop, config.resize_size)
 
 
 def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ def _normalize(config: MatMambaVisionConfig, x: Tensor) -> Tensor:
 def fitted_pixels(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
     """uint8 (in_chans, img_size, img_size): the model's pixels before normalisation, what an index build moves
     between processes and to the GPU (a quarter of the bytes of the float input); `to_model_input` normalises them."""
-    return _fit(model_pixels(config, img), config.img_size, config.crop, config.resize_size)
+    return fit_to_size(model_pixels(config, img), config.img_size, config.crop, config.resize_size)
 
 
 def _from_pil(config: MatMambaVisionConfig, img: Image.Image) -> Tensor:
