@@ -27,11 +27,11 @@ def main(argv=None) -> int:
     import torch
     from triton.testing import do_bench
 
-    from vision_model.ops.backends import _mamba_ssm_op
+    from vision_model.ops.backends import mamba_ssm_op
     from vision_model.ops.prenorm import norm_linear_ref, norm_linear_triton
     if not torch.cuda.is_available():
         raise SystemExit("prenorm_check: needs CUDA")
-    mamba = _mamba_ssm_op("layer_norm", "layer_norm_linear_fn")
+    mamba = mamba_ssm_op("layer_norm", "layer_norm_linear_fn")
     impls = {"ours": lambda x, w, b, W, rms: norm_linear_triton(x, w, b, W, 1e-5, rms),
              "pytorch": lambda x, w, b, W, rms: norm_linear_ref(x, w, b, W, 1e-5, rms)}
     if mamba is not None:

@@ -43,7 +43,7 @@ ROWS = 16 * 4097
 
 
 def mamba(module, name):
-    return backends._mamba_ssm_op(module, name)
+    return backends.mamba_ssm_op(module, name)
 
 
 def sweep_norms(out):

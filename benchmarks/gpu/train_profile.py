@@ -117,7 +117,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
     """The conv and gated-norm backwards of one layer of the issue configuration (d_inner 768, d_state 64: the conv
     reads 896 channels of in_proj's 1,712-wide bf16 output; 145 tokens), launch parameters swept; errors of the bf16
     kernels against autograd through the fp32 definitions."""
-    from vision_model.ops.backends import _mamba_ssm_op
+    from vision_model.ops.backends import mamba_ssm_op
     from vision_model.ops.conv import causal_conv1d_silu_bwd_triton, causal_conv1d_silu_ref
     from vision_model.ops.rmsnorm import gated_rms_norm_bwd_triton, gated_rms_norm_ref
     dev, l, inner, conv_c, width = torch.device("cuda"), 145, 768, 896, 1712
@@ -156,7 +156,7 @@ def sweep_kernels(out: Path, batch: int, deadline: float) -> list[dict]:
     nw, dout = torch.rand(inner, device=dev) + 0.5, torch.randn(batch, l, inner, device=dev, dtype=torch.bfloat16)
     leaves = [t.float().clone().requires_grad_() for t in (y, z, nw)]
     ref = torch.autograd.grad(gated_rms_norm_ref(*leaves, 1e-5), leaves, dout.float())
-    rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
+    rmsnorm_fn = mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
     if rmsnorm_fn is not None:
         ym, zm, wm = (t.clone().requires_grad_() for t in (y, z.contiguous(), nw))
         om = rmsnorm_fn(ym, wm, None, z=zm, eps=1e-5, group_size=None, norm_before_gate=False)

@@ -94,7 +94,7 @@ def train_fusions(**flags: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _mamba_ssm_op(module: str, name: str):
+def mamba_ssm_op(module: str, name: str):
     """mamba_ssm.ops.triton.<module>.<name>, or None when mamba-ssm (or its Triton) is not importable."""
     try:
         # mamba_ssm 2.3.2's package __init__ imports the Mamba-1 CUDA extension unconditionally; Mamba2's Triton
@@ -109,7 +109,7 @@ def _mamba_ssm_op(module: str, name: str):
 
 def triton_chunk_scan():
     """mamba_ssm's fused chunked scan, or None when mamba-ssm is not importable."""
-    return _mamba_ssm_op("ssd_combined", "mamba_chunk_scan_combined")
+    return mamba_ssm_op("ssd_combined", "mamba_chunk_scan_combined")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -176,7 +176,7 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, backend: st
     if backend == "triton":  # training on CUDA: mamba-ssm's fused norm, which has a backward
         if z_scale is not None:
             z = z.float() * z_scale.float().unsqueeze(-1)
-        rmsnorm_fn = _mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
+        rmsnorm_fn = mamba_ssm_op("layernorm_gated", "rmsnorm_fn")
         return rmsnorm_fn(y, weight, None, z=z.to(y.dtype), eps=eps, group_size=None, norm_before_gate=False)
     return gated_rms_norm_ref(y, z, weight, eps, z_scale)
 
@@ -192,7 +192,7 @@ def norm_linear(x: Tensor, norm: torch.nn.Module, weight: Tensor, backend: str =
     if backend == "triton" and fusable and fusions.own_prenorm:
         return norm_linear_triton(x, norm.weight, getattr(norm, "bias", None), weight, norm.eps,
                                   is_rms=isinstance(norm, torch.nn.RMSNorm))
-    fused = _mamba_ssm_op("layer_norm", "layer_norm_linear_fn") if backend == "triton" else None
+    fused = mamba_ssm_op("layer_norm", "layer_norm_linear_fn") if backend == "triton" else None
     if fused is not None and fusable:
         return fused(x, norm.weight, getattr(norm, "bias", None), weight, None, eps=norm.eps,
                      is_rms_norm=isinstance(norm, torch.nn.RMSNorm))
