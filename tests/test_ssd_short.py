@@ -80,14 +80,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("factor", [False, True], ids=["pairwise-diagonal", "factored-diagonal"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c[:6]) + ("" if c[6] is None else str(tuple(c[6].values())))
                                              for c in CASES])
-def test_triton_short_scan_equals_reference(case):
+def test_triton_short_scan_equals_reference(case, factor):
     """Forward against the definition and the chunked scan, every gradient (x, dt, A, B, C, D, dt_bias) against
-    autograd through the definition in float64, through the autograd Function; fp32, relative error <= 1e-4."""
+    autograd through the definition in float64, through the autograd Function; fp32, relative error <= 1e-4; with
+    the diagonal tiles pairwise and factored (these inputs' decays across a block are within DIAG_SPAN)."""
     pytest.importorskip("triton")
     from vision_model.ops.ssd_short import ssd_short_scan
     b, l, h, p, g, n, config, with_d, strided = case
+    if factor:
+        config = dict(config or default_config(l, h // g, p), FACTOR_DIAG=True)
     inputs = _inputs(b, l, h, p, g, n, seed=l + h, with_d=with_d, strided=strided)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
     y = ssd_short_scan(*leaves, fwd_config=config, bwd_config=config)
@@ -119,7 +123,8 @@ def test_forward_refuses_blocks_longer_than_wide():
 def test_default_config_serves_every_head_shape():
     """About 64 x columns a program (HEADS x headdim), never more heads than a group has, 16-token blocks only for
     the shortest sequences."""
-    assert default_config(145, 48, 16) == {"BLOCK": 32, "HEADS": 4, "num_warps": 4, "num_stages": 1}
+    assert default_config(145, 48, 16) == {"BLOCK": 32, "HEADS": 4, "FACTOR_DIAG": False, "num_warps": 4,
+                                           "num_stages": 1}
     assert default_config(37, 32, 16)["HEADS"] == 4 and default_config(197, 64, 16)["BLOCK"] == 32
     assert default_config(145, 48, 32)["HEADS"] == 2
     assert default_config(5, 3, 8)["HEADS"] == 4 and default_config(5, 1, 8)["HEADS"] == 1
@@ -162,13 +167,14 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     pytest.importorskip("triton")
     from benchmarks.gpu import ssd_short_check
     assert ssd_short_check.main(["--device", "cpu", "--tiny", "--sections", "1,2,6", "--repeats", "1",
-                                 "--out", str(tmp_path)]) == 0
+                                 "--variants", "default,factored", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ssd_short.jsonl").read_text().splitlines()]
     corr = [r for r in rows if r["section"] == "correctness"]
-    assert len(corr) == 2 and all(r["repeat_identical"] for r in corr)
+    assert len(corr) == 4 and all(r["repeat_identical"] for r in corr)
+    assert {r["impl"] for r in corr} == {"ours", "ours-factored"}
     assert all(e["rel"] < 1e-4 and e["max"] < 1e-4 for r in corr for e in r["errors"].values())
     assert set(corr[0]["errors"]) == {"y", "x", "dt", "A", "B", "C", "D", "dt_bias"}
-    assert len([r for r in rows if r["section"] == "kernel time"]) == 2
+    assert len([r for r in rows if r["section"] == "kernel time"]) == 4
     sweep = [r for r in rows if r["section"] == "sweep"]
     assert {r["shape"] for r in sweep} == {"tiny", "tiny short"} and {r["kind"] for r in sweep} == {"fwd", "bwd"}
     assert all(r["status"] == "ok" and r["rel_vs_default"] < 1e-5 for r in sweep)
@@ -176,16 +182,21 @@ def test_gpu_check_script_tiny_on_cpu(tmp_path):
     assert "best bwd at tiny:" in summary and "| ours | tiny | float32 | True |" in summary
 
 
-def test_triton_short_scan_with_decays_from_none_to_total():
+@pytest.mark.parametrize("factor", [False, True], ids=["pairwise-diagonal", "factored-diagonal"])
+def test_triton_short_scan_with_decays_from_none_to_total(factor):
     """Heads whose decay spans the whole sequence, a block, a token and far less than a token (dt·A from -0.02 to
-    about -500 a token): the factored exponents stay <= 0, nothing overflows, every gradient stays exact."""
+    about -500 a token): the factored exponents stay <= 0, nothing overflows, every gradient stays exact. With
+    FACTOR_DIAG, a program of slow heads factors its diagonal tiles and one holding a fast head falls back to the
+    pairwise tiles, in one launch."""
     pytest.importorskip("triton")
     from vision_model.ops.ssd_short import ssd_short_scan as scan
-    x, dt, A, B, C, D, dt_bias = _inputs(1, 100, 4, 16, 1, 16, seed=3)
-    inputs = [x, dt + 2.0, -torch.tensor([0.01, 2.0, 30.0, 200.0]), B, C, D, dt_bias]
+    x, dt, A, B, C, D, dt_bias = _inputs(1, 100, 8, 16, 1, 16, seed=3)
+    A = -torch.tensor([0.01, 0.05, 0.1, 0.3, 0.01, 2.0, 30.0, 200.0])
+    inputs = [x, dt + 2.0, A, B, C, D, dt_bias]
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
-    y, y_ref = scan(*leaves), ssd_short_scan_ref(*ref_leaves)
+    config = dict(BLOCK=32, HEADS=4, FACTOR_DIAG=factor)
+    y, y_ref = scan(*leaves, fwd_config=config, bwd_config=config), ssd_short_scan_ref(*ref_leaves)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
     got = torch.autograd.grad(y, leaves, dy)
     ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())

@@ -20,6 +20,8 @@ start, stops whatever runs):
    few at the other timing shapes; each config's bf16 result is checked against the default launch's before it is
    timed. It runs in a child process (a faulting launch poisons the CUDA context), restarted after a crash.
 7. mamba-ssm's fp32 errors at the check shapes (its fp32 kernels autotune anew).
+`--variants default,factored` runs sections 1 and 2 also with the diagonal tiles factored (`FACTOR_DIAG` in the
+default launch; impl "ours-factored" in the rows).
 """
 from __future__ import annotations
 
@@ -103,6 +105,18 @@ def errors(got, ref) -> dict:
 def ours(fwd_config=None, bwd_config=None):
     from vision_model.ops.ssd_short import ssd_short_scan
     return lambda x, dt, A, B, C, D, dt_bias: ssd_short_scan(x, dt, A, B, C, D, dt_bias, fwd_config, bwd_config)
+
+
+def variant(name: str, shape) -> tuple[str, object]:
+    """(impl label, scan) of a --variants entry at a shape (name, batch, length, heads, head dim, d_state)."""
+    if name == "default":
+        return "ours", ours()
+    if name == "factored":
+        from vision_model.ops.ssd_short import default_config
+        _, _, l, h, p, _ = shape
+        config = dict(default_config(l, h, p), FACTOR_DIAG=True)
+        return "ours-factored", ours(config, config)
+    raise ValueError(f"unknown variant {name!r}: default or factored")
 
 
 def reference(x, dt, A, B, C, D, dt_bias):
@@ -191,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model, no mamba-ssm: the script on CPU")
     p.add_argument("--check-shapes", default=None, help="section 1 at these shapes only, by name (comma-separated)")
+    p.add_argument("--variants", default="default", help="sections 1 and 2 with these launches: default, factored")
     p.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
@@ -237,20 +252,21 @@ def main(argv=None) -> int:
     signal.setitimer(signal.ITIMER_REAL, args.budget)
     try:
         if 1 in sections:
-            for shape in check_shapes:
+            for shape, var in itertools.product(check_shapes, args.variants.split(",")):
                 name, _, l, h, pd, n = shape
+                impl, fn = variant(var, shape)
                 for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
                     leaves, dy = make_inputs(args.check_batch, l, h, pd, n, dtype, device, seed=1)
                     t0 = time.time()
                     try:
-                        got = grads_of(ours(), leaves, dy, h, pd, n)
-                        again = grads_of(ours(), leaves, dy, h, pd, n)
+                        got = grads_of(fn, leaves, dy, h, pd, n)
+                        again = grads_of(fn, leaves, dy, h, pd, n)
                     except Exception as exc:  # noqa: BLE001 - a kernel that does not compile: recorded, go on
-                        add({"section": "error", "impl": "ours", "shape": name, "dtype": str(dtype)[6:],
+                        add({"section": "error", "impl": impl, "shape": name, "dtype": str(dtype)[6:],
                              "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
                         continue
                     ref = grads_of(reference, [t.double() for t in leaves], dy.double(), h, pd, n)
-                    add({"section": "correctness", "impl": "ours", "shape": name, "dtype": str(dtype)[6:],
+                    add({"section": "correctness", "impl": impl, "shape": name, "dtype": str(dtype)[6:],
                          "batch": args.check_batch, "errors": errors(got, ref),
                          "repeat_identical": all(torch.equal(a, b) for a, b in zip(got, again)),
                          "seconds": time.time() - t0})
@@ -259,12 +275,13 @@ def main(argv=None) -> int:
             summarize()
         if 2 in sections:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter has no bf16
-            for shape in timing_shapes:
+            for shape, var in itertools.product(timing_shapes, args.variants.split(",")):
+                impl, fn = variant(var, shape)
                 try:
-                    add({"section": "kernel time", "impl": "ours", "shape": shape[0], "batch": shape[1],
-                         **time_fn(ours(), shape, device, args.repeats, dtype)})
+                    add({"section": "kernel time", "impl": impl, "shape": shape[0], "batch": shape[1],
+                         **time_fn(fn, shape, device, args.repeats, dtype)})
                 except Exception as exc:  # noqa: BLE001
-                    add({"section": "error", "impl": "ours", "shape": shape[0],
+                    add({"section": "error", "impl": impl, "shape": shape[0],
                          "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
                 free_memory()
             summarize()

@@ -18,6 +18,13 @@ pairwise exponentials per head and no per-head dots of 16 columns off the diagon
 in one block) are computed pairwise, head by head. G tiles are recomputed from C and B (small, L2-resident) and
 never written; only the inputs are saved for the backward.
 
+With `FACTOR_DIAG` in the launch config the diagonal tiles factor too, with r = cum at the block's start:
+exp(cum[m] − cum[n]) = exp(cum[m] − r) · exp(r − cum[n]), the first ≤ 1, the second ≥ 1 but at most exp(span), span
+the block's total decay. A program takes that form only when every one of its heads' spans is at most `DIAG_SPAN`
+(nothing can overflow: exp(DIAG_SPAN) times an activation stays far inside bf16's and fp32's range), masks G to the
+causal half first, and otherwise falls back to the pairwise loop. Then the forward's and the column backward's
+diagonal tiles are one dot for all heads, and the row backward keeps a dot per head only for the decay's gradient.
+
 The backward follows the same split. Besides dx, dB, dC and dD it needs the decay's gradient da[t] (per position and
 head): the sum of Q[m,n] = dS[m,n]·S[m,n] (dS[m,n] = dy[m]·x[n]) over the pairs that straddle t (n < t ≤ m).
 Computed as the reverse cumsum of row sums less column sums of Q, it cancels: the pairs on one side of t are counted
@@ -41,6 +48,7 @@ from .ssd_minimal import softplus_dt, ssd_chunked
 
 
 MAX_LEN = 256  # the longest sequence these kernels take: one chunk
+DIAG_SPAN = 40.0  # FACTOR_DIAG: the largest decay across one block (Σ -dt·A) whose diagonal tile is factored
 
 
 def ssd_short_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None) -> Tensor:
@@ -81,7 +89,7 @@ def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
     wide."""
     heads = max(1, min(_pow2(heads_per_group), 64 // _pow2(headdim)))
     block = 16 if seqlen <= 16 else 32
-    return {"BLOCK": block, "HEADS": heads, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK": block, "HEADS": heads, "FACTOR_DIAG": False, "num_warps": 4, "num_stages": 1}
 
 
 if triton is not None:
@@ -136,12 +144,69 @@ if triton is not None:
         return tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))), dt
 
     @triton.jit
+    def _diagonal_factorable(cs, DIAG_SPAN: tl.constexpr):
+        """Whether a block's diagonal tile may be factored for every head: cs [BLOCK, HEADS] is cum − r (≤ 0)."""
+        return tl.max(tl.max(-cs, axis=1), axis=0) <= DIAG_SPAN
+
+    @triton.jit
+    def _fwd_diagonal_pairwise(acc, g, causal, x_m, dt_ptr, A, DTBias, m, m_ok, first, end, col_k, stride_dl,
+                               stride_dh, HEADS: tl.constexpr, PRECISION: tl.constexpr):
+        """acc + the diagonal tile, head by head: a head's scores times x with only that head's columns."""
+        for kk in tl.static_range(HEADS):
+            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl, stride_dh)
+            s = g * e * dt_k[None, :]
+            acc = tl.dot(s.to(x_m.dtype), tl.where((col_k == kk)[None, :], x_m, 0.0), acc=acc,
+                         input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _rows_diagonal(da, g_mm, causal, dy_m, x_m, dyu_m, xw_m, dt_ptr, A, DTBias, m, m_ok, first, end, col_k, k,
+                       stride_dl, stride_dh, BLOCK: tl.constexpr, HEADS: tl.constexpr, FACTORED: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        """(da + the pairs inside the block, dG of the diagonal tile summed over the heads), head by head. Each head's
+        w = dS·exp(cum[m] − cum[n])·dt[n] comes pairwise, or FACTORED from dy·exp(cum[m] − r) (dyu_m) against
+        x·exp(r − cum[n])·dt (xw_m)."""
+        dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for kk in tl.static_range(HEADS):
+            if FACTORED:
+                w_k = tl.dot(tl.where((col_k == kk)[None, :], dyu_m, 0.0), tl.trans(xw_m), input_precision=PRECISION)
+                w_k = tl.where(causal, w_k, 0.0)
+            else:
+                e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl,
+                                          stride_dh)
+                ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
+                w_k = ds * e * dt_k[None, :]
+            dg_mm += w_k
+            q = w_k * g_mm
+            # pairs inside I: Σ_{m ≥ t} Σ_{n < t} Q[m, n]
+            before_t = tl.cumsum(q, axis=1) - q
+            da_k = tl.sum(tl.where(causal, before_t, 0.0), axis=0)
+            da += tl.where((k == kk)[None, :], da_k[:, None], 0.0)
+        return da, dg_mm
+
+    @triton.jit
+    def _cols_diagonal_pairwise(z, g_nn, causal, x_n, dy_n, dt_ptr, A, DTBias, n, n_ok, first, end, col_k,
+                                stride_dl, stride_dh, BLOCK: tl.constexpr, HEADS: tl.constexpr,
+                                PRECISION: tl.constexpr):
+        """(z + the diagonal tile's Σ_m G·exp(..)·dy, dG of the tile summed over the heads), head by head."""
+        dg_nn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for kk in tl.static_range(HEADS):
+            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, n, n_ok, first + kk, end, causal, stride_dl,
+                                      stride_dh)  # [m, n]
+            dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
+            z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
+            ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
+            dg_nn += ds * e * dt_k[None, :]
+        return z, dg_nn
+
+    @triton.jit
     def _ssd_short_fwd_kernel(X, DT, A, Bm, Cm, Dskip, DTBias, Y, L, P, N, heads_per_group, hblocks,
                               stride_xb, stride_xl, stride_xh, stride_db, stride_dl, stride_dh,
                               stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                               stride_yb, stride_yl, stride_yh,
                               BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                              HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+                              FACTOR_DIAG: tl.constexpr, DIAG_SPAN: tl.constexpr, HAS_D: tl.constexpr,
+                              PRECISION: tl.constexpr):
         """One program: rows m of block I for HEADS heads of one group of one sequence."""
         pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         group, first, end, k, head, h_ok, a, bias, col_k, col_p, col_ok, col_off = _head_block(
@@ -172,19 +237,26 @@ if triton is not None:
             acc = tl.dot(g.to(x_n.dtype), xw, acc=acc, input_precision=PRECISION)
         dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
                             bias[None, :])
-        acc = acc * _widen(tl.exp(tl.cumsum(dt_m * a[None, :], axis=0)), BP)  # · exp(cum[m] − r)
-        # the diagonal tile, head by head: a head's scores times x with only that head's columns
+        cs_m = tl.cumsum(dt_m * a[None, :], axis=0)  # cum[m] − r
         x_m = tl.load(x_ptr + m[:, None] * stride_xl + col_off[None, :], mask=m_ok[:, None] & col_ok[None, :],
                       other=0.0)
         b_m = tl.load(b_ptr + m[:, None] * stride_bl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         g = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
         causal = m[:, None] >= m[None, :]
-        for kk in tl.static_range(HEADS):
-            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl,
-                                      stride_dh)
-            s = g * e * dt_k[None, :]
-            acc = tl.dot(s.to(x_m.dtype), tl.where((col_k == kk)[None, :], x_m, 0.0), acc=acc,
-                         input_precision=PRECISION)
+        if FACTOR_DIAG:
+            if _diagonal_factorable(cs_m, DIAG_SPAN):
+                # the diagonal tile like the others: G (causal half) times x scaled by exp(r − cum[n])·dt, all heads
+                xw_m = (x_m.to(tl.float32) * _widen(tl.exp(-cs_m) * dt_m, BP)).to(x_m.dtype)
+                acc = tl.dot(tl.where(causal, g, 0.0).to(x_m.dtype), xw_m, acc=acc, input_precision=PRECISION)
+                acc = acc * _widen(tl.exp(cs_m), BP)  # · exp(cum[m] − r)
+            else:
+                acc = acc * _widen(tl.exp(cs_m), BP)
+                acc = _fwd_diagonal_pairwise(acc, g, causal, x_m, dt_ptr, A, DTBias, m, m_ok, first, end, col_k,
+                                             stride_dl, stride_dh, HEADS, PRECISION)
+        else:
+            acc = acc * _widen(tl.exp(cs_m), BP)
+            acc = _fwd_diagonal_pairwise(acc, g, causal, x_m, dt_ptr, A, DTBias, m, m_ok, first, end, col_k,
+                                         stride_dl, stride_dh, HEADS, PRECISION)
         tile_ok = m_ok[:, None] & col_ok[None, :]
         if HAS_D:
             acc += tl.load(Dskip + first + col_k, mask=col_ok, other=0.0).to(tl.float32)[None, :] * x_m.to(tl.float32)
@@ -198,7 +270,7 @@ if triton is not None:
                                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                                    stride_yb, stride_yl, stride_yh,
                                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                                   PRECISION: tl.constexpr):
+                                   FACTOR_DIAG: tl.constexpr, DIAG_SPAN: tl.constexpr, PRECISION: tl.constexpr):
         """One program: rows m of block I for HEADS heads of one group of one sequence. Writes these heads' share
         of dC of its rows into DCpart (b, l, groups·hblocks, N) fp32 (summed over the head blocks afterwards); into
         DaRow (b, l, h) fp32 the parts of da[t] from pairs with m in I (n before I: a suffix sum of row totals; n in
@@ -221,7 +293,8 @@ if triton is not None:
                       mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dt_m, _s = _dt_load(dt_ptr, m[:, None], head[None, :], m_ok[:, None] & h_ok[None, :], stride_dl, stride_dh,
                             bias[None, :])
-        u = tl.exp(tl.cumsum(dt_m * a[None, :], axis=0))  # exp(cum[m] − r), [BLOCK, HEADS]
+        cs_m = tl.cumsum(dt_m * a[None, :], axis=0)  # cum[m] − r, [BLOCK, HEADS]
+        u = tl.exp(cs_m)
         dy_m = tl.load(dy_ptr, mask=tile_ok, other=0.0)
         dyu_lo = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
         acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
@@ -253,18 +326,19 @@ if triton is not None:
         b_m = tl.load(b_ptr + m[:, None] * stride_bl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         g_mm = tl.dot(c_m, tl.trans(b_m), input_precision=PRECISION)
         causal = m[:, None] >= m[None, :]
-        dg_mm = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # the diagonal tile's dG, summed over these heads
-        for kk in tl.static_range(HEADS):
-            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, m, m_ok, first + kk, end, causal, stride_dl,
-                                      stride_dh)
-            ds = tl.dot(tl.where((col_k == kk)[None, :], dy_m, 0.0), tl.trans(x_m), input_precision=PRECISION)
-            w_k = ds * e * dt_k[None, :]
-            dg_mm += w_k
-            q = w_k * g_mm
-            # pairs inside I: Σ_{m ≥ t} Σ_{n < t} Q[m, n]
-            before_t = tl.cumsum(q, axis=1) - q
-            da_k = tl.sum(tl.where(causal, before_t, 0.0), axis=0)
-            da += tl.where((k == kk)[None, :], da_k[:, None], 0.0)
+        if FACTOR_DIAG:
+            if _diagonal_factorable(cs_m, DIAG_SPAN):
+                # dy·u against x·exp(r − cum[n])·dt: each head's dS·exp(..)·dt without its exponentials
+                xw_m = (x_m.to(tl.float32) * _widen(tl.exp(-cs_m) * dt_m, BP)).to(x_m.dtype)
+                da, dg_mm = _rows_diagonal(da, g_mm, causal, dy_m, x_m, dyu_lo, xw_m, dt_ptr, A, DTBias, m, m_ok,
+                                           first, end, col_k, k, stride_dl, stride_dh, BLOCK, HEADS, True, PRECISION)
+            else:
+                da, dg_mm = _rows_diagonal(da, g_mm, causal, dy_m, x_m, dyu_lo, x_m, dt_ptr, A, DTBias, m, m_ok,
+                                           first, end, col_k, k, stride_dl, stride_dh, BLOCK, HEADS, False,
+                                           PRECISION)
+        else:
+            da, dg_mm = _rows_diagonal(da, g_mm, causal, dy_m, x_m, dyu_lo, x_m, dt_ptr, A, DTBias, m, m_ok, first,
+                                       end, col_k, k, stride_dl, stride_dh, BLOCK, HEADS, False, PRECISION)
         tl.store(DaRow + (pid_b * L + m[:, None]) * H + head[None, :], da, mask=m_ok[:, None] & h_ok[None, :])
         dc = tl.dot(dg_mm.to(b_m.dtype), b_m, acc=dc, input_precision=PRECISION)
         tl.store(DCpart + ((pid_b * L + m[:, None]) * tl.num_programs(1) + pid_h) * N + d[None, :], dc,
@@ -277,7 +351,8 @@ if triton is not None:
                                    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
                                    stride_yb, stride_yl, stride_yh, stride_gxb, stride_gxl, stride_gxh,
                                    BLOCK: tl.constexpr, HEADS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-                                   HAS_D: tl.constexpr, PRECISION: tl.constexpr):
+                                   FACTOR_DIAG: tl.constexpr, DIAG_SPAN: tl.constexpr, HAS_D: tl.constexpr,
+                                   PRECISION: tl.constexpr):
         """One program: columns n of block J for HEADS heads of one group of one sequence.
         Z[n] = Σ_{m ≥ n} G[m,n]·exp(cum[m]−cum[n])·dy[m] (per head) gives dx = dt·Z + D dy and Direct = Σ_p x·Z
         (fp32, (b, l, h)); writes these heads' share of dB into DBpart (b, l, groups·hblocks, N) fp32, into DaCol
@@ -332,14 +407,21 @@ if triton is not None:
         c_n = tl.load(c_ptr + n[:, None] * stride_cl + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         g_nn = tl.dot(c_n, tl.trans(b_n), input_precision=PRECISION)  # [m, n], both in J
         causal = n[:, None] >= n[None, :]
-        dg_nn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for kk in tl.static_range(HEADS):
-            e, dt_k = _diagonal_decay(dt_ptr, A, DTBias, n, n_ok, first + kk, end, causal, stride_dl,
-                                      stride_dh)  # [m, n]
-            dy_k = tl.where((col_k == kk)[None, :], dy_n, 0.0)
-            z = tl.dot(tl.trans(g_nn * e).to(dy_n.dtype), dy_k, acc=z, input_precision=PRECISION)
-            ds = tl.dot(dy_k, tl.trans(x_n), input_precision=PRECISION)
-            dg_nn += ds * e * dt_k[None, :]
+        if FACTOR_DIAG:
+            cs_n = tl.cumsum(a_n, axis=0)  # cum − r within J
+            if _diagonal_factorable(cs_n, DIAG_SPAN):
+                # all heads at once: Σ_m G·exp(cum[m] − cum[n])·dy[m] = exp(r − cum[n]) · (Gᵀ · (exp(cum[m] − r)·dy))
+                dyu_n = (dy_n.to(tl.float32) * _widen(tl.exp(cs_n), BP)).to(dy_n.dtype)
+                xw_n = (x_n.to(tl.float32) * _widen(tl.exp(-cs_n) * dt_n, BP)).to(x_n.dtype)
+                zd = tl.dot(tl.trans(tl.where(causal, g_nn, 0.0)).to(dy_n.dtype), dyu_n, input_precision=PRECISION)
+                z += zd * _widen(tl.exp(-cs_n), BP)
+                dg_nn = tl.where(causal, tl.dot(dyu_n, tl.trans(xw_n), input_precision=PRECISION), 0.0)
+            else:
+                z, dg_nn = _cols_diagonal_pairwise(z, g_nn, causal, x_n, dy_n, dt_ptr, A, DTBias, n, n_ok, first,
+                                                   end, col_k, stride_dl, stride_dh, BLOCK, HEADS, PRECISION)
+        else:
+            z, dg_nn = _cols_diagonal_pairwise(z, g_nn, causal, x_n, dy_n, dt_ptr, A, DTBias, n, n_ok, first, end,
+                                               col_k, stride_dl, stride_dh, BLOCK, HEADS, PRECISION)
         direct = _per_head(x_n.to(tl.float32) * z, HEADS, BP)
         dx = z * _widen(dt_n, BP)
         if HAS_D:
@@ -403,11 +485,11 @@ def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tens
 def _layout(config: dict | None, l: int, h: int, g: int, p: int) -> tuple[dict, dict]:
     config = dict(config or default_config(l, h // g, p))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
-    heads, block = config["HEADS"], config["BLOCK"]
+    heads, block, factor = config["HEADS"], config["BLOCK"], bool(config.get("FACTOR_DIAG", False))
     if heads & (heads - 1) or block & (block - 1) or block < 16:
         raise ValueError(f"HEADS ({heads}) must be a power of two and BLOCK ({block}) a power of two >= 16")
     block_p = max(_pow2(p), 16 // heads)  # at least 16 columns in the dots
-    return {"BLOCK": block, "HEADS": heads, "BP": block_p}, launch
+    return {"BLOCK": block, "HEADS": heads, "BP": block_p, "FACTOR_DIAG": factor, "DIAG_SPAN": DIAG_SPAN}, launch
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -460,10 +542,10 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     common = dict(BD=_pow2(n, 16), PRECISION=_precision(x), **consts, **launch)
     grid = (blocks, g * hblocks, b)
     _ssd_short_bwd_rows_kernel[grid](x, dt, A32, B, C, dy, bias, dc_part, da_row, mass, l, h, p, n, h // g, hblocks,
-                           *strides, **common)
+                                     *strides, **common)
     _ssd_short_bwd_cols_kernel[grid](x, dt, A32, B, C, D if D is not None else A32, dy, bias, dx, db_part, da_col,
-                           direct, dd_part, l, h, p, n, h // g, hblocks, *strides, *dx.stride()[:3],
-                           HAS_D=D is not None, **common)
+                                     direct, dd_part, l, h, p, n, h // g, hblocks, *strides, *dx.stride()[:3],
+                                     HAS_D=D is not None, **common)
     dB = db_part.unflatten(2, (g, hblocks)).sum(3).to(B.dtype)
     dC = dc_part.unflatten(2, (g, hblocks)).sum(3).to(C.dtype)
     # pairs with m after block I and n before it: Σ over the block pairs (I2 > I > J) of their totals
