@@ -6,8 +6,10 @@ against mamba-ssm's `layer_norm_linear_fn` and PyTorch's, for correctness and ti
 For each shape (the issue-28 configuration's D layer and the 35M's at 224 px) and norm (RMSNorm, LayerNorm with
 bias), in fp32 and under bf16 autocast: the output and the gradients of x, the norm's weight and bias and in_proj's
 weight, each as the relative error against autograd through `norm_linear_ref` in float64 on the same inputs; then
-forward + backward time (median ms, triton.testing.do_bench) of each implementation under bf16 autocast. Writes
-prenorm.jsonl (one line per measurement) and prenorm.md (the tables).
+forward + backward time (median ms, triton.testing.do_bench) of each implementation under bf16 autocast, and the
+GPU time of its kernels in one such call (torch.profiler): where the first is much larger than the second, the call
+waits on the host (Python, launches), which a training step queued ahead of the GPU hides. Writes prenorm.jsonl (one
+line per measurement) and prenorm.md (the tables).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     if mamba is not None:
         impls["mamba-ssm"] = lambda x, w, b, W, rms: mamba(x, w, b, W, None, eps=1e-5, is_rms_norm=rms)
     args.out.mkdir(parents=True, exist_ok=True)
-    lines, md = [], ["| shape | norm | impl | fp32 worst err | bf16 worst err | fwd+bwd bf16 ms |", "|---|---|---|---|---|---|"]
+    lines, md = [], ["| shape | norm | impl | fp32 worst err | bf16 worst err | fwd+bwd bf16 ms | its kernels ms |",
+                     "|---|---|---|---|---|---|---|"]
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -78,16 +81,29 @@ def main(argv=None) -> int:
                         out = fn(*leaves, rms)
                     torch.autograd.backward(out, dout_bf)
                 row["fwd_bwd_ms"] = do_bench(step, return_mode="median")
+                row["kernels_ms"] = kernel_ms(step)
                 del leaves
                 lines.append(json.dumps(row))
                 print(lines[-1], flush=True)
                 md.append(f"| {name} | {row['norm']} | {impl} | {row['fp32_worst']:.2e} | {row['bf16_worst']:.2e} "
-                          f"| {row['fwd_bwd_ms']:.3f} |")
+                          f"| {row['fwd_bwd_ms']:.3f} | {row['kernels_ms']:.3f} |")
             torch.cuda.empty_cache()
     (args.out / "prenorm.jsonl").write_text("".join(line + "\n" for line in lines))
     (args.out / "prenorm.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
+
+
+def kernel_ms(call) -> float:
+    """GPU time of the CUDA kernels one call launches (after one untimed call), from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
 if __name__ == "__main__":
