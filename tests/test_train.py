@@ -306,3 +306,36 @@ def test_ema_mixing_and_cosine_head_resume_bit_identical_and_save_the_average(tm
     torch.save(state, tmp_path / "noema" / "checkpoint.pt")
     assert _train(tmp_path / "noema", *args) == 1
     assert "was trained without --ema-decay" in capsys.readouterr().err
+
+
+def test_time_budget_fits_the_schedule_to_the_time_left_without_evaluations():
+    """--max-minutes (training/budget.py), on a clock the test moves: the first step (compiling) is not in the rate,
+    a pause (an evaluation) counts neither in the rate nor in the budget, the plan is refitted once from the steps
+    since the first fit, and the run is out of time when the budget's training seconds are spent."""
+    from training.budget import TimeBudget
+    now = [0.0]
+    budget = TimeBudget(1.0, first_step=0, clock=lambda: now[0])
+    now[0] = 10.0  # the first step compiles for 10 s
+    budget.first_step_done(1)
+    for step in range(2, 21):
+        now[0] += 0.1
+        if step == 10:
+            with budget.pause():
+                now[0] += 20.0  # an evaluation
+        assert budget.due(step) == (step == 20)
+    # 19 steps in 1.9 s of training: 10 steps/s; 11.9 s spent of the 57 s aimed at (95 % of 60)
+    assert abs(budget.fit(20, 10 ** 6, 10 ** 6) - (20 + 10 * (57 - 11.9))) <= 1
+    for step in range(21, 101):
+        now[0] += 0.2  # slower once warm
+    assert budget.due(100)
+    assert abs(budget.fit(100, 10 ** 6, 10 ** 6) - (100 + 5 * (57 - 27.9))) <= 1
+    assert not budget.due(100) and not budget.due(200)  # fitted for good
+    assert not budget.out_of_time()
+    now[0] += 60 - 27.9 + 0.01
+    assert budget.out_of_time() and round(budget.elapsed(), 2) == 60.01
+    resumed = TimeBudget(1.0, first_step=500, planned=True, clock=lambda: now[0])
+    resumed.first_step_done(501)
+    assert not resumed.due(520) and not resumed.due(600)
+    unlimited = TimeBudget(None, first_step=0, clock=lambda: now[0])
+    unlimited.first_step_done(1)
+    assert not unlimited.due(20) and not unlimited.out_of_time()

@@ -42,6 +42,7 @@ from vision_model.hub import save_pretrained
 from vision_model.model import MatMambaVision
 
 from .augment import ViewSpec, augment
+from .budget import TimeBudget
 from .cache import build_cache, is_cache, open_cache, uint8_batch
 
 PROJ_HIDDEN, PROJ_DIM = 1024, 128
@@ -207,12 +208,12 @@ def train_ssl(tc) -> dict:
     bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, mininterval=2)
     t_start, wall, seen, first = time.time(), 0.0, 0, step
     t_timed = None  # wall clock from the end of the first step (which compiles and autotunes), read after a sync
-    fit_from, cap = None, steps_per_epoch * tc.epochs  # (step, time) the schedule's rate is measured from
+    cap = steps_per_epoch * tc.epochs
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    budget = 60 * tc.max_minutes if tc.max_minutes else None
+    budget = TimeBudget(tc.max_minutes, first, planned=planned)
     losses: dict = {}
     net.train()
-    while step < total_steps and not (budget and time.time() - t_start > budget):
+    while step < total_steps and not budget.out_of_time():
         epoch = step // steps_per_epoch
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch)).numpy()
         i = step % steps_per_epoch
@@ -234,25 +235,20 @@ def train_ssl(tc) -> dict:
         if step == first + 1:  # the first step pays for compilation and autotuning: not timed
             sync()
             t_timed = time.time()
-            fit_from = (step, t_timed)
+            budget.first_step_done(step)
         else:
             seen += len(x)
         logging = step % 20 == 0 or step == total_steps
         checkpointing = step % tc.ckpt_every == 0 or step == total_steps
-        plan = budget and not planned and step in (first + 20, first + 100)
+        plan = budget.due(step)
         if logging or checkpointing or plan:
             sync()
             wall = time.time() - t_timed if t_timed is not None else 0.0
-        if plan:  # fit the cosine schedule to the time left: a first guess, then from the steps since it (the first
-            # steps after compiling run slower than the rest)
-            now = time.time()
-            rate = (step - fit_from[0]) / max(now - fit_from[1], 1e-9)
-            total_steps = min(cap, max(step + 1, int(step + rate * (0.95 * budget - (now - t_start)))))
+        if plan:  # the cosine schedule fitted to the time left (training/budget.py)
+            total_steps = budget.fit(step, total_steps, cap)
             bar.total = total_steps
-            log(f"--max-minutes {tc.max_minutes}: {rate:.2f} steps/s, planning {total_steps} steps "
+            log(f"--max-minutes {tc.max_minutes}: {budget.rate:.2f} steps/s, planning {total_steps} steps "
                 f"({total_steps / steps_per_epoch:.1f} epochs)")
-            fit_from = (step, now)
-            planned = step >= first + 100 or total_steps <= first + 100
         bar.update(1)
         if logging:
             img_s = seen / max(wall, 1e-9)

@@ -60,6 +60,7 @@ from vision_model.hub import save_pretrained, weights_hash
 from vision_model.ops.backends import current_fusions
 from vision_model.preprocess import to_model_input
 
+from .budget import TimeBudget
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    sample_seed, scan_imagefolder)
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
@@ -107,7 +108,8 @@ class TrainConfig:
     amp: bool = True
     limit: int | None = None  # train on the first N images only (ImageFolder: N seeded picks; smoke tests)
     backend: str = "auto"
-    max_minutes: float | None = None  # wall-clock guard: stop (and still evaluate + save) after this long
+    max_minutes: float | None = None  # time budget: the schedule is fitted to it, then stop, evaluate and save
+    # (evaluations between epochs are not counted; training/budget.py)
     compile: bool = False  # torch.compile the stem and the blocks' training forward (MatMambaVision.compile_training)
     objective: str = "supervised"  # "self-supervised": a plain folder, no labels (training/ssl.py)
     temperature: float = 0.15  # self-supervised: InfoNCE temperature at D
@@ -544,8 +546,9 @@ def train(tc: TrainConfig) -> dict:
     metrics_file = open(out / "metrics.jsonl", "a")
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
-    out_of_time = lambda: tc.max_minutes is not None and time.time() - t_start > 60 * tc.max_minutes
-    first_step, t_plan = step, time.time()
+    budget = TimeBudget(tc.max_minutes, step, planned=planned)  # evaluations are paused out of it
+    out_of_time = budget.out_of_time
+    first_step = step
     bar = tqdm(total=total_steps, initial=step, disable=not _is_main(), dynamic_ncols=True, mininterval=2)
     t_start, images_seen, wall = time.time(), 0, 0.0
     eval_levels = config.levels if len(tc.levels) > 1 else [1]
@@ -568,16 +571,13 @@ def train(tc: TrainConfig) -> dict:
                 ema.update(model, step)
             images_seen += len(xb) * world
             wall += time.time() - t0
-            if tc.max_minutes is not None and step == first_step + 30 and not planned:
-                # fit the cosine schedule to the time budget (still inside warm-up, so nothing has decayed yet)
-                rate = 30 / (time.time() - t_plan)
-                budget_steps = int(step + rate * (60 * tc.max_minutes * 0.9 - (time.time() - t_start)))
-                if budget_steps < total_steps:
-                    total_steps = max(budget_steps, step + 1)
-                    bar.total = total_steps
-                    bar.write(f"--max-minutes {tc.max_minutes}: {rate:.2f} steps/s, planning {total_steps} steps "
-                              f"({total_steps / steps_per_epoch:.1f} epochs)")
-                planned = True
+            if step == first_step + 1:  # the first step compiles and autotunes: the rate is measured after it
+                budget.first_step_done(step)
+            if budget.due(step):  # the cosine schedule fitted to the time left (training/budget.py)
+                total_steps = budget.fit(step, total_steps, total_steps)
+                bar.total = total_steps
+                bar.write(f"--max-minutes {tc.max_minutes}: {budget.rate:.2f} steps/s, planning {total_steps} "
+                          f"steps ({total_steps / steps_per_epoch:.1f} epochs)")
             if _is_main():
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses.get(1, next(iter(losses.values()))):.3f}",
@@ -595,16 +595,18 @@ def train(tc: TrainConfig) -> dict:
                 break
             t0 = time.time()
         if out_of_time():
-            if _is_main():
+            if _is_main() and step < total_steps:
                 bar.write(f"stopping at step {step}/{total_steps}: --max-minutes {tc.max_minutes} reached")
             break
         finished_epoch = step % steps_per_epoch == 0 or step == total_steps
         if _is_main() and finished_epoch and ((epoch + 1) % tc.eval_every == 0 or step == total_steps):
-            acc = data.evaluate(final_model, eval_levels, amp_ctx)
+            with budget.pause():
+                acc = data.evaluate(final_model, eval_levels, amp_ctx)
+                raw = data.evaluate(model, eval_levels, amp_ctx) if acc is not None and ema is not None else None
             if acc is not None:
                 rec = {"step": step, "epoch": epoch + 1, data.eval_key: acc, "train_seconds": wall}
-                if ema is not None:
-                    rec[data.eval_key + "_raw"] = data.evaluate(model, eval_levels, amp_ctx)
+                if raw is not None:
+                    rec[data.eval_key + "_raw"] = raw
                 if isinstance(data, ImageFolderBatches):
                     rec["unreadable_images"] = len(data.unreadable())
                 metrics_file.write(json.dumps(rec) + "\n")
@@ -699,7 +701,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="train on the first N images (ImageFolder: N picked by --seed) (smoke tests)")
     p.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
-    p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long, then save")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="a time budget for training: the learning-rate schedule is fitted to end with it, then the "
+                        "model is evaluated and saved (evaluations between epochs do not count)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the stem and the blocks' training forward (fuses their elementwise ops; "
                         "compiling takes a while at the start)")
