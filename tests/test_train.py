@@ -312,7 +312,7 @@ def test_time_budget_fits_the_schedule_to_the_time_left_without_evaluations():
     """--max-minutes (training/budget.py), on a clock the test moves: the first step (compiling) is not in the rate,
     a pause (an evaluation) counts neither in the rate nor in the budget, the plan is refitted once from the steps
     since the first fit, and the run is out of time when the budget's training seconds are spent."""
-    from training.budget import TimeBudget
+    from training.budget import TimeBudget, warmup_steps
     now = [0.0]
     budget = TimeBudget(1.0, first_step=0, clock=lambda: now[0])
     now[0] = 10.0  # the first step compiles for 10 s
@@ -339,3 +339,6 @@ def test_time_budget_fits_the_schedule_to_the_time_left_without_evaluations():
     unlimited = TimeBudget(None, first_step=0, clock=lambda: now[0])
     unlimited.first_step_done(1)
     assert not unlimited.due(20) and not unlimited.out_of_time()
+    # a plan shorter than four warm-ups shortens the warm-up; a fixed-length run keeps it
+    assert warmup_steps(40, 100, budgeted=True) == 25 and warmup_steps(40, 1000, budgeted=True) == 40
+    assert warmup_steps(40, 100, budgeted=False) == 40

@@ -63,3 +63,10 @@ class TimeBudget:
         self.fitted = step >= self.fit_steps[-1] or total <= self.fit_steps[-1]
         self.rate = rate
         return total
+
+
+def warmup_steps(warmup: int, total_steps: int, budgeted: bool) -> int:
+    """The learning-rate warm-up of a run: a plan fitted to a time budget keeps at least three quarters of its steps
+    after the warm-up (a short budget would otherwise end inside it, at the peak rate); a run of fixed length keeps
+    the warm-up it asked for. A function of the plan alone, so a resumed run has the same schedule."""
+    return min(warmup, total_steps // 4) if budgeted else warmup

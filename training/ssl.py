@@ -42,7 +42,7 @@ from vision_model.hub import save_pretrained
 from vision_model.model import MatMambaVision
 
 from .augment import ViewSpec, augment
-from .budget import TimeBudget
+from .budget import TimeBudget, warmup_steps
 from .cache import build_cache, is_cache, open_cache, uint8_batch
 
 PROJ_HIDDEN, PROJ_DIM = 1024, 128
@@ -220,7 +220,8 @@ def train_ssl(tc) -> dict:
         x = uint8_batch(cache, perm[i * tc.batch_size:(i + 1) * tc.batch_size], device)
         gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
         globals_, locals_ = make_views(x, config, tc.local_crops, gen)
-        lr = lr_at(step, total_steps, int(tc.warmup_epochs * steps_per_epoch), tc.lr, tc.min_lr)
+        warmup = warmup_steps(int(tc.warmup_epochs * steps_per_epoch), total_steps, tc.max_minutes is not None)
+        lr = lr_at(step, total_steps, warmup, tc.lr, tc.min_lr)
         for g in opt.param_groups:
             g["lr"] = lr
         loss, losses = ssl_losses(net, globals_, locals_, tc.levels, tc.temperature, amp_ctx, tc.feature_nce)
@@ -307,8 +308,9 @@ def write_model_card(model_dir: str | Path, report: dict, name: str) -> Path:
         "## Data", "",
         f"{res.get('images')} distinct images of Debian's `openclipart-png` ({res.get('duplicates_dropped')} "
         f"duplicates by decoded pixels dropped, {res.get('skipped_images')} files skipped), transparency composited "
-        f"on black or white, whichever contrasts with the picture (vision_model.images.flatten), fitted into {config.img_size}x{config.img_size} ({config.crop}). The topic folders were never "
-        "read in training; evaluation uses them as held-out labels.", "",
+        "on black or white, whichever contrasts with the picture (vision_model.images.flatten), fitted into "
+        f"{config.img_size}x{config.img_size} ({config.crop}). The topic folders were never read in training; "
+        "evaluation uses them as held-out labels.", "",
         "## Objective and recipe", "",
         f"Self-supervised (`matsearch train --objective self-supervised`, training/ssl.py): multi-crop InfoNCE at D "
         f"through a projection head (2 global views + {tc.get('local_crops')} local views of half the size, "

@@ -60,7 +60,7 @@ from vision_model.hub import save_pretrained, weights_hash
 from vision_model.ops.backends import current_fusions
 from vision_model.preprocess import to_model_input
 
-from .budget import TimeBudget
+from .budget import TimeBudget, warmup_steps
 from .data import (IMAGEFOLDER_PREFIX, ImageFolderDataset, collate_skipping, holdout_split, imagefolder_root,
                    sample_seed, scan_imagefolder)
 from .teacher import ARCHS, build_network, check_teacher_fits, load_teacher
@@ -547,7 +547,18 @@ def train(tc: TrainConfig) -> dict:
     (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2))
 
     budget = TimeBudget(tc.max_minutes, step, planned=planned)  # evaluations are paused out of it
-    out_of_time = budget.out_of_time
+
+    def on_every_rank(value: int) -> int:
+        """Rank 0's value on every rank: the ranks' clocks differ (only rank 0 evaluates), and a plan or a stop that
+        one rank makes alone leaves the others waiting at their next all-reduce."""
+        if not ddp:
+            return value
+        t = torch.tensor([int(value)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+    def out_of_time() -> bool:
+        return tc.max_minutes is not None and bool(on_every_rank(budget.out_of_time()))
     first_step = step
     bar = tqdm(total=total_steps, initial=step, disable=not _is_main(), dynamic_ncols=True, mininterval=2)
     t_start, images_seen, wall = time.time(), 0, 0.0
@@ -558,7 +569,8 @@ def train(tc: TrainConfig) -> dict:
         model.train()
         t0 = time.time()
         for xb, yb in batches:
-            lr = lr_at(step, total_steps, int(tc.warmup_epochs * steps_per_epoch), tc.lr, tc.min_lr)
+            warmup = warmup_steps(int(tc.warmup_epochs * steps_per_epoch), total_steps, tc.max_minutes is not None)
+            lr = lr_at(step, total_steps, warmup, tc.lr, tc.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             if mixup is not None and len(xb) % 2 == 0:  # (it pairs image i with image b-1-i)
@@ -574,7 +586,7 @@ def train(tc: TrainConfig) -> dict:
             if step == first_step + 1:  # the first step compiles and autotunes: the rate is measured after it
                 budget.first_step_done(step)
             if budget.due(step):  # the cosine schedule fitted to the time left (training/budget.py)
-                total_steps = budget.fit(step, total_steps, total_steps)
+                total_steps = on_every_rank(budget.fit(step, total_steps, total_steps))
                 bar.total = total_steps
                 bar.write(f"--max-minutes {tc.max_minutes}: {budget.rate:.2f} steps/s, planning {total_steps} "
                           f"steps ({total_steps / steps_per_epoch:.1f} epochs)")
