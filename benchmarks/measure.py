@@ -139,15 +139,27 @@ def cuda_event_ms(call: Callable[[], Any], repeats: int = 20, rounds: int = 5) -
     return sorted(times)[rounds // 2]
 
 
-def cuda_kernel_table(call: Callable[[], Any], row_limit: int = 16) -> str:
-    """The top CUDA kernels of one call of `call` (after one untimed call), as torch.profiler's table."""
+def _profile_one_call(call: Callable[[], Any]):
+    """torch.profiler's record of the CUDA kernels of one call of `call`, after one untimed call."""
     from torch.profiler import ProfilerActivity, profile
     call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=60)
+    return prof
+
+
+def cuda_kernel_table(call: Callable[[], Any], row_limit: int = 16) -> str:
+    """The top CUDA kernels of one call of `call` (after one untimed call), as torch.profiler's table."""
+    return _profile_one_call(call).key_averages().table(sort_by="cuda_time_total", row_limit=row_limit,
+                                                         max_name_column_width=60)
+
+
+def cuda_kernel_ms(call: Callable[[], Any]) -> float:
+    """GPU time (ms) of the CUDA kernels one call of `call` launches (after one untimed call): set beside the call's
+    own time, it says whether the call waits on the host."""
+    return sum(e.self_device_time_total for e in _profile_one_call(call).key_averages()) / 1e3
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     import torch
     from triton.testing import do_bench
 
+    from benchmarks.measure import cuda_kernel_ms
+
     from vision_model.ops.backends import mamba_ssm_op
     from vision_model.ops.prenorm import norm_linear_ref, norm_linear_triton
     if not torch.cuda.is_available():
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
                         out = fn(*leaves, rms)
                     torch.autograd.backward(out, dout_bf)
                 row["fwd_bwd_ms"] = do_bench(step, return_mode="median")
-                row["kernels_ms"] = kernel_ms(step)
+                row["kernels_ms"] = cuda_kernel_ms(step)
                 del leaves
                 lines.append(json.dumps(row))
                 print(lines[-1], flush=True)
@@ -92,18 +94,6 @@ def main(argv=None) -> int:
     (args.out / "prenorm.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
-
-
-def kernel_ms(call) -> float:
-    """GPU time of the CUDA kernels one call launches (after one untimed call), from torch.profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
 if __name__ == "__main__":

@@ -206,21 +206,23 @@ class NormLinear(torch.autograd.Function):
         # the casts below are explicit, so autocast is off inside: it would otherwise recast what is already cast
         with torch.autocast(device_type, enabled=False):
             normed, mean, rstd = norm_fwd_triton(x, weight, bias, eps, is_rms, out_dtype=dtype)
-            out = F.linear(normed, lin_weight.to(dtype))
-        ctx.save_for_backward(x, weight, bias, lin_weight, normed, mean, rstd)
+            lin_cast = lin_weight.to(dtype)
+            out = F.linear(normed, lin_cast)
+        ctx.save_for_backward(x, weight, bias, lin_cast, normed, mean, rstd)  # the weight as the matmul took it
+        ctx.lin_dtype = lin_weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        x, weight, bias, lin_weight, normed, mean, rstd = ctx.saved_tensors
+        x, weight, bias, lin_cast, normed, mean, rstd = ctx.saved_tensors
         dtype = normed.dtype
         with torch.autocast(dout.device.type, enabled=False):
             dout = dout.to(dtype)
-            d_normed = dout @ lin_weight.to(dtype)
+            d_normed = dout @ lin_cast
             d_lin_weight = (dout.reshape(-1, dout.shape[-1]).t() @ normed.reshape(-1, normed.shape[-1]))
             dx, dweight, dbias = norm_bwd_triton(x, d_normed, weight, mean, rstd, has_bias=bias is not None)
         return (dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
-                d_lin_weight.to(lin_weight.dtype), None, None)
+                d_lin_weight.to(ctx.lin_dtype), None, None)
 
 
 @compiler_disabled

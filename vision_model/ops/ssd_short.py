@@ -110,6 +110,11 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(v[:, :, None], (r, k, BP)), (r, k * BP))
 
     @triton.jit
+    def _scaled(t, s, BP: tl.constexpr):
+        """t [R, HEADS·BP] times each head's s [R, HEADS], rounded back to t's dtype: a dot's operand."""
+        return (t.to(tl.float32) * _widen(s, BP)).to(t.dtype)
+
+    @triton.jit
     def _per_head(t, HEADS: tl.constexpr, BP: tl.constexpr):
         """[R, HEADS·BP] -> [R, HEADS]: the sum over each head's channels."""
         r: tl.constexpr = t.shape[0]
@@ -231,7 +236,7 @@ if triton is not None:
             w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n  # exp(r − cum[n])·dt
             tail += tl.sum(a_n, axis=0)
             x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
-            xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
+            xw = _scaled(x_n, w, BP)
             b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
             g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
             acc = tl.dot(g.to(x_n.dtype), xw, acc=acc, input_precision=PRECISION)
@@ -246,7 +251,7 @@ if triton is not None:
         if FACTOR_DIAG:
             if _diagonal_factorable(cs_m, DIAG_SPAN):
                 # the diagonal tile like the others: G (causal half) times x scaled by exp(r − cum[n])·dt, all heads
-                xw_m = (x_m.to(tl.float32) * _widen(tl.exp(-cs_m) * dt_m, BP)).to(x_m.dtype)
+                xw_m = _scaled(x_m, tl.exp(-cs_m) * dt_m, BP)
                 acc = tl.dot(tl.where(causal, g, 0.0).to(x_m.dtype), xw_m, acc=acc, input_precision=PRECISION)
                 acc = acc * _widen(tl.exp(cs_m), BP)  # · exp(cum[m] − r)
             else:
@@ -296,7 +301,7 @@ if triton is not None:
         cs_m = tl.cumsum(dt_m * a[None, :], axis=0)  # cum[m] − r, [BLOCK, HEADS]
         u = tl.exp(cs_m)
         dy_m = tl.load(dy_ptr, mask=tile_ok, other=0.0)
-        dyu_lo = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
+        dyu_lo = _scaled(dy_m, u, BP)
         acc = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
         dc = tl.zeros((BLOCK, BD), dtype=tl.float32)
         tail = tl.zeros((HEADS,), dtype=tl.float32)
@@ -309,7 +314,7 @@ if triton is not None:
             w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n + tail[None, :]) * dt_n
             tail += tl.sum(a_n, axis=0)
             x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=col_ok[None, :], other=0.0)
-            xw = (x_n.to(tl.float32) * _widen(w, BP)).to(x_n.dtype)
+            xw = _scaled(x_n, w, BP)
             b_n = tl.load(b_ptr + n[:, None] * stride_bl + d[None, :], mask=d_ok[None, :], other=0.0)
             g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)
             part = tl.dot(g.to(x_n.dtype), xw, input_precision=PRECISION)  # this block pair's share of y / u
@@ -329,7 +334,7 @@ if triton is not None:
         if FACTOR_DIAG:
             if _diagonal_factorable(cs_m, DIAG_SPAN):
                 # dy·u against x·exp(r − cum[n])·dt: each head's dS·exp(..)·dt without its exponentials
-                xw_m = (x_m.to(tl.float32) * _widen(tl.exp(-cs_m) * dt_m, BP)).to(x_m.dtype)
+                xw_m = _scaled(x_m, tl.exp(-cs_m) * dt_m, BP)
                 da, dg_mm = _rows_diagonal(da, g_mm, causal, dy_m, x_m, dyu_lo, xw_m, dt_ptr, A, DTBias, m, m_ok,
                                            first, end, col_k, k, stride_dl, stride_dh, BLOCK, HEADS, True, PRECISION)
             else:
@@ -380,7 +385,7 @@ if triton is not None:
         a_n = dt_n * a[None, :]
         w = tl.exp(tl.cumsum(a_n, axis=0, reverse=True) - a_n)  # exp(cum[end of J] − cum[n]), [BLOCK, HEADS]
         x_n = tl.load(x_ptr + n[:, None] * stride_xl + col_off[None, :], mask=tile_ok, other=0.0)
-        xw = (x_n.to(tl.float32) * _widen(w * dt_n, BP)).to(x_n.dtype)
+        xw = _scaled(x_n, w * dt_n, BP)
         z = tl.zeros((BLOCK, HEADS * BP), dtype=tl.float32)
         db = tl.zeros((BLOCK, BD), dtype=tl.float32)
         lead = tl.zeros((HEADS,), dtype=tl.float32)  # Σ dt·A over the blocks between J and I
@@ -393,7 +398,7 @@ if triton is not None:
             u = tl.exp(tl.cumsum(a_m, axis=0) + lead[None, :])  # exp(cum[m] − cum[end of J])
             lead += tl.sum(a_m, axis=0)
             dy_m = tl.load(dy_ptr + m[:, None] * stride_yl + y_off, mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-            dyu = (dy_m.to(tl.float32) * _widen(u, BP)).to(dy_m.dtype)
+            dyu = _scaled(dy_m, u, BP)
             c_m = tl.load(c_ptr + m[:, None] * stride_cl + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             g = tl.dot(c_m, tl.trans(b_n), input_precision=PRECISION)  # [m, n]
             z = tl.dot(tl.trans(g).to(dy_m.dtype), dyu, acc=z, input_precision=PRECISION)
@@ -411,8 +416,8 @@ if triton is not None:
             cs_n = tl.cumsum(a_n, axis=0)  # cum − r within J
             if _diagonal_factorable(cs_n, DIAG_SPAN):
                 # all heads at once: Σ_m G·exp(cum[m] − cum[n])·dy[m] = exp(r − cum[n]) · (Gᵀ · (exp(cum[m] − r)·dy))
-                dyu_n = (dy_n.to(tl.float32) * _widen(tl.exp(cs_n), BP)).to(dy_n.dtype)
-                xw_n = (x_n.to(tl.float32) * _widen(tl.exp(-cs_n) * dt_n, BP)).to(x_n.dtype)
+                dyu_n = _scaled(dy_n, tl.exp(cs_n), BP)
+                xw_n = _scaled(x_n, tl.exp(-cs_n) * dt_n, BP)
                 zd = tl.dot(tl.trans(tl.where(causal, g_nn, 0.0)).to(dy_n.dtype), dyu_n, input_precision=PRECISION)
                 z += zd * _widen(tl.exp(-cs_n), BP)
                 dg_nn = tl.where(causal, tl.dot(dyu_n, tl.trans(xw_n), input_precision=PRECISION), 0.0)
