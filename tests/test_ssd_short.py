@@ -80,18 +80,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("factor", [False, True], ids=["pairwise-diagonal", "factored-diagonal"])
-@pytest.mark.parametrize("case", CASES, ids=[str(c[:6]) + ("" if c[6] is None else str(tuple(c[6].values())))
-                                             for c in CASES])
-def test_triton_short_scan_equals_reference(case, factor):
+def _case_id(c) -> str:
+    return str(c[:6]) + ("" if c[6] is None else str(tuple(c[6].values())))
+
+
+# the diagonal tiles pairwise and factored in both passes, and each pass's default (the forward factored, the
+# backward pairwise) where the case takes the default launch
+DIAGONALS = ([(c, d) for c in CASES for d in ("pairwise", "factored")]
+             + [(c, "default") for c in CASES if c[6] is None])
+
+
+@pytest.mark.parametrize("case,diagonal", DIAGONALS, ids=[f"{_case_id(c)}-{d}" for c, d in DIAGONALS])
+def test_triton_short_scan_equals_reference(case, diagonal):
     """Forward against the definition and the chunked scan, every gradient (x, dt, A, B, C, D, dt_bias) against
     autograd through the definition in float64, through the autograd Function; fp32, relative error <= 1e-4; with
-    the diagonal tiles pairwise and factored (these inputs' decays across a block are within DIAG_SPAN)."""
+    the diagonal tiles pairwise, factored, and as each pass does by default (these inputs' decays across a block are
+    within DIAG_SPAN)."""
     pytest.importorskip("triton")
     from vision_model.ops.ssd_short import ssd_short_scan
     b, l, h, p, g, n, config, with_d, strided = case
-    if factor:
-        config = dict(config or default_config(l, h // g, p), FACTOR_DIAG=True)
+    if diagonal != "default":
+        config = dict(config or default_config(l, h // g, p), FACTOR_DIAG=diagonal == "factored")
     inputs = _inputs(b, l, h, p, g, n, seed=l + h, with_d=with_d, strided=strided)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
     y = ssd_short_scan(*leaves, fwd_config=config, bwd_config=config)
@@ -129,6 +138,7 @@ def test_default_config_serves_every_head_shape():
     assert default_config(145, 48, 32)["HEADS"] == 2
     assert default_config(5, 3, 8)["HEADS"] == 4 and default_config(5, 1, 8)["HEADS"] == 1
     assert default_config(10, 6, 64)["HEADS"] == 1 and default_config(10, 6, 64)["BLOCK"] == 16
+    assert default_config(145, 48, 16, factor_diag=True)["FACTOR_DIAG"]
 
 
 def test_short_scan_fusion_switch(tmp_path):

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.backends import (causal_conv1d_silu, current_fusions, gated_rms_norm, norm_linear, resolve_backend, rms_norm,
-                           row_rstd, ssd_scan)
+from .ops.backends import (causal_conv1d_silu, current_fusions, gated_rms_norm, layer_norm, norm_linear,
+                           resolve_backend, rms_norm, row_rstd, ssd_scan)
 from .cache import DerivedTensorCache
 
 
@@ -181,10 +181,11 @@ class Block(nn.Module):
         updated in place. Drop-path has no place here, so training with it uses forward(). An RMSNorm is folded into
         in_proj (`MatMamba2._mix`) when fold_norm, by default on the triton backend: there it saves writing a
         normalised copy of the stream, a layer's largest write at high resolution. A LayerNorm (weight
-        and bias, the paper's) is computed on its own by PyTorch's kernel, whatever fold_norm says."""
+        and bias, the paper's) is computed on its own (`layer_norm`), whatever fold_norm says: folded, its mean
+        would be subtracted after in_proj's bf16 rounding, which cancels where the stream's mean is large."""
         backend = resolve_backend(backend, x.device)
         if isinstance(self.norm, nn.LayerNorm):
-            normed = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+            normed = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, backend)
             return self.mixer.forward_residual(normed, x, inner, backend)
         if backend == "triton" if fold_norm is None else fold_norm:
             return self.mixer.forward_residual(x, x, inner, backend, prenorm=self.norm)

@@ -24,9 +24,9 @@ with this run's passed launches added to the verified set (new) and with the cur
 `VERIFIED_MULTIHEAD`; mamba-ssm's scan for head shapes with no verified launch), the official code (found as
 `benchmarks.gpu.official_parity` finds it, and built by its helpers) and timm ViT-B/16. 1024 px first, and at each
 size ViT, then per model the new path, the official code, the current path: rows past --budget are recorded as
-skipped. At 1024 px the CUDA kernels of one 135M call at D/4 and at D/8 are profiled on both paths (profile.txt): why
-the current path ran D/8 slower than D/4 (docs/notes.md 18.4); and each model's features at D and D/8 with the new
-kernel are compared with the current path's (relative difference, bf16).
+skipped. At 1024 px the CUDA kernels of one 135M call at D/4 and at D/8 (`--profile-models`, `--profile-levels`) are
+profiled on both paths (profile.txt): why the current path ran D/8 slower than D/4 (docs/notes.md 18.4); and each
+model's features at D and D/8 with the new kernel are compared with the current path's (relative difference, bf16).
 
 Writes into --out: official_speed.json (everything), official_speed.md (tables), verify.jsonl (one line per
 check), profile.txt. Needs CUDA with mamba-ssm installed (PYTHONPATH), or --smoke on a CPU.
@@ -346,20 +346,20 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
             measured(label, lambda t, lv=lv: ours.embed(t, level=lv), x)
         path(False, headdim)
 
-    def profile(ours, size, batch, x, has_new):
+    def profile(ours, key, size, batch, x, has_new):
         for impl in ("current", "new"):
             if impl == "new" and not has_new:
                 continue
             path(impl == "new", ours.config.headdim)
-            for lv in (4, 8):
+            for lv in [int(v) for v in args.profile_levels.split(",") if v]:
                 try:
                     with torch.inference_mode():
                         table = cuda_kernel_table(lambda lv=lv: ours.embed(x, level=lv), row_limit=14)
                 except Exception as exc:  # noqa: BLE001 - the profile is context, not a result
                     table = f"profile failed: {type(exc).__name__}: {str(exc)[:160]}"
-                profile_lines.append(f"== 135M, {size} px, batch {batch}, D/{lv}, ours-{impl} ==\n{table}\n")
+                profile_lines.append(f"== {key.upper()}, {size} px, batch {batch}, D/{lv}, ours-{impl} ==\n{table}\n")
         path(False, ours.config.headdim)
-        log(f"profiled 135M at {size} px (profile.txt)")
+        log(f"profiled {key.upper()} at {size} px (profile.txt)")
 
     def agreement(ours, key, size, x):
         """The model end to end with the new kernel against the current path: features of the same images."""
@@ -420,8 +420,9 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
                 ours_rows(ours, key, size, batch, x, "new", has_new)
                 if has_new and size == args.profile_size:
                     agreement(ours, key, size, x)
-            if size == args.profile_size and key == "135m" and device.type == "cuda" and time.time() < deadline - 30:
-                profile(ours, size, batch, x, has_new)
+            if (size == args.profile_size and key in args.profile_models.split(",") and device.type == "cuda"
+                    and time.time() < deadline - 30):
+                profile(ours, key, size, batch, x, has_new)
             if matmamba is not None and spec["official"] is not None:
                 official_rows(key, size, batch, x)
             if "ours-current" in impls:
@@ -484,7 +485,9 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--impls", help="of ours-new, ours-current, official, vit (default all; --smoke: all but "
                                     "official, which takes minutes a call in the interpreter)")
-    ap.add_argument("--profile-size", type=int, default=1024, help="profile 135M D/4 and D/8 at this size")
+    ap.add_argument("--profile-size", type=int, default=1024, help="profile at this size (CUDA)")
+    ap.add_argument("--profile-models", default="135m", help="of --models, the ones profiled")
+    ap.add_argument("--profile-levels", default="4,8", help="the levels profiled")
     ap.add_argument("--skip-verify", action="store_true", help="no (a): only the committed launches run")
     ap.add_argument("--verify-share", type=float, default=0.5,
                     help="the share of --budget the verification may take (the scan timings get 0.1 more); a cold "

@@ -20,8 +20,9 @@ start, stops whatever runs):
    few at the other timing shapes; each config's bf16 result is checked against the default launch's before it is
    timed. It runs in a child process (a faulting launch poisons the CUDA context), restarted after a crash.
 7. mamba-ssm's fp32 errors at the check shapes (its fp32 kernels autotune anew).
-`--variants default,factored` runs sections 1 and 2 also with the diagonal tiles factored (`FACTOR_DIAG` in the
-default launch; impl "ours-factored" in the rows).
+`--variants default,factored,pairwise` runs sections 1 and 2 with more launches: the default ("ours": the forward
+factors its diagonal tiles, the backward computes them pairwise), `FACTOR_DIAG` in both passes ("ours-factored") or
+in neither ("ours-pairwise").
 """
 from __future__ import annotations
 
@@ -111,12 +112,12 @@ def variant(name: str, shape) -> tuple[str, object]:
     """(impl label, scan) of a --variants entry at a shape (name, batch, length, heads, head dim, d_state)."""
     if name == "default":
         return "ours", ours()
-    if name == "factored":
+    if name in ("factored", "pairwise"):  # the diagonal tiles factored in both passes, or in neither
         from vision_model.ops.ssd_short import default_config
         _, _, l, h, p, _ = shape
-        config = dict(default_config(l, h, p), FACTOR_DIAG=True)
-        return "ours-factored", ours(config, config)
-    raise ValueError(f"unknown variant {name!r}: default or factored")
+        config = default_config(l, h, p, factor_diag=name == "factored")
+        return f"ours-{name}", ours(config, config)
+    raise ValueError(f"unknown variant {name!r}: default, factored or pairwise")
 
 
 def reference(x, dt, A, B, C, D, dt_bias):
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model, no mamba-ssm: the script on CPU")
     p.add_argument("--check-shapes", default=None, help="section 1 at these shapes only, by name (comma-separated)")
-    p.add_argument("--variants", default="default", help="sections 1 and 2 with these launches: default, factored")
+    p.add_argument("--variants", default="default", help="sections 1 and 2 with these launches: default, factored, pairwise")
     p.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)

@@ -83,13 +83,15 @@ def _pow2(v: int, least: int = 1) -> int:
     return max(least, 1 << max(0, v - 1).bit_length())
 
 
-def default_config(seqlen: int, heads_per_group: int, headdim: int) -> dict:
+def default_config(seqlen: int, heads_per_group: int, headdim: int, factor_diag: bool = False) -> dict:
     """32-token blocks; HEADS·headdim ≈ 64 columns a program (the shared dot's width): every program of the
     forward and the backward serves one block of HEADS heads, so a small block keeps registers free and the grid
-    wide."""
+    wide. The forward's default factors the diagonal tiles (`factor_diag`), the backward's does not: on the H200 the
+    factored forward ran 1.2-1.9x faster at the same errors, while the factored backward saved little and doubled
+    the bf16 error of the decay's gradient (docs/notes.md 18.14)."""
     heads = max(1, min(_pow2(heads_per_group), 64 // _pow2(headdim)))
     block = 16 if seqlen <= 16 else 32
-    return {"BLOCK": block, "HEADS": heads, "FACTOR_DIAG": False, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK": block, "HEADS": heads, "FACTOR_DIAG": factor_diag, "num_warps": 4, "num_stages": 1}
 
 
 if triton is not None:
@@ -487,8 +489,8 @@ def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tens
     return b, l, h, p, g, n
 
 
-def _layout(config: dict | None, l: int, h: int, g: int, p: int) -> tuple[dict, dict]:
-    config = dict(config or default_config(l, h // g, p))
+def _layout(config: dict | None, l: int, h: int, g: int, p: int, forward: bool) -> tuple[dict, dict]:
+    config = dict(config or default_config(l, h // g, p, factor_diag=forward))
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     heads, block, factor = config["HEADS"], config["BLOCK"], bool(config.get("FACTOR_DIAG", False))
     if heads & (heads - 1) or block & (block - 1) or block < 16:
@@ -510,7 +512,7 @@ def ssd_short_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x for l ≤ MAX_LEN, in x's dtype."""
     b, l, h, p, g, n = _check(x, dt, A, B, C, dt_bias)
     x, B, C = (_dense(t) for t in (x, B, C))
-    consts, launch = _layout(config, l, h, g, p)
+    consts, launch = _layout(config, l, h, g, p, forward=True)
     if consts["BLOCK"] >= 64 and consts["BLOCK"] > consts["HEADS"] * consts["BP"]:
         # measured wrong on the H200 with Triton 3.6 (64-token blocks of 32 columns: 0.23 relative error at 4 warps,
         # NaN at 8) while Triton's interpreter computes it right; no such launch is trusted (docs/notes.md 18.12)
@@ -530,7 +532,7 @@ def ssd_short_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias), each in its input's dtype (dD None without D); dt raw."""
     b, l, h, p, g, n = _check(x, dt, A, B, C, dt_bias)
     x, B, C, dy = (_dense(t) for t in (x, B, C, dy))
-    consts, launch = _layout(config, l, h, g, p)
+    consts, launch = _layout(config, l, h, g, p, forward=False)
     blocks = triton.cdiv(l, consts["BLOCK"])
     dev, f32 = x.device, torch.float32
     dx = torch.empty((b, l, h, p), dtype=x.dtype, device=dev)

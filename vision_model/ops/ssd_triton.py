@@ -245,10 +245,12 @@ def headdim_block(headdim: int, d_state: int) -> int | None:
 # (headdim, d_state, heads per program, chunk length), each with 4 warps and one stage. A CUDA launch outside this
 # set is refused (`unverified=True` lets GPU experiments through). benchmarks/gpu/official_speed.py checks the
 # candidates against mamba-ssm and the PyTorch scan in fp32 and bf16 and prints the entries to add here; its speed
-# table switches the kernel on only for the entries its own run passed. Both entries passed all eight cases (224,
-# 1024 and 2048 px calls at D and D/8 head counts, odd lengths and head counts, dt scaled per row) on the H200,
-# results/bench/h200-2026-12-02-official-speed-v2/call-b-verified-new/verify.jsonl.
-VERIFIED_MULTIHEAD: set[tuple[int, int, int, int]] = {(32, 128, 2, 64), (16, 128, 4, 64)}
+# table switches the kernel on only for the entries its own run passed. Every entry passed all eight cases (224,
+# 1024 and 2048 px calls at D and D/8 head counts, odd lengths and head counts, dt scaled per row) on the H200: the
+# 64-token chunks in results/bench/h200-2026-12-02-official-speed-v2/call-b-verified-new/verify.jsonl, the 32-token
+# ones (taken where both are verified: 1.2-1.6x faster there) in results/bench/h200-2026-12-02-official-speed-v3/.
+VERIFIED_MULTIHEAD: set[tuple[int, int, int, int]] = {(32, 128, 2, 64), (16, 128, 4, 64),
+                                                      (32, 128, 2, 32), (16, 128, 4, 32)}
 
 
 def heads_per_program(headdim: int) -> int | None:
