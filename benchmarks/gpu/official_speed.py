@@ -322,6 +322,17 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
             record(**label, error=f"{type(exc).__name__}: {str(exc).strip()[:160]}")
             free_memory()
 
+    def graphed(ours, lv, x):
+        """ours.embed(x, level=lv) through a CUDA graph captured on the row's first call."""
+        from vision_model.graphs import capture_cuda_graph
+        key = (id(ours), lv, id(x))
+        if key not in graphs:
+            graphs.clear()  # one row at a time: the previous row's graph memory goes
+            graphs[key] = capture_cuda_graph(lambda u: ours.embed(u, level=lv), x)
+        return graphs[key](None)  # x is what the graph was captured on
+
+    graphs: dict = {}
+
     def path(on: bool, headdim: int):
         """This run's passed launches for the head dim added to the committed ones (on), or the committed ones
         alone (off: the current path)."""
@@ -343,7 +354,10 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
                 record(**label, skipped="time budget")
                 continue
             path(impl == "new", headdim)
-            measured(label, lambda t, lv=lv: ours.embed(t, level=lv), x)
+            if impl == "graphs":  # the current path, each call replayed as one CUDA graph: no host launch gaps
+                measured(label, lambda t, lv=lv: graphed(ours, lv, t), x)
+            else:
+                measured(label, lambda t, lv=lv: ours.embed(t, level=lv), x)
         path(False, headdim)
 
     def profile(ours, key, size, batch, x, has_new):
@@ -427,6 +441,9 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
                 official_rows(key, size, batch, x)
             if "ours-current" in impls:
                 ours_rows(ours, key, size, batch, x, "current", has_new)
+            if "ours-graphs" in impls and device.type == "cuda":
+                ours_rows(ours, key, size, batch, x, "graphs", has_new)
+                graphs.clear()
             del ours
             free_memory()
         del x
@@ -483,8 +500,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="135m,35m")
     ap.add_argument("--sizes", help="image sizes, most important first (default 1024,2048,224; --smoke 32,48)")
     ap.add_argument("--levels", default="1,2,4,8")
-    ap.add_argument("--impls", help="of ours-new, ours-current, official, vit (default all; --smoke: all but "
-                                    "official, which takes minutes a call in the interpreter)")
+    ap.add_argument("--impls", help="of ours-new, ours-current, ours-graphs (the current path as CUDA graphs), "
+                                    "official, vit (default all but ours-graphs; --smoke: all but official, which "
+                                    "takes minutes a call in the interpreter)")
     ap.add_argument("--profile-size", type=int, default=1024, help="profile at this size (CUDA)")
     ap.add_argument("--profile-models", default="135m", help="of --models, the ones profiled")
     ap.add_argument("--profile-levels", default="4,8", help="the levels profiled")
