@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and model, no mamba-ssm: the script on CPU")
     p.add_argument("--check-shapes", default=None, help="section 1 at these shapes only, by name (comma-separated)")
-    p.add_argument("--variants", default="default", help="sections 1 and 2 with these launches: default, factored, pairwise")
+    p.add_argument("--variants", default="default",
+                   help="sections 1 and 2 with these launches: default, factored, pairwise")
     p.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
