@@ -24,6 +24,7 @@ the block's total decay. A program takes that form only when every one of its he
 (nothing can overflow: exp(DIAG_SPAN) times an activation stays far inside bf16's and fp32's range), masks G to the
 causal half first, and otherwise falls back to the pairwise loop. Then the forward's and the column backward's
 diagonal tiles are one dot for all heads, and the row backward keeps a dot per head only for the decay's gradient.
+The forward's default launch factors; the backward's does not (`default_config`).
 
 The backward follows the same split. Besides dx, dB, dC and dD it needs the decay's gradient da[t] (per position and
 head): the sum of Q[m,n] = dS[m,n]·S[m,n] (dS[m,n] = dy[m]·x[n]) over the pairs that straddle t (n < t ≤ m).
