@@ -298,6 +298,7 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
 
     import vision_model
     from benchmarks.measure import cuda_kernel_table, free_memory
+    from vision_model.graphs import GraphedEmbed
     from vision_model.ops import ssd_triton
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -322,17 +323,6 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
             record(**label, error=f"{type(exc).__name__}: {str(exc).strip()[:160]}")
             free_memory()
 
-    def graphed(ours, lv, x):
-        """ours.embed(x, level=lv) through a CUDA graph captured on the row's first call."""
-        from vision_model.graphs import capture_cuda_graph
-        key = (id(ours), lv, id(x))
-        if key not in graphs:
-            graphs.clear()  # one row at a time: the previous row's graph memory goes
-            graphs[key] = capture_cuda_graph(lambda u: ours.embed(u, level=lv), x)
-        return graphs[key](None)  # x is what the graph was captured on
-
-    graphs: dict = {}
-
     def path(on: bool, headdim: int):
         """This run's passed launches for the head dim added to the committed ones (on), or the committed ones
         alone (off: the current path)."""
@@ -354,8 +344,12 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
                 record(**label, skipped="time budget")
                 continue
             path(impl == "new", headdim)
-            if impl == "graphs":  # the current path, each call replayed as one CUDA graph: no host launch gaps
-                measured(label, lambda t, lv=lv: graphed(ours, lv, t), x)
+            if impl == "graphs":
+                # the current path through the product's graph cache (retrieval's encoder uses it for small
+                # batches), one graph a row; a capture that fails runs eagerly with a warning in the log
+                graphed = GraphedEmbed(ours, max_graphs=1, max_batch=batch)
+                measured(label, lambda t, w=ours.widths(lv): graphed(t, w), x)
+                del graphed
             else:
                 measured(label, lambda t, lv=lv: ours.embed(t, level=lv), x)
         path(False, headdim)
@@ -443,7 +437,6 @@ def speed(args, passed: set, deadline: float, profile_lines: list[str]) -> list[
                 ours_rows(ours, key, size, batch, x, "current", has_new)
             if "ours-graphs" in impls and device.type == "cuda":
                 ours_rows(ours, key, size, batch, x, "graphs", has_new)
-                graphs.clear()
             del ours
             free_memory()
         del x
