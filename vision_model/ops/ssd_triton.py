@@ -315,9 +315,9 @@ def launch_config(batch: int, heads: int, headdim: int, d_state: int, seqlen: in
     is, and with few programs the sequence cut into segments scanned side by side."""
     chunk = 64
     block_p = headdim_block(headdim, d_state)
-    per_program = heads_per_program(headdim)
-    if per_program is not None and (multihead_verified(headdim, d_state) or block_p is None):
-        chunk = multihead_chunk(headdim, d_state) or chunk
+    per_program, verified_chunk = heads_per_program(headdim), multihead_chunk(headdim, d_state)
+    if per_program is not None and (verified_chunk is not None or block_p is None):
+        chunk = verified_chunk or chunk
         layout, programs = {"HEADS": per_program}, batch * triton.cdiv(heads, per_program)
     else:
         block_p = block_p or 16
